@@ -1,0 +1,1 @@
+"""hpcllm: GPT-style language model training across MPI ranks."""

@@ -1,0 +1,160 @@
+"""All tensor traffic between ranks: zero-copy MPI buffers for torch tensors.
+
+MPI sees tensors through views that share their memory, never through pickles:
+  - CPU tensors as NumPy arrays (`tensor.numpy()` shares storage);
+  - CUDA tensors as CuPy arrays handed straight to a CUDA-aware MPI, after the
+    current stream is synchronised (MPI cannot see kernels still queued);
+  - CUDA tensors with an MPI that is not CUDA-aware: staged through a pinned
+    host buffer, copied back when the operation completes.
+
+Reductions of bfloat16/float16 run in float32: bf16 has no MPI datatype, and
+Open MPI would otherwise sum its raw bytes as integers without complaint.
+Point-to-point traffic of bf16 is plain bytes, so it goes as int16 unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from typing import Callable
+
+import torch
+from mpi4py import MPI
+
+_REDUCE_IN_FP32 = (torch.bfloat16, torch.float16)
+
+
+def detect_cuda_aware(setting: str = "auto") -> bool:
+    """Whether CUDA buffers may be handed to MPI directly.
+
+    `setting` is parallel.cuda_aware ('auto', 'yes', 'no'); the environment
+    variable HPCLLM_CUDA_AWARE=yes|no overrides it, for a quick switch on a cluster.
+    """
+    setting = os.environ.get("HPCLLM_CUDA_AWARE", setting).lower()
+    if setting in ("yes", "1", "true"):
+        return True
+    if setting in ("no", "0", "false"):
+        return False
+    # Open MPI's extension says if the library was built with CUDA and the runtime supports it.
+    try:
+        return bool(ctypes.CDLL(None).MPIX_Query_cuda_support())
+    except (AttributeError, OSError):
+        pass
+    # Cray MPICH and MVAPICH2 enable GPU buffers through these variables.
+    return os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1" or os.environ.get("MV2_USE_CUDA") == "1"
+
+
+class Work:
+    """A pending MPI operation on a tensor; `wait()` completes it and copies results back."""
+
+    __slots__ = ("request", "finish")
+
+    def __init__(self, request: MPI.Request, finish: Callable[[], None] | None):
+        self.request = request
+        self.finish = finish
+
+    def wait(self) -> None:
+        self.request.Wait()
+        if self.finish is not None:
+            self.finish()
+            self.finish = None
+
+    def test(self) -> bool:
+        """Drive MPI progress; True once complete (results are copied back by wait())."""
+        return self.request.Test()
+
+
+class TensorComm:
+    """Tensor collectives and point-to-point on one MPI communicator.
+
+    `wait_seconds` accumulates the time spent blocked in wait(), which the
+    training loop reports as the communication share of a step.
+    """
+
+    def __init__(self, comm: MPI.Comm, cuda_aware: bool = False):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.cuda_aware = cuda_aware
+        self.wait_seconds = 0.0
+
+    # -- buffers ---------------------------------------------------------------
+
+    def _buffer(self, tensor: torch.Tensor, *, reduce: bool, incoming: bool):
+        """An MPI-ready view of `tensor`, and how to bring results back into it.
+
+        `incoming` says the operation writes into the buffer (reductions, receives),
+        so a staged or upcast copy must be copied back when it completes.
+        """
+        if not tensor.is_contiguous():
+            raise ValueError("MPI buffers must be contiguous tensors")
+        src = tensor.detach()
+        if reduce and src.dtype in _REDUCE_IN_FP32:
+            src = src.float()
+        elif src.dtype == torch.bfloat16 or src.dtype == torch.float16:
+            src = src.view(torch.int16)
+        if src.is_cuda and not self.cuda_aware:
+            host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            host.copy_(src)  # synchronous D2H: the host copy is complete when MPI reads it
+            src = host
+        if src.is_cuda:
+            import cupy  # the GPU extra; imported only when CUDA tensors reach MPI
+
+            torch.cuda.current_stream(src.device).synchronize()
+            buf = cupy.from_dlpack(src)
+        else:
+            buf = src.numpy()
+        copy_back = None
+        if incoming and src.data_ptr() != tensor.data_ptr():
+            target = tensor.detach()
+            if target.dtype != src.dtype and src.dtype == torch.int16:
+                target = target.view(torch.int16)
+
+            def copy_back():
+                target.copy_(src)
+        return buf, copy_back
+
+    def _timed_wait(self, work: Work) -> None:
+        start = time.perf_counter()
+        work.wait()
+        self.wait_seconds += time.perf_counter() - start
+
+    # -- collectives -----------------------------------------------------------
+
+    def allreduce_(self, tensor: torch.Tensor, op: MPI.Op = MPI.SUM) -> torch.Tensor:
+        """In-place blocking all-reduce."""
+        buf, copy_back = self._buffer(tensor, reduce=True, incoming=True)
+        start = time.perf_counter()
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=op)
+        self.wait_seconds += time.perf_counter() - start
+        if copy_back:
+            copy_back()
+        return tensor
+
+    def iallreduce_(self, tensor: torch.Tensor, op: MPI.Op = MPI.SUM) -> Work:
+        """In-place non-blocking all-reduce; the tensor holds the result after wait()."""
+        buf, copy_back = self._buffer(tensor, reduce=True, incoming=True)
+        return Work(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op), copy_back)
+
+    def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        buf, copy_back = self._buffer(tensor, reduce=False, incoming=self.rank != root)
+        self.comm.Bcast(buf, root=root)
+        if copy_back:
+            copy_back()
+        return tensor
+
+    # -- point to point --------------------------------------------------------
+
+    def isend(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> Work:
+        buf, _ = self._buffer(tensor, reduce=False, incoming=False)
+        # Keep the (possibly staged) buffer alive until the send completes.
+        return Work(self.comm.Isend(buf, dest=dest, tag=tag), lambda: buf)
+
+    def irecv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> Work:
+        buf, copy_back = self._buffer(tensor, reduce=False, incoming=True)
+        return Work(self.comm.Irecv(buf, source=source, tag=tag), copy_back)
+
+    def wait(self, work: Work) -> None:
+        """Wait for `work`, counting the blocked time as communication."""
+        self._timed_wait(work)

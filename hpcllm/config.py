@@ -1,0 +1,294 @@
+"""Configuration: dataclasses, a TOML file, and `--section.key value` overrides.
+
+Every setting has one home: a field of a section dataclass below, with a docstring.
+The resolution order is: defaults, then the TOML file (`--config FILE`), then
+command-line overrides. Unknown sections or keys and values of the wrong type are
+errors that name the key, so a typo never trains silently with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value the user must fix."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide d_model."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the data shards."""
+    block_size: int = 0
+    """Longest context the model accepts (position embeddings); 0 means train.seq_len."""
+    tie_embeddings: bool = False
+    """Share the token embedding matrix with the LM head."""
+    dropout: float = 0.0
+    """Dropout probability on attention, MLP and embeddings."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    dp: int = 0
+    """Data-parallel ranks; 0 means world_size / (pp * tp)."""
+    pp: int = 1
+    """Pipeline stages."""
+    tp: int = 1
+    """Tensor-parallel ranks (reserved: only 1 is supported today)."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: '1f1b' (bounded activation memory) or 'gpipe'."""
+    stage_layers: str = ""
+    """Blocks per pipeline stage, e.g. "3,2,2,1"; empty splits them evenly."""
+    bucket_mb: float = 25.0
+    """Size of one gradient all-reduce bucket, in MiB."""
+    cuda_aware: str = "auto"
+    """CUDA tensors straight to MPI: 'auto' (detect), 'yes', or 'no' (stage through host)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    max_steps: int = 300
+    """Optimizer steps to train for (the run ends there)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    seed: int = 1337
+    """Seed for weights, data order and dropout."""
+    device: str = "cpu"
+    """'cpu' or 'cuda' (one GPU per rank, chosen from the node-local rank)."""
+    dtype: str = "float32"
+    """Compute dtype under autocast: float32 or bfloat16 (weights and grads stay fp32)."""
+    threads: int = 0
+    """Torch CPU threads per rank; 0 shares the node's cores between its ranks."""
+    log_every: int = 10
+    """Print and record metrics every N steps."""
+    eval_every: int = 100
+    """Validation loss every N steps (0 disables; always at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per rank in one validation pass."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 30
+    """Steps of linear warmup from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on biases and norms)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    path: str = ""
+    """Folder of HDF5 token shards (train-*.h5, val-*.h5). Empty: the default corpus
+    (Python's standard library) in data/stdlib, prepared on first use."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    dir: str = "runs/default"
+    """Run folder: config.toml, metrics.jsonl, checkpoints/."""
+    sample_tokens: int = 200
+    """Tokens of text generated at the end of training (0 disables)."""
+    prompt: str = "def "
+    """Prompt of the end-of-training sample."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    every: int = 100
+    """Save every N steps (and at the end); 0 saves only at the end."""
+    keep: int = 2
+    """Newest checkpoints kept; older ones are deleted after a successful save."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in run.dir/checkpoints if there is one."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert `value` to the type of `default`, or raise naming `key`."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            return kind(text) if kind is float else int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {kind.__name__}, got '{value}'") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    section_name, _, key = dotted.partition(".")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if section_name not in sections or not key:
+        raise ConfigError(f"unknown config section '{section_name}' in '{dotted}'{_suggest(section_name, sections)}; "
+                          f"sections are {', '.join(sorted(sections))}")
+    section = getattr(cfg, section_name)
+    keys = {f.name for f in dataclasses.fields(section)}
+    if key not in keys:
+        raise ConfigError(f"unknown config key '{dotted}'{_suggest(key, keys)}")
+    setattr(section, key, _coerce(dotted, value, getattr(section, key)))
+
+
+def load_toml(cfg: Config, path: str) -> None:
+    """Apply a TOML file of [section] tables to `cfg`."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} is not readable TOML: {e}") from None
+    for section_name, section in table.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: top-level key '{section_name}' must be a [section] table")
+        for key, value in section.items():
+            try:
+                _set(cfg, f"{section_name}.{key}", value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_args(argv: list[str]) -> tuple[Config, dict]:
+    """Build a Config from `--config FILE` and `--section.key value` arguments.
+
+    Returns the config and the non-config options (`--dry-run`, `--world-size N`).
+    """
+    cfg = Config()
+    options: dict[str, Any] = {"dry_run": False, "world_size": None}
+    overrides: list[tuple[str, str]] = []
+    config_file = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--dry-run":
+            options["dry_run"] = True
+            i += 1
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': options look like --section.key value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"option --{name} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if name == "config":
+            config_file = value
+        elif name == "world-size":
+            options["world_size"] = _coerce("--world-size", value, 0)
+        elif "." in name:
+            overrides.append((name, value))
+        else:
+            raise ConfigError(f"unknown option --{name}: use --config FILE, --dry-run, --world-size N "
+                              "or --section.key value")
+    if config_file:
+        load_toml(cfg, config_file)
+    for name, value in overrides:
+        _set(cfg, name, value)
+    validate(cfg)
+    return cfg, options
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data and no MPI; each error names its key."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
+                "train.max_steps": t.max_steps, "train.micro_batch_size": t.micro_batch_size,
+                "train.grad_accum_steps": t.grad_accum_steps, "train.seq_len": t.seq_len,
+                "parallel.pp": p.pp, "parallel.tp": p.tp, "parallel.bucket_mb": p.bucket_mb}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    if m.block_size and t.seq_len > m.block_size:
+        raise ConfigError(f"train.seq_len ({t.seq_len}) is longer than the model's context "
+                          f"model.block_size ({m.block_size})")
+    if p.tp != 1:
+        raise ConfigError(f"parallel.tp = {p.tp}: tensor parallelism is not implemented yet; use 1")
+    if p.schedule not in ("1f1b", "gpipe"):
+        raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
+    if p.pp > 1 and m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings needs the embeddings and the LM head on one stage, "
+                          f"but parallel.pp = {p.pp} puts them on the first and last; use one or the other")
+    if p.cuda_aware not in ("auto", "yes", "no"):
+        raise ConfigError(f"parallel.cuda_aware must be auto, yes or no, got '{p.cuda_aware}'")
+    if t.device not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device must be cpu or cuda, got '{t.device}'")
+    if t.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"train.dtype must be float32 or bfloat16, got '{t.dtype}'")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as a TOML document that load_toml reads back."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            # JSON literals are valid TOML for the bool/int/float/str values used here.
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from to_dict() output (as stored in checkpoints)."""
+    cfg = Config()
+    for section, values in d.items():
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value)
+    return cfg

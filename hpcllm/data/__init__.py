@@ -1,0 +1,1 @@
+"""Token shards: preparation, tokenizers, and the per-rank loader."""

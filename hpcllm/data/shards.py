@@ -1,0 +1,171 @@
+"""HDF5 token shards: the on-disk format between `prepare` and the training loader.
+
+A data directory holds `train-*.h5` and `val-*.h5`. Each file has one 1-D dataset
+`tokens` (documents concatenated, the EOT id after each) and attributes that describe it:
+`format`, `format_version`, `vocab_size`, `tokenizer`, `eot_id`, `num_tokens`. The token
+count is stored separately from the dataset so a shard cut short is caught on open instead
+of silently training on less data.
+
+A training sample is a window of seq_len + 1 tokens (inputs and shifted targets) taken at
+stride seq_len inside one shard; windows never cross shard boundaries, so a shard of n
+tokens holds (n - 1) // seq_len samples.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import h5py
+import numpy as np
+
+FORMAT = "hpcllm-tokens"
+FORMAT_VERSION = 1
+PREPARE_HINT = "run python -m hpcllm.data.prepare --out {}"
+
+
+class DataError(ValueError):
+    """A data directory or shard the user pointed at is missing, damaged or inconsistent."""
+
+
+def token_dtype(vocab_size: int) -> type:
+    """The smallest unsigned dtype that holds every id of a vocabulary."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def write_shard(path, tokens: np.ndarray, *, vocab_size: int, tokenizer: str, eot_id: int) -> None:
+    """Write one shard atomically: readers see either no file or the complete one."""
+    path = os.fspath(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), "
+                         f"got [{tokens.min()}, {tokens.max()}]")
+    tmp = path + ".tmp"
+    # Locking off: some cluster filesystems (Lustre, NFS) have no flock and HDF5 fails on it.
+    with h5py.File(tmp, "w", locking=False) as f:
+        # Contiguous layout: a sample read is then one plain read at a computed offset.
+        f.create_dataset("tokens", data=tokens.astype(token_dtype(vocab_size)))
+        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, vocab_size=int(vocab_size),
+                       tokenizer=str(tokenizer), eot_id=int(eot_id), num_tokens=int(tokens.size))
+    os.replace(tmp, path)
+
+
+def open_shards(data_dir, split: str) -> "ShardSet":
+    """Open every `{split}-*.h5` shard in `data_dir`, in name order, after checking them."""
+    data_dir = os.fspath(data_dir)
+    hint = PREPARE_HINT.format(data_dir)
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} does not exist; {hint}")
+    paths = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"{split}-*.h5")))
+    if not paths:
+        raise DataError(f"no {split} shards ({split}-*.h5) in {data_dir}; {hint}")
+    return ShardSet(paths)
+
+
+def _read_attr(f: h5py.File, path: str, key: str):
+    if key not in f.attrs:
+        raise DataError(f"{path} has no attribute '{key}'; it was not written by "
+                        f"hpcllm.data.prepare or is damaged, prepare the data again")
+    value = f.attrs[key]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _open_checked(path: str) -> tuple[h5py.File, dict]:
+    """Open one shard read-only and check its format; returns the file and its metadata."""
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise DataError(f"{path} is not a readable HDF5 file (truncated or not a shard?): {e}") from e
+    try:
+        fmt = _read_attr(f, path, "format")
+        if fmt != FORMAT:
+            raise DataError(f"{path} has format '{fmt}', expected '{FORMAT}'; "
+                            f"it is not an hpcllm token shard")
+        version = int(_read_attr(f, path, "format_version"))
+        if version != FORMAT_VERSION:
+            raise DataError(f"{path} has format_version {version} but this hpcllm reads version "
+                            f"{FORMAT_VERSION}; prepare the data again with this version")
+        meta = {key: _read_attr(f, path, key) for key in ("vocab_size", "tokenizer", "eot_id", "num_tokens")}
+        meta = {key: (str(v) if key == "tokenizer" else int(v)) for key, v in meta.items()}
+        tokens = f.get("tokens")
+        if not isinstance(tokens, h5py.Dataset) or tokens.ndim != 1:
+            raise DataError(f"{path} has no 1-D 'tokens' dataset; prepare the data again")
+        if len(tokens) != meta["num_tokens"]:
+            raise DataError(f"{path} is truncated: attribute num_tokens is {meta['num_tokens']} but the "
+                            f"'tokens' dataset holds {len(tokens)}; prepare the data again")
+    except BaseException:
+        f.close()
+        raise
+    return f, meta
+
+
+class ShardSet:
+    """The shards of one split, kept open for repeated sample reads.
+
+    Attributes: `paths`, `vocab_size`, `tokenizer` (its name), `eot_id`, `num_tokens`.
+    """
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self._files: list[h5py.File] = []
+        try:
+            metas = []
+            for path in self.paths:
+                f, meta = _open_checked(path)
+                self._files.append(f)
+                metas.append(meta)
+                for key in ("vocab_size", "tokenizer", "eot_id"):
+                    if meta[key] != metas[0][key]:
+                        raise DataError(f"shards disagree on {key}: {self.paths[0]} has {metas[0][key]!r} "
+                                        f"but {path} has {meta[key]!r}; they come from different prepare "
+                                        f"runs, remove the stale ones and prepare again")
+        except BaseException:
+            self.close()
+            raise
+        self._tokens = [f["tokens"] for f in self._files]
+        self._shard_tokens = np.array([m["num_tokens"] for m in metas], dtype=np.int64)
+        self.vocab_size = metas[0]["vocab_size"]
+        self.tokenizer = metas[0]["tokenizer"]
+        self.eot_id = metas[0]["eot_id"]
+        self.num_tokens = int(self._shard_tokens.sum())
+        self._cumulative: dict[int, np.ndarray] = {}  # seq_len -> samples up to and including shard i
+
+    def _cumulative_samples(self, seq_len: int) -> np.ndarray:
+        if seq_len not in self._cumulative:
+            if seq_len < 1:
+                raise ValueError(f"seq_len must be positive, got {seq_len}")
+            per_shard = np.maximum(self._shard_tokens - 1, 0) // seq_len
+            self._cumulative[seq_len] = np.cumsum(per_shard)
+        return self._cumulative[seq_len]
+
+    def num_samples(self, seq_len: int) -> int:
+        """How many windows of seq_len + 1 tokens the shards hold; DataError if none."""
+        total = int(self._cumulative_samples(seq_len)[-1])
+        if total == 0:
+            raise DataError(f"the {len(self.paths)} shard(s) starting with {self.paths[0]} hold "
+                            f"{self.num_tokens} tokens, too few for one sample of seq_len {seq_len} "
+                            f"(a shard needs at least {seq_len + 1}); use a shorter seq_len or more data")
+        return total
+
+    def read_sample(self, index: int, seq_len: int) -> np.ndarray:
+        """Sample `index` (counted over all shards in order) as int64 tokens of length seq_len + 1."""
+        cumulative = self._cumulative_samples(seq_len)
+        if not 0 <= index < cumulative[-1]:
+            raise IndexError(f"sample {index} out of range [0, {cumulative[-1]}) for seq_len {seq_len}")
+        shard = int(np.searchsorted(cumulative, index, side="right"))
+        local = index - (int(cumulative[shard - 1]) if shard else 0)
+        start = local * seq_len
+        return self._tokens[shard][start:start + seq_len + 1].astype(np.int64)
+
+    def close(self) -> None:
+        """Close the HDF5 files; the set cannot read afterwards."""
+        for f in self._files:
+            f.close()
+        self._files = []
+
+    def __enter__(self) -> "ShardSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

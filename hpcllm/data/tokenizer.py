@@ -1,0 +1,99 @@
+"""Tokenizers: raw UTF-8 bytes (nothing to train) or byte-level BPE trained on the corpus.
+
+Both expose `name` (stored in each shard's `tokenizer` attribute), `vocab_size`, `eot_id`,
+`encode(text) -> np.ndarray` of int64 ids without an EOT, and `decode(ids) -> str`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+
+from hpcllm.data.shards import PREPARE_HINT, DataError
+
+EOT_TOKEN = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _as_array(ids) -> np.ndarray:
+    """Token ids from a list, numpy array or (possibly GPU) torch tensor, as a flat numpy array."""
+    if hasattr(ids, "cpu"):
+        ids = ids.cpu()
+    return np.asarray(ids).ravel()
+
+
+class ByteTokenizer:
+    """Each UTF-8 byte is a token (0..255); 256 is the end-of-text token."""
+
+    name = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids) -> str:
+        ids = _as_array(ids)
+        # Drops EOT; a window cut mid-character decodes to U+FFFD rather than failing.
+        return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style) from the `tokenizers` package, with `<|endoftext|>` as EOT."""
+
+    name = "bpe"
+
+    def __init__(self, tokenizer):
+        # The literal text "<|endoftext|>" inside a document must stay text, not become EOT.
+        tokenizer.encode_special_tokens = True
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.eot_id = tokenizer.token_to_id(EOT_TOKEN)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        """Learn merges from `texts` up to `vocab_size` ids (fewer if the corpus runs out of pairs)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        # 256 byte symbols + EOT must fit before any merge is learned.
+        if vocab_size < 257:
+            raise ValueError(f"BPE vocab_size must be at least 257 (256 bytes + EOT), got {vocab_size}")
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(texts, trainer)
+        return cls(tokenizer)
+
+    def save(self, path) -> None:
+        """Write the tokenizer as JSON, atomically (other ranks may be waiting to load it)."""
+        tmp = os.fspath(path) + ".tmp"
+        self._tokenizer.save(tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "BPETokenizer":
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(os.fspath(path)))
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self._tokenizer.encode(text).ids, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(_as_array(ids).tolist())
+
+
+def load_tokenizer(data_dir, name: str) -> ByteTokenizer | BPETokenizer:
+    """The tokenizer a data directory's shards were written with (`name` is their `tokenizer` attribute)."""
+    if name == ByteTokenizer.name:
+        return ByteTokenizer()
+    if name == BPETokenizer.name:
+        path = os.path.join(os.fspath(data_dir), TOKENIZER_FILE)
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing but the shards in {data_dir} were written with the BPE "
+                            f"tokenizer; {PREPARE_HINT.format(data_dir)} --tokenizer bpe --overwrite")
+        return BPETokenizer.load(path)
+    raise DataError(f"unknown tokenizer '{name}' for the shards in {data_dir} (expected 'byte' or 'bpe')")

@@ -1,0 +1,168 @@
+"""A GPT decoder in plain PyTorch. No MPI here: parallelism wraps this model from outside.
+
+Blocks are held in a dict keyed by their global index (`model.blocks["5"]`), so a
+pipeline stage is just a contiguous range of them plus, on the first stage, the
+embeddings and, on the last, the final norm and LM head.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    init_seed: int = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # softmax(Q K^T / sqrt(d_k)) V with a causal mask.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT decoder, or one pipeline stage of it.
+
+    `layers` selects which blocks this module holds (default: all); `first` and
+    `last` say whether it holds the embeddings and the final norm + LM head.
+    Parameter names are the full model's (`blocks.5.attn.qkv.weight` keeps that
+    name on whichever stage holds block 5), so checkpoints do not depend on the
+    pipeline layout.
+    """
+
+    def __init__(self, cfg: GPTConfig, layers: range | None = None, first: bool = True, last: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = layers if layers is not None else range(cfg.n_layer)
+        self.first, self.last = first, last
+        if first:
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layers})
+        if last:
+            self.ln_f = nn.LayerNorm(cfg.d_model)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                if not first:
+                    raise ValueError("model.tie_embeddings needs the embeddings and the LM head on one stage")
+                self.lm_head.weight = self.wte.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Each block (and each embedding or head) draws from its own generator, seeded
+        # from its global name, so its initial weights are the same whichever
+        # pipeline layout builds it.
+        generators: dict[str, torch.Generator] = {}
+        for name, module in self.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            if name == "lm_head" and self.cfg.tie_embeddings:
+                continue  # shares the token embedding, already initialised
+            owner = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name
+            if owner not in generators:
+                generators[owner] = torch.Generator().manual_seed(self.cfg.init_seed + zlib.crc32(owner.encode()))
+            # GPT-2: residual projections scaled by depth so the stream's variance stays bounded.
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(".proj") else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std, generator=generators[owner])
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: x is token ids (B, T); otherwise hidden states (B, T, C).
+
+        The last stage returns the mean cross-entropy if `targets` are given, else
+        logits (B, T, vocab); other stages return hidden states (B, T, C).
+        """
+        if self.first:
+            T = x.shape[1]
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the model's context "
+                                 f"(block_size {self.cfg.block_size})")
+            pos = torch.arange(T, device=x.device)
+            x = self.wte(x) + self.wpe(pos)  # (B, T, C)
+            x = F.dropout(x, self.cfg.dropout, self.training)
+        for block in self.blocks.values():
+            x = block(x)
+        if not self.last:
+            return x
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample `max_new_tokens` continuations of idx (B, T); needs the whole model."""
+        assert self.first and self.last, "generate() needs all stages in one module"
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.cfg.block_size:]
+            logits = self(context)[:, -1, :] / max(temperature, 1e-6)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices (linear and embedding weights), not biases or norms."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,1 @@
+"""Data-parallel and pipeline-parallel wrappers around the model."""

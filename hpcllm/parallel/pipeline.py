@@ -1,0 +1,228 @@
+"""Pipeline parallelism: this rank's stage of the model, its neighbours, and the schedules.
+
+A stage is a contiguous range of blocks (plus the embeddings on the first stage, the
+final norm, LM head and loss on the last). Stages pass activations forward and their
+gradients backward over the pp communicator, point to point, through the zero-copy
+TensorComm. Every message between two stages has a shape known in advance,
+(micro_batch, seq_len, d_model), so buffers are allocated, never described.
+
+Schedules are written as named phases over four verbs (recv_forward, send_forward,
+recv_backward, send_backward):
+
+  gpipe:  all forwards, then all backwards; holds every micro-batch's activations.
+  1f1b:   warmup forwards (pp - stage - 1 of them), then one forward and one backward
+          in turn (steady), then the remaining backwards (cooldown); a stage holds at
+          most pp - stage micro-batches of activations.
+
+With one stage both verbs pairs do nothing and 1f1b is plain gradient accumulation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from hpcllm.comm import TensorComm, Work
+
+FORWARD_TAG, BACKWARD_TAG = 0, 1
+SCHEDULES = ("1f1b", "gpipe")
+
+
+def split_layers(n_layer: int, pp: int, explicit: str = "") -> list[range]:
+    """Block ranges of each stage: balanced (earlier stages take the remainder), or
+    `explicit` as comma-separated block counts, e.g. "3,2,2,1"."""
+    if explicit:
+        try:
+            counts = [int(c) for c in explicit.split(",")]
+        except ValueError:
+            raise ValueError(f"parallel.stage_layers '{explicit}' must be comma-separated block counts") from None
+        if len(counts) != pp or sum(counts) != n_layer or min(counts) < 1:
+            raise ValueError(f"parallel.stage_layers '{explicit}' must give {pp} positive block counts "
+                             f"(one per stage, parallel.pp = {pp}) adding up to model.n_layer = {n_layer}")
+    else:
+        if pp > n_layer:
+            raise ValueError(f"parallel.pp = {pp} stages but the model has only model.n_layer = {n_layer} "
+                             "blocks; every stage needs at least one block")
+        base, extra = divmod(n_layer, pp)
+        counts = [base + (1 if s < extra else 0) for s in range(pp)]
+    starts = [sum(counts[:s]) for s in range(pp)]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
+
+
+class ActivationMeter:
+    """Bytes of activations autograd holds for backward, measured with saved-tensor hooks.
+
+    Every tensor saved for backward is wrapped; the wrapper's count goes down when
+    autograd frees it, so `current` is what is alive now and `peak` the most ever.
+    """
+
+    def __init__(self):
+        self.current = 0
+        self.peak = 0
+
+    def _pack(self, tensor: torch.Tensor):
+        return _Saved(self, tensor)
+
+    @staticmethod
+    def _unpack(saved: "_Saved") -> torch.Tensor:
+        return saved.tensor
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+
+class _Saved:
+    __slots__ = ("meter", "tensor", "nbytes")
+
+    def __init__(self, meter: ActivationMeter, tensor: torch.Tensor):
+        self.meter, self.tensor = meter, tensor
+        # Parameters are saved too (e.g. by linear layers) but are not activations.
+        self.nbytes = 0 if isinstance(tensor, nn.Parameter) else tensor.numel() * tensor.element_size()
+        meter.current += self.nbytes
+        meter.peak = max(meter.peak, meter.current)
+
+    def __del__(self):
+        self.meter.current -= self.nbytes
+
+
+class PipelineStage:
+    """One rank's stage: its module, its pp neighbours, and the four verbs.
+
+    Sends are non-blocking and completed at the end of the step (a stage never
+    waits for its neighbour to receive); each receive is posted one micro-batch
+    ahead, so the data can arrive while this stage is still computing.
+    """
+
+    def __init__(self, module: nn.Module, comm: TensorComm, *, stage: int, num_stages: int,
+                 act_shape: tuple[int, ...], device: torch.device):
+        self.module = module
+        self.comm = comm
+        self.stage, self.num_stages = stage, num_stages
+        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
+        self.act_shape = act_shape
+        self.device = device
+        self._sends: list[Work] = []
+        self._posted: dict[int, list[tuple[Work, torch.Tensor]]] = {FORWARD_TAG: [], BACKWARD_TAG: []}
+
+    # -- the verbs -----------------------------------------------------------------
+
+    def _post_recv(self, tag: int) -> None:
+        source = self.stage - 1 if tag == FORWARD_TAG else self.stage + 1
+        buf = torch.empty(self.act_shape, dtype=torch.float32, device=self.device)
+        self._posted[tag].append((self.comm.irecv(buf, source, tag), buf))
+
+    def _recv(self, tag: int, more_coming: bool) -> torch.Tensor:
+        if not self._posted[tag]:
+            self._post_recv(tag)
+        work, buf = self._posted[tag].pop(0)
+        if more_coming:
+            self._post_recv(tag)  # the next micro-batch's message lands while we compute
+        self.comm.wait(work)
+        return buf
+
+    def recv_forward(self, more_coming: bool = False) -> torch.Tensor | None:
+        """The previous stage's output activation (None on the first stage)."""
+        return None if self.is_first else self._recv(FORWARD_TAG, more_coming)
+
+    def send_forward(self, activation: torch.Tensor) -> None:
+        if not self.is_last:
+            self._sends.append(self.comm.isend(activation.detach().float().contiguous(), self.stage + 1, FORWARD_TAG))
+
+    def recv_backward(self, more_coming: bool = False) -> torch.Tensor | None:
+        """The gradient of this stage's output, from the next stage (None on the last)."""
+        return None if self.is_last else self._recv(BACKWARD_TAG, more_coming)
+
+    def send_backward(self, grad: torch.Tensor | None) -> None:
+        if not self.is_first:
+            self._sends.append(self.comm.isend(grad.contiguous(), self.stage - 1, BACKWARD_TAG))
+
+    def finish_sends(self) -> None:
+        for work in self._sends:
+            self.comm.wait(work)
+        self._sends.clear()
+        assert not any(self._posted.values()), "a posted receive was never consumed"
+
+
+class Schedule:
+    """Runs the forward and backward passes of one step's micro-batches through a stage.
+
+    `micro_batches` holds (x, y) per micro-batch: x only on the first stage and y only
+    on the last (None elsewhere). `before_backward(i)` is called before the backward
+    of micro-batch i (data parallelism uses it to reduce only during the last one).
+    Returns the summed loss of the micro-batches on the last stage, 0 elsewhere.
+    """
+
+    def __init__(self, stage: PipelineStage, kind: str = "1f1b", meter: ActivationMeter | None = None):
+        if kind not in SCHEDULES:
+            raise ValueError(f"parallel.schedule must be one of {', '.join(SCHEDULES)}, got '{kind}'")
+        self.stage, self.kind = stage, kind
+        self.meter = meter or ActivationMeter()
+
+    def run(self, micro_batches: list, autocast, before_backward: Callable[[int], None]) -> torch.Tensor:
+        s, m = self.stage, len(micro_batches)
+        inputs: dict[int, torch.Tensor | None] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        loss_sum = torch.zeros((), device=s.device)
+
+        def forward(i: int) -> None:
+            nonlocal loss_sum
+            x, y = micro_batches[i]
+            received = s.recv_forward(more_coming=i + 1 < m)
+            if received is not None:
+                x = received.requires_grad_()
+            with self.meter.hooks(), autocast:
+                out = s.module(x, y) if s.is_last else s.module(x)
+            if s.is_last:
+                loss_sum = loss_sum + out.detach()
+                out = out / m  # the accumulated gradient is the mean over micro-batches
+            else:
+                s.send_forward(out)
+            inputs[i] = received
+            outputs[i] = out
+
+        def backward(i: int) -> None:
+            before_backward(i)
+            grad = s.recv_backward(more_coming=i + 1 < m)
+            x, out = inputs.pop(i), outputs.pop(i)
+            torch.autograd.backward(out, grad_tensors=grad)
+            s.send_backward(None if x is None else x.grad)
+
+        if self.kind == "gpipe":
+            # Fill: every micro-batch forward. Drain: every backward.
+            for i in range(m):
+                forward(i)
+            for i in range(m):
+                backward(i)
+        else:
+            warmup = min(s.num_stages - s.stage - 1, m)
+            # Warmup: forwards only, until the last stage has work.
+            for i in range(warmup):
+                forward(i)
+            # Steady state: one forward, then the backward of the oldest micro-batch in flight.
+            for i in range(m - warmup):
+                forward(warmup + i)
+                backward(i)
+            # Cooldown: the backwards of the micro-batches still in flight.
+            for i in range(m - warmup, m):
+                backward(i)
+        s.finish_sends()
+        return loss_sum
+
+    @torch.no_grad()
+    def forward_only(self, micro_batches: list, autocast) -> torch.Tensor:
+        """Evaluation: forward every micro-batch through the pipeline; summed loss on the last stage."""
+        s, m = self.stage, len(micro_batches)
+        loss_sum = torch.zeros((), device=s.device)
+        for i, (x, y) in enumerate(micro_batches):
+            received = s.recv_forward(more_coming=i + 1 < m)
+            with autocast:
+                out = s.module(x if received is None else received, y) if s.is_last else \
+                    s.module(x if received is None else received)
+            if s.is_last:
+                loss_sum += out.float()
+            else:
+                s.send_forward(out)
+        s.finish_sends()
+        return loss_sum

@@ -1,0 +1,372 @@
+"""Single-process tests of hpcllm.data: tokenizers, the shard format, prepare, and the loader."""
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpcllm.data.loader import Loader, step_positions, val_batches
+from hpcllm.data.prepare import SKIP_DIRS, default_corpus_files, prepare
+from hpcllm.data.shards import DataError, open_shards, write_shard
+from hpcllm.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+
+TEXT = "def héllo():\n    return 'wörld ✓'  # <|endoftext|> stays text\n"
+
+
+def write_unique_shards(data_dir, sizes, split="train"):
+    """Shards whose tokens are 0, 1, 2, ... across all files, so a sample's first token names it."""
+    os.makedirs(data_dir, exist_ok=True)
+    start = 0
+    for i, n in enumerate(sizes):
+        write_shard(os.path.join(data_dir, f"{split}-{i:04d}.h5"), np.arange(start, start + n),
+                    vocab_size=100_000, tokenizer="byte", eot_id=99_999)
+        start += n
+
+
+def sample_ids(x: torch.Tensor, first_token_to_index: dict) -> list[int]:
+    return [first_token_to_index[int(t)] for t in x[:, 0]]
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    ids = tok.encode(TEXT)
+    assert ids.dtype == np.int64 and list(ids) == list(TEXT.encode("utf-8"))
+    assert tok.decode(ids) == TEXT
+    assert tok.decode(list(ids) + [tok.eot_id]) == TEXT  # EOT is dropped
+    assert tok.decode(torch.tensor(tok.encode("é")[:1])) == "\ufffd"  # cut character -> replacement
+
+
+def test_bpe_train_save_load_round_trip(tmp_path):
+    corpus = [TEXT * 3, "import os\nimport sys\n" * 20, "for i in range(10):\n    print(i)\n" * 10]
+    tok = BPETokenizer.train(corpus, vocab_size=300)
+    assert tok.name == "bpe" and 257 < tok.vocab_size <= 300
+    assert tok._tokenizer.id_to_token(tok.eot_id) == "<|endoftext|>"
+    ids = tok.encode(TEXT)
+    assert tok.eot_id not in ids  # the literal marker in the text is not the EOT token
+    assert len(ids) < len(TEXT.encode("utf-8"))  # merges were learned and used
+    assert tok.decode(ids) == TEXT
+    tok.save(tmp_path / "tokenizer.json")
+    loaded = load_tokenizer(tmp_path, "bpe")
+    assert (loaded.vocab_size, loaded.eot_id) == (tok.vocab_size, tok.eot_id)
+    assert np.array_equal(loaded.encode(TEXT), ids) and loaded.decode(ids) == TEXT
+    with pytest.raises(ValueError, match="at least 257"):
+        BPETokenizer.train(corpus, vocab_size=100)
+
+
+def test_load_tokenizer_errors(tmp_path):
+    assert isinstance(load_tokenizer(tmp_path, "byte"), ByteTokenizer)
+    with pytest.raises(DataError, match="tokenizer.json is missing"):
+        load_tokenizer(tmp_path, "bpe")
+    with pytest.raises(DataError, match="unknown tokenizer 'gpt9'"):
+        load_tokenizer(tmp_path, "gpt9")
+
+
+# ---------------------------------------------------------------- shards
+
+def test_shard_round_trip_and_sample_layout(tmp_path):
+    # 8k+1 tokens hold k samples of seq_len 8; shards of 0 and 1 tokens hold none.
+    sizes = [8 * 5 + 1, 1, 0, 8 * 3 + 7, 8 * 2 + 1]
+    write_unique_shards(tmp_path, sizes)
+    assert not list(tmp_path.glob("*.tmp"))
+    with open_shards(tmp_path, "train") as shards:
+        assert [os.path.basename(p) for p in shards.paths] == [f"train-{i:04d}.h5" for i in range(5)]
+        assert (shards.vocab_size, shards.tokenizer, shards.eot_id) == (100_000, "byte", 99_999)
+        assert shards.num_tokens == sum(sizes)
+        assert shards.num_samples(8) == 5 + 3 + 2
+        assert shards.num_samples(1) == sum(max(n - 1, 0) for n in sizes)
+        starts = [0, 8, 16, 24, 32, 42, 50, 58, 73, 81]  # shards start at tokens 0, 41, 42, 42, 73
+        for index, start in enumerate(starts):
+            sample = shards.read_sample(index, 8)
+            assert sample.dtype == np.int64 and list(sample) == list(range(start, start + 9))
+        with pytest.raises(IndexError):
+            shards.read_sample(10, 8)
+        with pytest.raises(DataError, match="too few for one sample of seq_len 100"):
+            shards.num_samples(100)
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(257, np.uint16), (65536, np.uint16), (65537, np.uint32)])
+def test_shard_dtype_follows_vocab(tmp_path, vocab_size, dtype):
+    tokens = np.array([0, 1, vocab_size - 1])
+    write_shard(tmp_path / "train-0000.h5", tokens, vocab_size=vocab_size, tokenizer="bpe", eot_id=0)
+    with h5py.File(tmp_path / "train-0000.h5", "r") as f:
+        assert f["tokens"].dtype == dtype and list(f["tokens"][:]) == list(tokens)
+        assert f.attrs["format"] == "hpcllm-tokens" and f.attrs["format_version"] == 1
+    with pytest.raises(ValueError, match=r"\[0, 257\)"):
+        write_shard(tmp_path / "bad.h5", np.array([257]), vocab_size=257, tokenizer="byte", eot_id=256)
+
+
+def test_open_shards_errors(tmp_path):
+    with pytest.raises(DataError, match="missing.*does not exist.*hpcllm.data.prepare"):
+        open_shards(tmp_path / "missing", "train")
+    write_unique_shards(tmp_path, [50], split="val")
+    with pytest.raises(DataError, match="no train shards"):
+        open_shards(tmp_path, "train")
+
+    write_unique_shards(tmp_path, [100, 100])
+    with h5py.File(tmp_path / "train-0001.h5", "r+") as f:
+        f.attrs["num_tokens"] = 150
+    with pytest.raises(DataError, match="train-0001.h5 is truncated"):
+        open_shards(tmp_path, "train")
+
+    write_unique_shards(tmp_path, [100, 100])
+    write_shard(tmp_path / "train-0001.h5", np.arange(10), vocab_size=300, tokenizer="byte", eot_id=99_999)
+    with pytest.raises(DataError, match="vocab_size.*train-0000.h5.*train-0001.h5"):
+        open_shards(tmp_path, "train")
+
+    write_unique_shards(tmp_path, [100, 100])
+    with h5py.File(tmp_path / "train-0000.h5", "r+") as f:
+        f.attrs["format_version"] = 2
+    with pytest.raises(DataError, match="train-0000.h5 has format_version 2"):
+        open_shards(tmp_path, "train")
+
+    write_unique_shards(tmp_path, [100_000])
+    path = tmp_path / "train-0000.h5"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match="train-0000.h5 is not a readable HDF5 file"):
+        open_shards(tmp_path, "train")
+
+
+# ---------------------------------------------------------------- prepare
+
+DOCS = {
+    "a.py": "import os\n" * 40 + "print('ü')\n",
+    "notes/b.txt": "Some notes about training.\n" * 30,
+    "notes/deep/README": "extension-less text file " * 25,
+    "notes/c.md": "# Title\n\nbody ✓\n" * 20,
+}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    for name, text in DOCS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8: skipped
+    (root / "data.bin").write_bytes(b"\0\1\2")  # not a text extension: ignored
+    (root / ".hidden").write_text("ignored")
+    return root
+
+
+def read_stream(data_dir, split) -> list[int]:
+    """All tokens of a split, shard after shard in name order."""
+    with open_shards(data_dir, split) as shards:
+        paths = shards.paths
+    stream = []
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            stream += f["tokens"][:].tolist()
+    return stream
+
+
+def expected_streams(texts, val_fraction, eot):
+    train, val = [], []
+    for text in texts:
+        ids = list(text.encode("utf-8"))
+        cut = len(ids) - int(len(ids) * val_fraction)
+        train += ids[:cut] + [eot]
+        val += ids[cut:] + [eot] if cut < len(ids) else []
+    return train, val
+
+
+def test_prepare_byte_streams(corpus, tmp_path):
+    out = tmp_path / "out"
+    summary = prepare([str(corpus)], str(out), val_fraction=0.1, shard_tokens=300)
+    texts = [DOCS[name] for name in sorted(DOCS, key=lambda n: str(corpus / n))]
+    train, val = expected_streams(texts, 0.1, eot=256)
+    assert summary["files"] == len(DOCS) and summary["skipped"] == 1
+    num_eots = 2 * len(texts)  # one after each document's train part and one after its val part
+    assert summary["train_tokens"] + summary["val_tokens"] == sum(len(t.encode()) for t in texts) + num_eots
+    assert (summary["train_tokens"], summary["val_tokens"]) == (len(train), len(val))
+    assert len(summary["shards"]) > 2  # shard_tokens=300 forces several train shards
+    assert sorted(os.listdir(out)) == summary["shards"]
+    assert read_stream(out, "train") == train and read_stream(out, "val") == val
+    with open_shards(out, "val") as shards:
+        assert shards.num_samples(8) > 0
+
+
+def test_prepare_overwrite(corpus, tmp_path):
+    out = tmp_path / "out"
+    prepare([str(corpus)], str(out), shard_tokens=300)
+    with pytest.raises(DataError, match="already holds.*--overwrite"):
+        prepare([str(corpus)], str(out))
+    summary = prepare([str(corpus / "a.py")], str(out), overwrite=True)
+    assert sorted(os.listdir(out)) == ["train-0000-0000.h5", "val-0000-0000.h5"] == summary["shards"]
+    assert summary["files"] == 1
+
+
+def test_prepare_needs_text(corpus, tmp_path):
+    with pytest.raises(DataError, match="no text to train on.*1 skipped"):
+        prepare([str(corpus / "latin1.txt")], str(tmp_path / "out"))
+    (tmp_path / "binaries").mkdir()
+    (tmp_path / "binaries" / "model.bin").write_bytes(b"\0")
+    with pytest.raises(DataError, match="no text files .* under .*binaries"):
+        prepare([str(tmp_path / "binaries")], str(tmp_path / "out"))
+
+
+def test_prepare_bpe(corpus, tmp_path):
+    out = tmp_path / "out"
+    summary = prepare([str(corpus)], str(out), tokenizer="bpe", vocab_size=300, val_fraction=0.1)
+    with open_shards(out, "train") as shards:
+        tok = load_tokenizer(out, shards.tokenizer)
+    assert isinstance(tok, BPETokenizer) and summary["vocab_size"] == tok.vocab_size
+    train, val = read_stream(out, "train"), read_stream(out, "val")
+    assert len(train) == summary["train_tokens"] and len(val) == summary["val_tokens"] > 0
+
+    def parts(stream):
+        ends = [i for i, t in enumerate(stream) if t == tok.eot_id]
+        return [tok.decode(stream[a + 1 if a >= 0 else 0:b]) for a, b in zip([-1] + ends, ends)]
+
+    texts = [DOCS[name] for name in sorted(DOCS, key=lambda n: str(corpus / n))]
+    assert [t + v for t, v in zip(parts(train), parts(val))] == texts
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "hpcllm.data.prepare", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_prepare_cli(corpus, tmp_path):
+    missing = tmp_path / "no-such-dir"
+    result = run_cli("--input", str(corpus), str(missing), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and f"error: input {missing} does not exist" in result.stderr
+
+    result = run_cli("--input", str(corpus), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "prepared 4 files" in result.stdout and "skipped 1 file" in result.stderr
+    result = run_cli("--input", str(corpus), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert run_cli("--input", str(corpus), "--out", str(tmp_path / "out"), "--overwrite").returncode == 0
+    assert run_cli("--out", str(tmp_path / "x"), "--val-fraction", "1.5").returncode == 2
+
+
+def test_default_corpus_files():
+    files = default_corpus_files()
+    assert len(files) > 100 and all(f.endswith(".py") for f in files)
+    assert not [f for f in files if SKIP_DIRS & set(f.split(os.sep))]
+    assert any(f.endswith(os.path.join("pydoc_data", "topics.py")) for f in files)
+
+
+# ---------------------------------------------------------------- loader
+
+SEQ_LEN = 8
+SIZES = [8 * 20 + 1, 8 * 13 + 5, 8 * 15 + 1]  # 20 + 13 + 15 = 48 samples
+
+
+@pytest.fixture
+def shards(tmp_path):
+    write_unique_shards(tmp_path, SIZES)
+    with open_shards(tmp_path, "train") as shard_set:
+        yield shard_set
+
+
+@pytest.fixture
+def index_of(shards):
+    return {int(shards.read_sample(i, SEQ_LEN)[0]): i for i in range(shards.num_samples(SEQ_LEN))}
+
+
+def make_loaders(shards, *, mb, accum, dp, seed=0):
+    return [Loader(shards, seq_len=SEQ_LEN, micro_batch_size=mb, grad_accum_steps=accum, dp_rank=r,
+                   dp_size=dp, seed=seed) for r in range(dp)]
+
+
+def global_step(loaders, index_of):
+    """Sample indices of one global step by stream position, and all ranks' batches."""
+    by_position, batches = {}, []
+    for loader in loaders:
+        positions = step_positions(loader.consumed_samples, micro_batch_size=loader.micro_batch_size,
+                                   grad_accum_steps=loader.grad_accum_steps, dp_rank=loader.dp_rank,
+                                   dp_size=loader.dp_size)
+        step = loader.next_step()
+        batches.append(step)
+        for micro, (x, y) in zip(positions, step):
+            assert x.shape == y.shape == (loader.micro_batch_size, SEQ_LEN) and x.dtype == torch.int64
+            assert torch.equal(x[:, 1:], y[:, :-1])
+            by_position.update(zip(micro.tolist(), sample_ids(x, index_of)))
+    return by_position, batches
+
+
+def test_step_positions():
+    parts = step_positions(100, micro_batch_size=2, grad_accum_steps=3, dp_rank=1, dp_size=4)
+    assert [p.tolist() for p in parts] == [[102, 103], [110, 111], [118, 119]]
+    every = np.concatenate([p for r in range(4) for p in step_positions(
+        100, micro_batch_size=2, grad_accum_steps=3, dp_rank=r, dp_size=4)])
+    assert sorted(every.tolist()) == list(range(100, 124))
+
+
+def test_loader_epochs_cover_every_sample_once(shards, index_of):
+    loaders = make_loaders(shards, mb=1, accum=2, dp=5)  # G = 10 does not divide N = 48
+    stream = {}
+    for _ in range(10):
+        stream.update(global_step(loaders, index_of)[0])
+    assert sorted(stream) == list(range(100))
+    epoch0, epoch1 = [stream[p] for p in range(48)], [stream[p] for p in range(48, 96)]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(48))
+    assert epoch0 != epoch1 and epoch0 != list(range(48))  # shuffled, differently per epoch
+
+
+def test_loader_global_step_independent_of_layout(shards, index_of):
+    runs = []
+    for dp, accum in ((1, 4), (2, 2), (4, 1)):
+        loaders = make_loaders(shards, mb=3, accum=accum, dp=dp, seed=7)
+        assert loaders[0].global_batch_size == 12
+        runs.append([sorted(global_step(loaders, index_of)[0].values()) for _ in range(6)])
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_loader_resume(shards, index_of):
+    uninterrupted = make_loaders(shards, mb=2, accum=2, dp=2, seed=3)
+    steps = [global_step(uninterrupted, index_of) for _ in range(5)]
+    interrupted = make_loaders(shards, mb=2, accum=2, dp=2, seed=3)
+    for _ in range(3):
+        global_step(interrupted, index_of)
+    states = [loader.state_dict() for loader in interrupted]
+    assert states[0] == {"consumed_samples": 24, "seed": 3}
+
+    # Built with another seed: the checkpoint's seed wins, or the epoch in progress would reshuffle.
+    resumed = make_loaders(shards, mb=2, accum=2, dp=2, seed=99)
+    for loader, state in zip(resumed, states):
+        loader.load_state_dict(state)
+    for _, expected in steps[3:]:
+        _, batches = global_step(resumed, index_of)
+        for rank_expected, rank_batches in zip(expected, batches):
+            for (x0, y0), (x1, y1) in zip(rank_expected, rank_batches):
+                assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+    # Same global batch on four ranks without accumulation: the same samples follow.
+    relaid = make_loaders(shards, mb=2, accum=1, dp=4, seed=3)
+    for loader in relaid:
+        loader.load_state_dict(states[0])
+    for by_position, _ in steps[3:]:
+        assert global_step(relaid, index_of)[0] == by_position
+
+
+def test_loader_seed(shards, index_of):
+    def order(seed):
+        loaders = make_loaders(shards, mb=4, accum=1, dp=2, seed=seed)
+        stream = {}
+        for _ in range(6):
+            stream.update(global_step(loaders, index_of)[0])
+        return [stream[p] for p in sorted(stream)]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    with pytest.raises(ValueError, match="dp_rank"):
+        Loader(shards, seq_len=8, micro_batch_size=1, grad_accum_steps=1, dp_rank=2, dp_size=2, seed=0)
+
+
+def test_val_batches(shards, index_of):
+    got = {}
+    for rank in range(2):
+        batches = val_batches(shards, seq_len=SEQ_LEN, batch_size=5, num_batches=6, dp_rank=rank, dp_size=2)
+        again = val_batches(shards, seq_len=SEQ_LEN, batch_size=5, num_batches=6, dp_rank=rank, dp_size=2)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+        got[rank] = [sample_ids(x, index_of) for x, _ in batches]
+    # Batch b holds samples 10b .. 10b+9 (mod 48): rank 0 the first five, rank 1 the rest.
+    for b in range(6):
+        assert got[0][b] + got[1][b] == [(10 * b + i) % 48 for i in range(10)]
