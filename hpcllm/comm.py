@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from mpi4py import MPI
 
+from hpcllm.watchdog import WATCHDOG
+
 _REDUCE_IN_FP32 = (torch.bfloat16, torch.float16)
 
 
@@ -48,14 +50,16 @@ def detect_cuda_aware(setting: str = "auto") -> bool:
 class Work:
     """A pending MPI operation on a tensor; `wait()` completes it and copies results back."""
 
-    __slots__ = ("request", "finish")
+    __slots__ = ("request", "finish", "what")
 
-    def __init__(self, request: MPI.Request, finish: Callable[[], None] | None):
+    def __init__(self, request: MPI.Request, finish: Callable[[], None] | None, what: str):
         self.request = request
         self.finish = finish
+        self.what = what
 
     def wait(self) -> None:
-        self.request.Wait()
+        with WATCHDOG.watch(self.what):
+            self.request.Wait()
         if self.finish is not None:
             self.finish()
             self.finish = None
@@ -72,8 +76,9 @@ class TensorComm:
     training loop reports as the communication share of a step.
     """
 
-    def __init__(self, comm: MPI.Comm, cuda_aware: bool = False):
+    def __init__(self, comm: MPI.Comm, cuda_aware: bool = False, name: str = "world"):
         self.comm = comm
+        self.name = name
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.cuda_aware = cuda_aware
@@ -115,18 +120,14 @@ class TensorComm:
                 target.copy_(src)
         return buf, copy_back
 
-    def _timed_wait(self, work: Work) -> None:
-        start = time.perf_counter()
-        work.wait()
-        self.wait_seconds += time.perf_counter() - start
-
     # -- collectives -----------------------------------------------------------
 
     def allreduce_(self, tensor: torch.Tensor, op: MPI.Op = MPI.SUM) -> torch.Tensor:
         """In-place blocking all-reduce."""
         buf, copy_back = self._buffer(tensor, reduce=True, incoming=True)
         start = time.perf_counter()
-        self.comm.Allreduce(MPI.IN_PLACE, buf, op=op)
+        with WATCHDOG.watch(f"all-reduce on {self.name}"):
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=op)
         self.wait_seconds += time.perf_counter() - start
         if copy_back:
             copy_back()
@@ -135,11 +136,12 @@ class TensorComm:
     def iallreduce_(self, tensor: torch.Tensor, op: MPI.Op = MPI.SUM) -> Work:
         """In-place non-blocking all-reduce; the tensor holds the result after wait()."""
         buf, copy_back = self._buffer(tensor, reduce=True, incoming=True)
-        return Work(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op), copy_back)
+        return Work(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op), copy_back, f"all-reduce on {self.name}")
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         buf, copy_back = self._buffer(tensor, reduce=False, incoming=self.rank != root)
-        self.comm.Bcast(buf, root=root)
+        with WATCHDOG.watch(f"broadcast on {self.name}"):
+            self.comm.Bcast(buf, root=root)
         if copy_back:
             copy_back()
         return tensor
@@ -149,12 +151,15 @@ class TensorComm:
     def isend(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> Work:
         buf, _ = self._buffer(tensor, reduce=False, incoming=False)
         # Keep the (possibly staged) buffer alive until the send completes.
-        return Work(self.comm.Isend(buf, dest=dest, tag=tag), lambda: buf)
+        return Work(self.comm.Isend(buf, dest=dest, tag=tag), lambda: buf, f"send to {self.name} rank {dest}")
 
     def irecv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> Work:
         buf, copy_back = self._buffer(tensor, reduce=False, incoming=True)
-        return Work(self.comm.Irecv(buf, source=source, tag=tag), copy_back)
+        return Work(self.comm.Irecv(buf, source=source, tag=tag), copy_back,
+                    f"receive from {self.name} rank {source}")
 
     def wait(self, work: Work) -> None:
         """Wait for `work`, counting the blocked time as communication."""
-        self._timed_wait(work)
+        start = time.perf_counter()
+        work.wait()
+        self.wait_seconds += time.perf_counter() - start

@@ -118,6 +118,12 @@ class RunConfig:
     """Tokens of text generated at the end of training (0 disables)."""
     prompt: str = "def "
     """Prompt of the end-of-training sample."""
+    time_limit_s: float = 0.0
+    """Wall-clock budget in seconds: when it runs out, all ranks save and exit 0 (0: none)."""
+    watchdog_s: float = 300.0
+    """Abort the job if a rank makes no progress (e.g. stuck in an MPI wait) this long (0: off)."""
+    watchdog_first_step_s: float = 900.0
+    """The watchdog's timeout until the first step has completed (start-up is slow)."""
 
 
 @dataclass(kw_only=True, slots=True)

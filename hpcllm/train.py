@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,9 @@ from hpcllm.model import GPT, GPTConfig, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import PipelineStage, Schedule, split_layers
 from hpcllm.runtime import agree, node_local, print0, setup_threads, spmd_main
+from hpcllm.stop import StopRequest
 from hpcllm.topology import Grid, describe, resolve_dims
+from hpcllm.watchdog import WATCHDOG
 
 DEFAULT_DATA = "data/stdlib"
 
@@ -133,18 +136,39 @@ def build_stage(cfg: Config, grid: Grid, device) -> GPT:
     return GPT(gpt, layers=layers, first=grid.is_first_stage, last=grid.is_last_stage).to(device)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mpi4py import MPI
+@dataclass
+class Trainer:
+    """Everything one rank trains with, built by `setup` from the config."""
 
-    world = MPI.COMM_WORLD
-    cfg, options = agree(world, lambda: parse_args(sys.argv[1:] if argv is None else argv))
-    if options["dry_run"]:
-        size = options["world_size"] or world.Get_size()
-        dims = agree(world, lambda: resolve_dims(size, dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp))
-        print0(describe(dims))
-        return 0
+    cfg: Config
+    grid: Grid
+    device: torch.device
+    dp_comm: TensorComm
+    pp_comm: TensorComm
+    model: GPT
+    ddp: DataParallel
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    loader: Loader
+    val: list
+    autocast: object
+    reads_data: bool
+    step: int = 0
 
-    # -- the rank grid, threads and device ----------------------------------------
+    def comm_seconds(self) -> float:
+        """Time blocked on MPI so far: gradient all-reduce, pipeline receives, loss reductions."""
+        return self.ddp.wait_seconds + self.pp_comm.wait_seconds + self.dp_comm.wait_seconds
+
+    def save(self) -> Path:
+        # Writes are slow but progress; the other ranks wait for them in a barrier.
+        with WATCHDOG.paused():
+            return checkpoint.save(self.cfg.run.dir, self.step, grid=self.grid, model=self.model,
+                                   optimizer=self.optimizer, keep=self.cfg.checkpoint.keep,
+                                   extra={"loader": self.loader.state_dict(), "config": self.cfg.to_dict()})
+
+
+def setup(cfg: Config, world) -> Trainer:
+    """Build the grid, device, data, model and optimizer; resume from the newest checkpoint."""
     grid = agree(world, lambda: Grid.build(world, dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp))
     cfg.parallel.dp = grid.size("dp")
     local_rank, local_size = node_local(world)
@@ -155,126 +179,195 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device("cpu")
     cuda_aware = cfg.train.device == "cuda" and detect_cuda_aware(cfg.parallel.cuda_aware)
-    dp_comm = TensorComm(grid.comm("dp"), cuda_aware)
-    pp_comm = TensorComm(grid.comm("pp"), cuda_aware)
+    dp_comm = TensorComm(grid.comm("dp"), cuda_aware, name="dp")
+    pp_comm = TensorComm(grid.comm("pp"), cuda_aware, name="pp")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else nullcontext())
 
-    # -- data -------------------------------------------------------------------------
+    # Data. Only the first stage needs inputs and only the last needs targets.
     train_shards, val_shards = resolve_data(cfg, world)
     agree(world, lambda: check_model_fits_data(cfg, train_shards))
     t = cfg.train
     loader = agree(world, lambda: Loader(train_shards, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                                          grad_accum_steps=t.grad_accum_steps, dp_rank=grid.rank("dp"),
                                          dp_size=grid.size("dp"), seed=t.seed))
-    # Only the first stage needs inputs and only the last needs targets; middle stages read nothing.
     reads_data = grid.is_first_stage or grid.is_last_stage
     val = agree(world, lambda: val_batches(val_shards, seq_len=t.seq_len, batch_size=t.micro_batch_size,
                                            num_batches=t.eval_batches, dp_rank=grid.rank("dp"),
                                            dp_size=grid.size("dp")) if reads_data else None)
     val = stage_inputs(val, grid, device) if reads_data else [(None, None)] * t.eval_batches
 
-    # -- model and optimizer ------------------------------------------------------------
+    # Model (this rank's stage of it), gradient averaging, schedule, optimizer.
     torch.manual_seed(t.seed + world.Get_rank())  # dropout differs per rank; weights use init_seed
     model = agree(world, lambda: build_stage(cfg, grid, device))
     ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb)
     stage = PipelineStage(model, pp_comm, stage=grid.rank("pp"), num_stages=grid.size("pp"),
                           act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model), device=device)
-    schedule = Schedule(stage, cfg.parallel.schedule)
-
-    def comm_seconds() -> float:
-        """Time blocked on MPI so far: gradient all-reduce, pipeline receives, loss reductions."""
-        return ddp.wait_seconds + pp_comm.wait_seconds + dp_comm.wait_seconds
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   foreach=device.type == "cuda")
-
-    # -- resume -----------------------------------------------------------------------------
-    run_dir = Path(cfg.run.dir)
-    step = 0
+    trainer = Trainer(cfg=cfg, grid=grid, device=device, dp_comm=dp_comm, pp_comm=pp_comm, model=model, ddp=ddp,
+                      schedule=Schedule(stage, cfg.parallel.schedule), optimizer=optimizer, loader=loader, val=val,
+                      autocast=autocast, reads_data=reads_data)
     if cfg.checkpoint.resume:
-        latest, partial = checkpoint.find_latest(cfg.run.dir)
-        for p in partial:
-            print0(f"warning: ignoring incomplete checkpoint {p} (a save was interrupted)")
-        if latest is not None:
-            meta = agree(world, lambda: checkpoint.read_meta(latest))
-            same_layout = meta["grid"] == grid.dims
-            agree(world, lambda: checkpoint.load(latest, model=model, optimizer=optimizer,
-                                                 world_rank=world.Get_rank(), same_layout=same_layout))
-            loader.load_state_dict(meta["loader"])
-            step = meta["step"]
-            moved = "" if same_layout else f", layout {meta['grid']} -> {grid.dims}"
-            print0(f"resumed from {latest} at step {step} (sample {loader.consumed_samples}{moved})")
+        resume(trainer, world)
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = world.allreduce(sum(p.numel() for p in model.parameters()) if grid.rank("dp") == 0 else 0)
     if world.Get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.dir) / "config.toml").write_text(to_toml(cfg))
         print(f"{describe(grid.dims)}\nconfig:\n{to_toml(cfg)}", flush=True)
     print0(f"model: {n_params / 1e6:.2f}M parameters | {threads} thread(s) per rank | device {device} | "
-           f"global batch {loader.global_batch_size} x {t.seq_len} tokens")
+           f"global batch {loader.global_batch_size} x {t.seq_len} tokens | schedule {cfg.parallel.schedule}")
+    return trainer
+
+
+def resume(trainer: Trainer, world) -> None:
+    """Continue from the newest complete checkpoint in run.dir, if there is one."""
+    cfg = trainer.cfg
+    latest, partial = checkpoint.find_latest(cfg.run.dir)
+    for p in partial:
+        print0(f"warning: ignoring incomplete checkpoint {p} (its save was interrupted); "
+               f"resuming from {latest or 'scratch'}")
+    if latest is None:
+        return
+    meta = agree(world, lambda: checkpoint.read_meta(latest))
+    agree(world, lambda: check_same_model(meta["config"]["model"], cfg, latest))
+    same_layout = meta["grid"] == trainer.grid.dims
+    agree(world, lambda: checkpoint.load(latest, model=trainer.model, optimizer=trainer.optimizer,
+                                         world_rank=world.Get_rank(), same_layout=same_layout))
+    trainer.loader.load_state_dict(meta["loader"])
+    trainer.step = meta["step"]
+    moved = "" if same_layout else f", layout {meta['grid']} -> {trainer.grid.dims}"
+    print0(f"resumed from {latest} at step {trainer.step} (sample {trainer.loader.consumed_samples}{moved})")
+
+
+def check_same_model(saved: dict, cfg: Config, path) -> None:
+    keys = ("n_layer", "n_head", "d_model", "vocab_size", "block_size", "tie_embeddings")
+    diffs = [f"model.{k} = {saved[k]} in the checkpoint, {getattr(cfg.model, k)} now"
+             for k in keys if saved[k] != getattr(cfg.model, k)]
+    if diffs:
+        raise ValueError(f"checkpoint {path} is for a different model: {'; '.join(diffs)}. "
+                         "Use another run.dir, or the checkpoint's model settings")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    cfg, options = agree(world, lambda: parse_args(sys.argv[1:] if argv is None else argv))
+    if options["dry_run"]:
+        size = options["world_size"] or world.Get_size()
+        dims = agree(world, lambda: resolve_dims(size, dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp))
+        print0(describe(dims))
+        return 0
+    stop = StopRequest(cfg.run.time_limit_s)
+    tr = setup(cfg, world)
+    t = cfg.train
+    WATCHDOG.start(cfg.run.watchdog_s, cfg.run.watchdog_first_step_s)
     world.Barrier()
 
-    # -- the loop ---------------------------------------------------------------------------
-    metrics = open(run_dir / "metrics.jsonl", "a") if world.Get_rank() == 0 else None
-    tokens_per_step = loader.global_batch_size * t.seq_len
-    window_steps, window_time, window_wait = 0, 0.0, 0.0
-    first_step = step
-    while step < t.max_steps:
-        step += 1
-        step_start = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
+    metrics = MetricsLog(Path(cfg.run.dir) / "metrics.jsonl") if world.Get_rank() == 0 else None
+    window = StepWindow(tokens_per_step=tr.loader.global_batch_size * t.seq_len)
+    saved_at = tr.step
+    stopped = None
+    while tr.step < t.max_steps:
+        tr.step += 1
+        WATCHDOG.step = tr.step
+        start, comm_before = time.perf_counter(), tr.comm_seconds()
+        lr = lr_at(tr.step, cfg)
+        for group in tr.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = stage_inputs(loader.next_step(read=reads_data), grid, device)
-        _inject_fault(step, world.Get_rank())
-        wait_before = comm_seconds()
-        loss_sum = train_step(schedule, ddp, micro_batches, autocast)
-        grad_norm = clip_grad_norm(model, o.grad_clip, [pp_comm])
-        optimizer.step()
-        # The logged loss is the mean over the whole global batch; every rank learns it,
-        # so the finiteness check below is the same decision everywhere.
-        loss = mean_over_grid(loss_sum, len(micro_batches) if grid.is_last_stage else 0, [pp_comm, dp_comm])
+        with WATCHDOG.watch(f"training step {tr.step}"):
+            micro_batches = stage_inputs(tr.loader.next_step(read=tr.reads_data), tr.grid, tr.device)
+            _inject_fault(tr.step, world.Get_rank())
+            loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
+            grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm])
+            tr.optimizer.step()
+            # The mean loss over the whole global batch, known to every rank, so the
+            # finiteness check is the same decision everywhere.
+            loss = mean_over_grid(loss_sum, len(micro_batches) if tr.grid.is_last_stage else 0,
+                                  [tr.pp_comm, tr.dp_comm])
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}; lower optim.lr or check the data")
-        window_steps += 1
-        window_time += time.perf_counter() - step_start
-        window_wait += comm_seconds() - wait_before
+            raise FloatingPointError(f"loss is {loss} at step {tr.step}; lower optim.lr or check the data")
+        WATCHDOG.step_done(tr.step)
+        window.add(time.perf_counter() - start, tr.comm_seconds() - comm_before)
 
-        last = step == t.max_steps
-        if step % t.log_every == 0 or step == first_step + 1 or last:
-            ms = 1000 * window_time / window_steps
-            record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step * window_steps / window_time,
-                      "ms_per_step": ms, "comm_wait_frac": window_wait / window_time, "grad_norm": grad_norm}
-            print0(f"step {step}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                   f"{record['tokens_per_s']:,.0f} tok/s | {ms:.0f} ms/step | "
-                   f"comm wait {100 * record['comm_wait_frac']:.1f}% | ETA {(t.max_steps - step) * ms / 1000:.0f}s")
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            window_steps, window_time, window_wait = 0, 0.0, 0.0
+        last = tr.step == t.max_steps
+        if tr.step % t.log_every == 0 or window.is_first or last:
+            record = {"step": tr.step, "loss": loss, "lr": lr, **window.flush(), "grad_norm": grad_norm}
+            eta = (t.max_steps - tr.step) * record["ms_per_step"] / 1000
+            print0(f"step {tr.step}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                   f"{record['tokens_per_s']:,.0f} tok/s | {record['ms_per_step']:.0f} ms/step | "
+                   f"comm wait {100 * record['comm_wait_frac']:.1f}% | ETA {eta:.0f}s")
+            metrics and metrics.write(record)
+        if (t.eval_every and tr.step % t.eval_every == 0) or last:
+            with WATCHDOG.watch("validation"):
+                val_loss = evaluate(tr.schedule, tr.val, [tr.pp_comm, tr.dp_comm], tr.autocast)
+            print0(f"step {tr.step} | val loss {val_loss:.4f}")
+            metrics and metrics.write({"step": tr.step, "val_loss": val_loss})
+        stopped = stop.agreed(world)
+        if (cfg.checkpoint.every and tr.step % cfg.checkpoint.every == 0) or last or stopped:
+            print0(f"saved {tr.save()}")
+            saved_at = tr.step
+        if stopped:
+            print0(f"stopping at step {tr.step}: {stopped}; all ranks saved and exit 0. "
+                   "Run the same command again to resume.")
+            break
 
-        if (t.eval_every and step % t.eval_every == 0) or last:
-            val_loss = evaluate(schedule, val, [pp_comm, dp_comm], autocast)
-            print0(f"step {step} | val loss {val_loss:.4f}")
-            if metrics:
-                metrics.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-                metrics.flush()
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-            path = checkpoint.save(cfg.run.dir, step, grid=grid, model=model, optimizer=optimizer,
-                                   keep=cfg.checkpoint.keep,
-                                   extra={"loader": loader.state_dict(), "config": cfg.to_dict()})
-            print0(f"saved {path}")
-
-    if metrics:
-        metrics.close()
-    if world.Get_rank() == 0 and cfg.run.sample_tokens > 0:
-        # The final checkpoint holds every stage, so rank 0 can sample whatever the layout.
-        final, _ = checkpoint.find_latest(cfg.run.dir)
-        full_model, _ = load_model(final, device)
-        text = sample(full_model, load_run_tokenizer(cfg.data.path), cfg.run.prompt, cfg.run.sample_tokens)
-        print(f"sample:\n{text}", flush=True)
+    if tr.step > saved_at:  # e.g. max_steps lowered below a resumed run's progress
+        tr.save()
+    if world.Get_rank() == 0:
+        state = "stopped" if stopped else "complete"
+        write_status(cfg.run.dir, {"state": state, "step": tr.step, "max_steps": t.max_steps, "reason": stopped})
+        if state == "complete" and cfg.run.sample_tokens > 0:
+            # The final checkpoint holds every stage, so rank 0 can sample whatever the layout.
+            final, _ = checkpoint.find_latest(cfg.run.dir)
+            full_model, _ = load_model(final, tr.device)
+            text = sample(full_model, load_run_tokenizer(cfg.data.path), cfg.run.prompt, cfg.run.sample_tokens)
+            print(f"sample:\n{text}", flush=True)
+    world.Barrier()
     return 0
+
+
+class StepWindow:
+    """Step times since the last log line, for tokens/s, ms/step and the communication share."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.is_first = True
+        self.steps, self.seconds, self.comm = 0, 0.0, 0.0
+
+    def add(self, seconds: float, comm_seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.comm += comm_seconds
+
+    def flush(self) -> dict:
+        stats = {"tokens_per_s": self.tokens_per_step * self.steps / self.seconds,
+                 "ms_per_step": 1000 * self.seconds / self.steps, "comm_wait_frac": self.comm / self.seconds}
+        self.is_first = False
+        self.steps, self.seconds, self.comm = 0, 0.0, 0.0
+        return stats
+
+
+class MetricsLog:
+    """metrics.jsonl: appended, one JSON object per line, flushed so a crash loses nothing logged."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def write_status(run_dir: str, status: dict) -> None:
+    """<run.dir>/status.json: whether the run is complete or stopped early (for requeue scripts)."""
+    path = Path(run_dir) / "status.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status) + "\n")
+    os.replace(tmp, path)
 
 
 def stage_inputs(batches, grid: Grid, device) -> list[tuple]:
@@ -284,10 +377,14 @@ def stage_inputs(batches, grid: Grid, device) -> list[tuple]:
 
 
 def _inject_fault(step: int, rank: int) -> None:
-    """Test hook: HPCLLM_FAIL_AT_STEP=s HPCLLM_FAIL_RANK=r makes rank r raise at step s."""
-    at = os.environ.get("HPCLLM_FAIL_AT_STEP")
-    if at and int(at) == step and int(os.environ.get("HPCLLM_FAIL_RANK", "0")) == rank:
+    """Test hooks: HPCLLM_FAIL_AT_STEP=s makes rank HPCLLM_FAIL_RANK (default 0) raise at
+    step s; HPCLLM_HANG_AT_STEP=s makes rank HPCLLM_HANG_RANK block forever there."""
+    env = os.environ
+    if env.get("HPCLLM_FAIL_AT_STEP") == str(step) and env.get("HPCLLM_FAIL_RANK", "0") == str(rank):
         raise RuntimeError(f"injected failure at step {step} (HPCLLM_FAIL_AT_STEP)")
+    if env.get("HPCLLM_HANG_AT_STEP") == str(step) and env.get("HPCLLM_HANG_RANK", "0") == str(rank):
+        while True:
+            time.sleep(3600)
 
 
 if __name__ == "__main__":
