@@ -1,0 +1,138 @@
+"""Shared test helpers: a tiny corpus, prepared shards, and `python -m hpcllm.train` runs.
+
+Runs go through subprocesses with a timeout and their own process group, so a hung
+job is killed whole (mpirun and every rank) and the test fails instead of hanging.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The smallest model and batch that still exercise every code path; seconds per run.
+TINY = {
+    "model.n_layer": 2,
+    "model.n_head": 2,
+    "model.d_model": 32,
+    "train.seq_len": 32,
+    "train.micro_batch_size": 2,
+    "train.log_every": 1,
+    "train.eval_every": 0,  # validation still runs once, at the end
+    "train.eval_batches": 2,
+    "optim.warmup_steps": 5,
+    "run.sample_tokens": 0,
+    "checkpoint.every": 0,  # a checkpoint is still saved at the end
+}
+
+
+def write_corpus(root: Path, num_docs: int = 4, words_per_doc: int = 3000) -> Path:
+    """A few deterministic text files of pseudo-English; returns the folder."""
+    import random
+
+    rng = random.Random(0)
+    vocab = ("the quick brown fox jumps over a lazy dog def return class import self value "
+             "data model train loss step rank grid shard token").split()
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(num_docs):
+        words = " ".join(rng.choice(vocab) for _ in range(words_per_doc))
+        (root / f"doc{i}.txt").write_text(f"# document {i}\n{words}\n", encoding="utf-8")
+    return root
+
+
+def prepare_data(out: Path, corpus: Path | None = None) -> Path:
+    """Byte-tokenized shards (vocab 257) of the tiny corpus in `out`; returns `out`."""
+    from hpcllm.data.prepare import prepare
+
+    corpus = corpus or write_corpus(out.parent / (out.name + "-corpus"))
+    prepare([str(corpus)], str(out), tokenizer="byte", val_fraction=0.1)
+    return out
+
+
+def subprocess_env(extra: dict | None = None) -> dict:
+    """os.environ (conftest set the MPI-as-root variables) with the repo importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # Ranks idle in collectives yield the core: tests run more ranks than the machine has cores.
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    for key in ("HPCLLM_FAIL_AT_STEP", "HPCLLM_FAIL_RANK", "HPCLLM_CUDA_AWARE"):
+        env.pop(key, None)
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall: float  # seconds from launch to exit
+
+    def __str__(self) -> str:
+        return (f"exit {self.returncode} after {self.wall:.1f}s\n--- stdout (tail) ---\n{self.stdout[-3000:]}"
+                f"\n--- stderr (tail) ---\n{self.stderr[-3000:]}")
+
+
+def run(cmd: list[str], *, timeout: float, env: dict | None = None) -> Result:
+    """Run `cmd` in its own process group; on timeout kill the whole group and fail the test."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)}\ndid not finish within {timeout}s (hung?); killed.\n"
+                    f"--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-3000:]}")
+    return Result(proc.returncode, stdout, stderr, time.perf_counter() - start)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def overrides(settings: dict) -> list[str]:
+    """{'train.max_steps': 5} -> ['--train.max_steps', '5']."""
+    args = []
+    for key, value in settings.items():
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def train(np: int | None, settings: dict, *, timeout: float = 120, env: dict | None = None,
+          extra_args: list[str] = ()) -> Result:
+    """`mpirun -np N python -m hpcllm.train` (or plain `python -m hpcllm.train` for np=None)
+    with TINY overridden by `settings`."""
+    launcher = [] if np is None else ["mpirun", "-np", str(np)]
+    cmd = launcher + [sys.executable, "-m", "hpcllm.train", *overrides({**TINY, **settings}), *extra_args]
+    return run(cmd, timeout=timeout, env=env)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, validation records) of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)[0]}

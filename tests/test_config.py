@@ -1,0 +1,154 @@
+"""Configuration: defaults < TOML file < command line, and errors that name the key."""
+import pytest
+
+from hpcllm.config import Config, ConfigError, from_dict, load_toml, parse_args, to_toml
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_defaults_then_toml_then_overrides(tmp_path):
+    toml = write(tmp_path / "run.toml", """
+[train]
+max_steps = 50
+seq_len = 64
+[model]
+d_model = 64
+n_head = 8
+""")
+    cfg, options = parse_args(["--config", toml, "--train.max_steps", "7", "--model.n_head=2"])
+    assert cfg.train.max_steps == 7  # command line beats the file
+    assert cfg.train.seq_len == 64  # file beats the default
+    assert cfg.model.d_model == 64
+    assert cfg.model.n_head == 2  # --key=value form
+    assert cfg.model.n_layer == Config().model.n_layer == 4  # untouched default
+    assert options == {"dry_run": False, "world_size": None}
+
+    # The file is applied before the overrides whatever the argument order.
+    cfg, _ = parse_args(["--train.max_steps", "9", "--config", toml])
+    assert cfg.train.max_steps == 9 and cfg.train.seq_len == 64
+
+
+def test_non_config_options():
+    cfg, options = parse_args(["--dry-run", "--world-size", "1024", "--parallel.pp", "4"])
+    assert options == {"dry_run": True, "world_size": 1024}
+    assert cfg.parallel.pp == 4
+    with pytest.raises(ConfigError, match="world-size: expected int, got 'many'"):
+        parse_args(["--world-size", "many"])
+    with pytest.raises(ConfigError, match="option --train.seed needs a value"):
+        parse_args(["--train.seed"])
+    with pytest.raises(ConfigError, match="unexpected argument 'train.seed'"):
+        parse_args(["train.seed", "1"])
+    with pytest.raises(ConfigError, match="unknown option --epochs"):
+        parse_args(["--epochs", "3"])
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--train.max_step", "5"])
+    assert "'train.max_step'" in str(e.value) and "did you mean 'max_steps'" in str(e.value)
+
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--trian.seed", "1"])
+    assert "'trian'" in str(e.value) and "did you mean 'train'" in str(e.value)
+
+    toml = write(tmp_path / "typo.toml", "[optim]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", toml])
+    # Errors from a file name the file and the key.
+    assert toml in str(e.value) and "'optim.learning_rate'" in str(e.value)
+
+
+def test_wrong_types_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.max_steps: expected int, got 'ten'"):
+        parse_args(["--train.max_steps", "ten"])
+    with pytest.raises(ConfigError, match=r"model.n_layer: expected int, got '2.5'"):
+        parse_args(["--model.n_layer", "2.5"])
+    with pytest.raises(ConfigError, match=r"optim.lr: expected float, got 'fast'"):
+        parse_args(["--optim.lr", "fast"])
+
+    cases = {"[model]\nn_layer = 2.5\n": "model.n_layer: expected int, got float 2.5",
+             "[optim]\nlr = true\n": "optim.lr: expected float, got bool True",
+             "[model]\ntie_embeddings = 1\n": "model.tie_embeddings: expected bool, got int 1",
+             "[run]\ndir = 3\n": "run.dir: expected str, got int 3",
+             "[train]\nmax_steps = true\n": "train.max_steps: expected int, got bool True"}
+    for i, (text, message) in enumerate(cases.items()):
+        toml = write(tmp_path / f"bad{i}.toml", text)
+        with pytest.raises(ConfigError) as e:
+            parse_args(["--config", toml])
+        assert message in str(e.value) and toml in str(e.value), (text, str(e.value))
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("True", True), ("yes", True), ("1", True),
+                                        ("false", False), ("no", False), ("0", False), (" FALSE ", False)])
+def test_bool_coercion(text, value):
+    cfg, _ = parse_args(["--checkpoint.resume", text])
+    assert cfg.checkpoint.resume is value
+
+
+def test_bool_rejects_other_words():
+    with pytest.raises(ConfigError, match="checkpoint.resume: expected bool, got 'maybe'"):
+        parse_args(["--checkpoint.resume", "maybe"])
+
+
+def test_float_coercion(tmp_path):
+    cfg, _ = parse_args(["--optim.lr", "3e-4", "--parallel.bucket_mb", "1"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and type(cfg.optim.lr) is float
+    assert cfg.parallel.bucket_mb == 1.0 and type(cfg.parallel.bucket_mb) is float
+    # A TOML integer is accepted where a float is expected, and becomes a float.
+    cfg, _ = parse_args(["--config", write(tmp_path / "f.toml", "[optim]\nlr = 1\ngrad_clip = 0\n")])
+    assert cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float
+    assert cfg.optim.grad_clip == 0.0 and type(cfg.optim.grad_clip) is float
+
+
+def test_to_toml_round_trips_through_load_toml(tmp_path):
+    cfg = Config()
+    cfg.model.n_layer, cfg.model.tie_embeddings, cfg.model.dropout = 6, True, 0.1
+    cfg.optim.lr, cfg.optim.min_lr = 3e-05, 1e-16
+    cfg.parallel.bucket_mb, cfg.parallel.cuda_aware = 0.5, "no"
+    cfg.checkpoint.resume = False
+    cfg.run.dir = "runs/with space/and\\backslash"
+    cfg.run.prompt = 'def "quoted"(x):\n\tretürn ✓ \u0001'
+    path = write(tmp_path / "resolved.toml", to_toml(cfg))
+
+    loaded = Config()
+    load_toml(loaded, path)
+    assert loaded.to_dict() == cfg.to_dict()
+    assert loaded.to_dict() != Config().to_dict()
+    assert from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_unreadable_config_files(tmp_path):
+    missing = str(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="config file .*nope.toml does not exist"):
+        parse_args(["--config", missing])
+
+    broken = write(tmp_path / "broken.toml", "[train\nmax_steps = 5\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", broken])
+    assert broken in str(e.value) and "is not readable TOML" in str(e.value)
+
+    with pytest.raises(ConfigError, match="is not readable TOML"):
+        parse_args(["--config", str(tmp_path)])  # a folder
+
+    flat = write(tmp_path / "flat.toml", "max_steps = 5\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", flat])
+    assert flat in str(e.value) and "'max_steps' must be a [section] table" in str(e.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model.d_model", "30", "--model.n_head", "4"], "model.d_model (30) must be divisible by model.n_head (4)"),
+    (["--model.block_size", "16", "--train.seq_len", "32"],
+     "train.seq_len (32) is longer than the model's context model.block_size (16)"),
+    (["--train.micro_batch_size", "0"], "train.micro_batch_size must be positive, got 0"),
+    (["--parallel.tp", "2"], "parallel.tp = 2"),
+    (["--train.dtype", "fp8"], "train.dtype must be float32 or bfloat16"),
+    (["--parallel.cuda_aware", "maybe"], "parallel.cuda_aware must be auto, yes or no"),
+])
+def test_validate_names_the_key(args, message):
+    with pytest.raises(ConfigError) as e:
+        parse_args(args)
+    assert message in str(e.value)
