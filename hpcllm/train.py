@@ -388,5 +388,4 @@ def _inject_fault(step: int, rank: int) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
     spmd_main(main)

@@ -78,8 +78,10 @@ class _Saved:
 
     def __init__(self, meter: ActivationMeter, tensor: torch.Tensor):
         self.meter, self.tensor = meter, tensor
-        # Parameters are saved too (e.g. by linear layers) but are not activations.
-        self.nbytes = 0 if isinstance(tensor, nn.Parameter) else tensor.numel() * tensor.element_size()
+        # Parameters are saved too but are not activations; linear layers save a view
+        # of theirs (weight.t()), which is a plain tensor whose base is the parameter.
+        is_param = isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)
+        self.nbytes = 0 if is_param else tensor.numel() * tensor.element_size()
         meter.current += self.nbytes
         meter.peak = max(meter.peak, meter.current)
 

@@ -1,0 +1,416 @@
+"""Tests of pipeline parallelism: every layout and schedule against the single-rank result.
+
+In-process tests build the grid, stages, schedules and data parallelism directly on the
+test's communicator with a tiny GPT and random tokens drawn identically on every rank;
+one 4-rank test runs many layouts so that mpirun starts once. End-to-end tests run
+`mpirun -np N python -m hpcllm.train` on a few kilobytes of byte-tokenized text:
+checkpoints moving between pipeline layouts, validation, sampling, a rank dying
+mid-schedule, and layouts refused before training.
+"""
+from __future__ import annotations
+
+import shutil
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn as nn
+from mpi4py import MPI
+
+from hpcllm.comm import TensorComm
+from hpcllm.data.loader import step_positions
+from hpcllm.model import GPT, GPTConfig, param_groups
+from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.pipeline import ActivationMeter, PipelineStage, Schedule, split_layers
+from hpcllm.topology import Grid
+from hpcllm.train import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
+
+from helpers import read_metrics, train as launch_train, write_corpus, prepare_data
+
+VOCAB, SEQ_LEN, D_MODEL, N_LAYER, N_HEAD = 64, 16, 32, 4, 2
+GPT_CFG = GPTConfig(vocab_size=VOCAB, block_size=SEQ_LEN, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL,
+                    init_seed=7)
+STEPS, VAL_BATCHES, VAL_SEED = 10, 3, 10_000
+LR, GRAD_CLIP = 3e-3, 0.5
+CPU = torch.device("cpu")
+# fp32 throughout: a correct pipeline changes only the order of a few sums (the gradient
+# norm is summed per stage), data parallelism also the sums over samples, so results
+# differ from the single rank's by rounding only.
+TOL = dict(atol=1e-6, rtol=1e-5)
+# AdamW's default eps (1e-8, as hpcllm.train uses) turns a gradient that is zero in exact
+# arithmetic but ~1e-11 of rounding noise in practice (the attention key bias: softmax
+# ignores a shift common to all keys) into steps of ~lr/1000 in the noise's direction,
+# which another summation order (a norm summed per stage, a batch split over dp) reverses.
+# eps 1e-6 keeps such steps below the tolerance and is still far below real gradients (~1e-3).
+ADAM_EPS = 1e-6
+
+
+# ---------------------------------------------------------------- split_layers
+
+def test_split_layers_balanced():
+    assert split_layers(4, 1) == [range(0, 4)]
+    assert split_layers(4, 2) == [range(0, 2), range(2, 4)]
+    assert split_layers(4, 4) == [range(i, i + 1) for i in range(4)]
+    # The remainder goes to the earlier stages; every block is on exactly one stage, in order.
+    assert [len(r) for r in split_layers(10, 4)] == [3, 3, 2, 2]
+    for n_layer, pp in [(7, 3), (12, 5), (5, 5), (1, 1)]:
+        ranges = split_layers(n_layer, pp)
+        assert len(ranges) == pp and [i for r in ranges for i in r] == list(range(n_layer))
+        assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_split_layers_explicit():
+    assert split_layers(8, 4, "3,2,2,1") == [range(0, 3), range(3, 5), range(5, 7), range(7, 8)]
+    assert split_layers(4, 2, "3,1") == [range(0, 3), range(3, 4)]
+    assert split_layers(4, 1, "4") == [range(0, 4)]
+
+
+@pytest.mark.parametrize("n_layer, pp, explicit, message", [
+    (2, 4, "", r"parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks"),
+    (4, 2, "1,1", r"must give 2 positive block counts .* adding up to model.n_layer = 4"),
+    (4, 2, "2,2,0", r"must give 2 positive block counts"),
+    (4, 3, "4,0,0", r"must give 3 positive block counts"),
+    (4, 2, "5,-1", r"must give 2 positive block counts"),
+    (4, 2, "2;2", r"must be comma-separated block counts"),
+    (4, 2, "two,two", r"must be comma-separated block counts"),
+])
+def test_split_layers_errors(n_layer, pp, explicit, message):
+    with pytest.raises(ValueError, match=message):
+        split_layers(n_layer, pp, explicit)
+
+
+def test_unknown_schedule_is_refused():
+    stage = PipelineStage(nn.Linear(2, 2), TensorComm(MPI.COMM_SELF), stage=0, num_stages=1,
+                          act_shape=(1, 2), device=CPU)
+    with pytest.raises(ValueError, match="parallel.schedule must be one of 1f1b, gpipe, got 'zigzag'"):
+        Schedule(stage, "zigzag")
+
+
+# ---------------------------------------------------------------- ActivationMeter
+
+def test_activation_meter_counts_activations_not_parameters():
+    meter = ActivationMeter()
+    linear = nn.Linear(D_MODEL, 4 * D_MODEL)
+    x = torch.randn(2, SEQ_LEN, D_MODEL, requires_grad=True)
+    with meter.hooks():
+        y = linear(x)  # saves its input and its weight (as the view weight.t())
+        z = torch.tanh(y)  # saves its output
+    # The input and tanh's output are activations; the weight is not, however it is saved.
+    assert meter.current == meter.peak == (x.numel() + z.numel()) * 4
+    peak = meter.peak
+    z.sum().backward()  # frees what was saved
+    assert meter.current == 0 and meter.peak == peak
+
+
+# ---------------------------------------------------------------- in-process layouts
+
+def step_batches(seed: int, *, num_micro: int, micro_batch: int, dp_rank: int, dp_size: int) -> list[tuple]:
+    """This dp rank's micro-batches (x, y) of one step of random tokens.
+
+    The tokens depend only on the seed and the global batch (num_micro * micro_batch *
+    dp_size), and are cut as hpcllm.data.loader cuts them, so every layout with the same
+    global batch trains on the same samples in the same micro-steps.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(VOCAB, (num_micro * micro_batch * dp_size, SEQ_LEN + 1), generator=generator)
+    picks = step_positions(0, micro_batch_size=micro_batch, grad_accum_steps=num_micro,
+                           dp_rank=dp_rank, dp_size=dp_size)
+    return [(tokens[torch.from_numpy(p), :-1], tokens[torch.from_numpy(p), 1:]) for p in picks]
+
+
+def run_layout(comm, *, pp: int, dp: int, schedule: str, num_micro: int, micro_batch: int,
+               steps: int = STEPS, stage_layers: str = "", meter: ActivationMeter | None = None) -> dict | None:
+    """Train the tiny GPT for `steps` steps on `comm` laid out as pp x dp, as hpcllm.train does.
+
+    Returns, on rank 0 of `comm` only, the losses, gradient norms and final validation
+    loss, the parameters of every stage under their global names, and the activation
+    meter's peak of every rank; None on the other ranks.
+    """
+    grid = Grid.build(comm, dp=dp, pp=pp)
+    pp_comm, dp_comm = TensorComm(grid.comm("pp")), TensorComm(grid.comm("dp"))
+    layers = split_layers(N_LAYER, pp, stage_layers)[grid.rank("pp")]
+    model = GPT(GPT_CFG, layers=layers, first=grid.is_first_stage, last=grid.is_last_stage)
+    ddp = DataParallel(model, dp_comm)
+    stage = PipelineStage(model, pp_comm, stage=grid.rank("pp"), num_stages=pp,
+                          act_shape=(micro_batch, SEQ_LEN, D_MODEL), device=CPU)
+    sched = Schedule(stage, schedule, meter)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS,
+                                  foreach=False)
+    reads_data = grid.is_first_stage or grid.is_last_stage
+
+    def inputs(seed: int, count: int) -> list[tuple]:
+        # Middle stages get (None, None), as the loader gives them.
+        batches = (step_batches(seed, num_micro=count, micro_batch=micro_batch, dp_rank=grid.rank("dp"),
+                                dp_size=dp) if reads_data else [(None, None)] * count)
+        return stage_inputs(batches, grid, CPU)
+
+    losses, grad_norms = [], []
+    for step in range(steps):
+        loss_sum = train_step(sched, ddp, inputs(step, num_micro), nullcontext())
+        grad_norms.append(clip_grad_norm(model, GRAD_CLIP, [pp_comm]))
+        optimizer.step()
+        losses.append(mean_over_grid(loss_sum, num_micro if grid.is_last_stage else 0, [pp_comm, dp_comm]))
+    val_loss = evaluate(sched, inputs(VAL_SEED, VAL_BATCHES), [pp_comm, dp_comm], nullcontext())
+
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    pieces = comm.gather((grid.rank("pp"), grid.rank("dp"), state, sched.meter.peak, sched.meter.current), root=0)
+    grid.free()
+    if comm.rank != 0:
+        return None
+    params, replicas_differ = {}, []
+    for _, dp_rank, piece, _, _ in pieces:
+        for name, tensor in piece.items():
+            if name not in params:
+                params[name] = tensor
+            elif not torch.equal(params[name], tensor):  # dp replicas must stay bitwise identical
+                replicas_differ.append(f"{name} (dp rank {dp_rank})")
+    return {"losses": losses, "grad_norms": grad_norms, "val_loss": val_loss, "params": params,
+            "replicas_differ": replicas_differ,
+            "peaks": {(s, d): peak for s, d, _, peak, _ in pieces},
+            "still_saved": {(s, d): cur for s, d, _, _, cur in pieces}}
+
+
+def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STEPS) -> dict:
+    """The same training in plain PyTorch: the whole GPT, no MPI and nothing of hpcllm.parallel."""
+    model = GPT(GPT_CFG)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS,
+                                  foreach=False)
+    losses, grad_norms = [], []
+    for step in range(steps):
+        optimizer.zero_grad()
+        total = 0.0
+        for x, y in step_batches(step, num_micro=num_micro, micro_batch=micro_batch, dp_rank=0, dp_size=1):
+            loss = model(x, y)
+            (loss / num_micro).backward()  # the step's gradient is the mean over micro-batches
+            total += loss.item()
+        grad_norms.append(nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP).item())
+        optimizer.step()
+        losses.append(total / num_micro)
+    model.eval()
+    with torch.no_grad():
+        val = [model(x, y).item() for x, y in step_batches(VAL_SEED, num_micro=VAL_BATCHES,
+                                                             micro_batch=micro_batch, dp_rank=0, dp_size=1)]
+    return {"losses": losses, "grad_norms": grad_norms, "val_loss": sum(val) / len(val),
+            "params": {name: t.detach().clone() for name, t in model.state_dict().items()}}
+
+
+def differences(label: str, got: dict, ref: dict) -> list[str]:
+    """What differs between a layout's run and the single-rank reference, as readable lines."""
+    problems = [f"{label}: dp replicas differ in {', '.join(got['replicas_differ'][:3])}"] \
+        if got["replicas_differ"] else []
+    if set(got["params"]) != set(ref["params"]):
+        missing, extra = set(ref["params"]) - set(got["params"]), set(got["params"]) - set(ref["params"])
+        return problems + [f"{label}: parameter names differ: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"]
+    pairs = [(key, torch.tensor(got[key], dtype=torch.float64), torch.tensor(ref[key], dtype=torch.float64))
+             for key in ("losses", "grad_norms", "val_loss")]
+    pairs += [(name, got["params"][name], ref["params"][name]) for name in sorted(ref["params"])]
+    for name, a, b in pairs:
+        try:
+            torch.testing.assert_close(a, b, **TOL)
+        except AssertionError as e:
+            problems.append(f"{label}: {name}: {str(e).splitlines()[-2:]}")
+    return problems
+
+
+@pytest.mark.mpi(ranks=4, timeout=120)
+def test_pipeline_layouts_match_single_rank(comm):
+    """pp=1, pp=2, pp=4 and dp=2 x pp=2, both schedules, m below, equal to and above pp
+    micro-batches: the same losses, gradient norms, validation loss and updated parameters
+    as plain PyTorch on one rank."""
+    rank, size = comm.rank, comm.size
+    assert size == 4
+
+    # References in plain PyTorch with micro-batches of 2; each rank computes some of them.
+    mine = {m: single_rank_reference(m) for m in [16, 8, 4, 2, 1][rank::size]}
+    reference = {m: r for part in comm.allgather(mine) for m, r in part.items()}
+
+    runs = []  # (label, num_micro, result on rank 0 of the layout's communicator)
+    # pp=1 through hpcllm's schedules and data parallelism (of one rank): ranks 0 and 1.
+    if rank < 2:
+        kind = ("1f1b", "gpipe")[rank]
+        runs.append((f"pp=1 {kind} m=4", 4,
+                     run_layout(MPI.COMM_SELF, pp=1, dp=1, schedule=kind, num_micro=4, micro_batch=2)))
+    # pp=2: the two halves of the world run one schedule each, at the same time.
+    half = comm.Split(color=rank // 2, key=rank)
+    kind = ("1f1b", "gpipe")[rank // 2]
+    for m, stage_layers in [(1, ""), (2, ""), (8, ""), (4, "3,1")]:
+        result = run_layout(half, pp=2, dp=1, schedule=kind, num_micro=m, micro_batch=2, stage_layers=stage_layers)
+        runs.append((f"pp=2 {kind} m={m} stage_layers='{stage_layers}'", m, result))
+    half.Free()
+    for kind in ("1f1b", "gpipe"):
+        for m in (1, 4, 16):
+            runs.append((f"pp=4 {kind} m={m}", m,
+                         run_layout(comm, pp=4, dp=1, schedule=kind, num_micro=m, micro_batch=2)))
+        # dp=2 x pp=2: each dp rank takes one of the 2 samples of the reference's micro-batch.
+        for m in (1, 2, 8):
+            runs.append((f"dp=2 x pp=2 {kind} m={m}", m,
+                         run_layout(comm, pp=2, dp=2, schedule=kind, num_micro=m, micro_batch=1)))
+
+    gathered = comm.gather([run for run in runs if run[2] is not None], root=0)
+    if rank != 0:
+        return
+    results = [run for part in gathered for run in part]
+    assert len(results) == 2 + 2 * 4 + 2 * (3 + 3)
+    problems = []
+    for label, m, result in results:
+        problems += differences(label, result, reference[m])
+    assert not problems, "\n".join(problems)
+    # The comparisons mean something: training moved the weights well beyond the tolerance,
+    # and gradient clipping, whose norm spans every stage, was active.
+    ref = reference[8]
+    assert max(ref["losses"]) - min(ref["losses"]) > 1e-3
+    assert max(ref["grad_norms"]) > GRAD_CLIP
+    start = GPT(GPT_CFG).state_dict()
+    assert min((ref["params"][n] - start[n]).abs().max().item() for n in start) > 1e-3
+
+
+@pytest.mark.mpi(ranks=4, timeout=90)
+def test_1f1b_bounds_activations_gpipe_holds_all(comm):
+    """With pp=4 and m=8, stage s keeps at most pp - s micro-batches of activations under 1F1B
+    and all m under GPipe; the footprint of one micro-batch comes from a 1-micro-batch run."""
+    pp, m = comm.size, 8
+    peaks = {}
+    for kind in ("1f1b", "gpipe"):
+        for num_micro in (1, m):
+            result = run_layout(comm, pp=pp, dp=1, schedule=kind, num_micro=num_micro, micro_batch=2,
+                                steps=1, meter=ActivationMeter())
+            if result is not None:
+                assert all(v == 0 for v in result["still_saved"].values()), result["still_saved"]
+                peaks[kind, num_micro] = {s: peak for (s, _), peak in result["peaks"].items()}
+    if comm.rank != 0:
+        return
+    for s in range(pp):
+        one = peaks["1f1b", 1][s]
+        assert one > 0 and peaks["gpipe", 1][s] == one, (s, peaks)
+        gpipe, one_f_one_b = peaks["gpipe", m][s] / one, peaks["1f1b", m][s] / one
+        assert gpipe == pytest.approx(m, abs=0.01), f"stage {s}: GPipe held {gpipe} micro-batches"
+        assert one_f_one_b <= pp - s + 0.01, f"stage {s}: 1F1B held {one_f_one_b} micro-batches"
+        assert one_f_one_b == pytest.approx(pp - s, abs=0.01), f"stage {s}: 1F1B held {one_f_one_b}"
+    assert peaks["1f1b", m][0] / peaks["1f1b", 1][0] == pytest.approx(pp, abs=0.01)
+
+
+# ---------------------------------------------------------------- end to end: python -m hpcllm.train
+
+SETTINGS = {
+    "model.n_layer": N_LAYER, "model.n_head": N_HEAD, "model.d_model": D_MODEL,
+    "train.seq_len": SEQ_LEN, "train.micro_batch_size": 4, "train.grad_accum_steps": 2,
+    "train.max_steps": 6, "train.log_every": 1, "train.eval_every": 3, "train.eval_batches": 2,
+    "train.threads": 1, "optim.lr": LR, "optim.warmup_steps": 2, "optim.grad_clip": GRAD_CLIP,
+    "checkpoint.every": 3, "checkpoint.keep": 2, "run.sample_tokens": 0,
+}
+
+
+# hpcllm.train's AdamW has eps 1e-8 (see ADAM_EPS): over 6 steps, weights whose exact gradient
+# is zero may drift apart by a few lr/1000 between layouts; a real fault moves them by ~lr.
+E2E_PARAM_TOL = dict(atol=2e-5, rtol=1e-5)
+
+
+def check_ok(result) -> None:
+    assert result.returncode == 0, str(result)
+
+
+def loss_by_step(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)[0]}
+
+
+def merged_params(checkpoint_dir) -> dict[str, torch.Tensor]:
+    params = {}
+    for f in sorted(checkpoint_dir.glob("model-pp*.pt")):
+        params.update(torch.load(f, weights_only=True))
+    return params
+
+
+def assert_close_dicts(got: dict, ref: dict, **tol) -> None:
+    assert set(got) == set(ref)
+    for key in sorted(ref):
+        torch.testing.assert_close(torch.as_tensor(got[key]), torch.as_tensor(ref[key]), **tol,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline-data")
+    return prepare_data(root / "shards", write_corpus(root / "corpus", num_docs=3, words_per_doc=600))
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """Two uninterrupted 6-step runs, checkpointing every 3 steps: pp=2 on 2 ranks
+    (with an end-of-run sample) and pp=1 on 1 rank, same global batch."""
+    root = tmp_path_factory.mktemp("pipeline-runs")
+    pp2 = launch_train(2, {**SETTINGS, "data.path": data_dir, "run.dir": root / "pp2", "parallel.pp": 2,
+                           "run.sample_tokens": 12}, timeout=180)
+    pp1 = launch_train(1, {**SETTINGS, "data.path": data_dir, "run.dir": root / "pp1", "parallel.pp": 1},
+                       timeout=180)
+    check_ok(pp2)
+    check_ok(pp1)
+    return {"root": root, "pp2": pp2, "pp1": pp1}
+
+
+def test_train_pp2_matches_pp1_losses_validation_and_sample(runs):
+    root = runs["root"]
+    train2, val2 = read_metrics(root / "pp2")
+    train1, val1 = read_metrics(root / "pp1")
+    assert [r["step"] for r in train2] == [r["step"] for r in train1] == list(range(1, 7))
+    assert_close_dicts(loss_by_step(root / "pp2"), loss_by_step(root / "pp1"), **TOL)
+    # Validation runs forward-only through the pipeline; the loss is the single rank's.
+    assert [r["step"] for r in val2] == [r["step"] for r in val1] == [3, 6]
+    assert_close_dicts({r["step"]: r["val_loss"] for r in val2}, {r["step"]: r["val_loss"] for r in val1}, **TOL)
+    assert_close_dicts(merged_params(root / "pp2/checkpoints/step_000006"),
+                       merged_params(root / "pp1/checkpoints/step_000006"), **E2E_PARAM_TOL)
+    # The end-of-run sample loads every stage's file of the final checkpoint on rank 0.
+    assert sorted(p.name for p in (root / "pp2/checkpoints/step_000006").glob("model-pp*.pt")) == \
+        ["model-pp0.pt", "model-pp1.pt"]
+    out = runs["pp2"].stdout
+    assert out.count("sample:\n") == 1, out[-2000:]
+    assert len(out.split("sample:\n", 1)[1].strip()) > 0
+
+
+@pytest.mark.parametrize("written, resumed", [("pp2", 1), ("pp1", 2)], ids=["pp2-to-pp1", "pp1-to-pp2"])
+def test_checkpoint_resumes_under_another_pp(runs, data_dir, written, resumed):
+    """The step-3 checkpoint of one layout, alone in a fresh run folder, resumed under the
+    other: steps 4-6 repeat the uninterrupted run's losses (step 5 on depends on the
+    restored AdamW state), and the final weights match."""
+    root = runs["root"]
+    source, target = root / written, root / f"{written}-resumed-pp{resumed}"
+    shutil.copytree(source / "checkpoints/step_000003", target / "checkpoints/step_000003")
+    result = launch_train(resumed, {**SETTINGS, "data.path": data_dir, "run.dir": target,
+                                    "parallel.pp": resumed}, timeout=180)
+    check_ok(result)
+    assert "resumed from" in result.stdout and "at step 3" in result.stdout, result.stdout[-2000:]
+    old = 3 - resumed
+    assert f"layout {{'pp': {old}, 'dp': 1, 'tp': 1}} -> {{'pp': {resumed}, 'dp': 1, 'tp': 1}}" in result.stdout
+    got, uninterrupted = loss_by_step(target), loss_by_step(source)
+    assert sorted(got) == [4, 5, 6]
+    assert_close_dicts(got, {s: uninterrupted[s] for s in got}, atol=1e-5, rtol=1e-5)
+    assert_close_dicts(merged_params(target / "checkpoints/step_000006"),
+                       merged_params(source / "checkpoints/step_000006"), **E2E_PARAM_TOL)
+
+
+def test_rank_dying_mid_schedule_ends_the_job(data_dir, tmp_path):
+    """Rank 1 (the last stage) raises at step 2 while rank 0 waits for its gradients:
+    MPI_Abort ends the job with an error naming rank 1 instead of leaving rank 0 hanging."""
+    result = launch_train(2, {**SETTINGS, "data.path": data_dir, "run.dir": tmp_path / "run", "parallel.pp": 2,
+                              "train.max_steps": 1000, "checkpoint.every": 0, "train.eval_every": 0},
+                          timeout=90, env={"HPCLLM_FAIL_AT_STEP": "2", "HPCLLM_FAIL_RANK": "1"})
+    assert result.returncode != 0, str(result)
+    assert "rank 1/2" in result.stderr and "injected failure at step 2" in result.stderr, str(result)
+    assert result.wall < 45, f"the job took {result.wall:.0f}s to end after a rank died\n{result}"
+
+
+@pytest.mark.parametrize("np, settings, message", [
+    (4, {"model.n_layer": 2, "parallel.pp": 4},
+     "parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks"),
+    (2, {"parallel.pp": 2, "parallel.stage_layers": "1,1"},
+     "parallel.stage_layers '1,1' must give 2 positive block counts"),
+    (2, {"parallel.pp": 2, "model.tie_embeddings": True},
+     "model.tie_embeddings needs the embeddings and the LM head on one stage"),
+    (2, {"parallel.pp": 2, "parallel.schedule": "zigzag"}, "parallel.schedule must be 1f1b or gpipe, got 'zigzag'"),
+], ids=["more-stages-than-blocks", "split-misses-blocks", "tied-embeddings", "unknown-schedule"])
+def test_bad_layout_refused_before_training(data_dir, tmp_path, np, settings, message):
+    run_dir = tmp_path / "run"
+    result = launch_train(np, {**SETTINGS, "data.path": data_dir, "run.dir": run_dir, **settings}, timeout=90)
+    assert result.returncode == 2, str(result)
+    assert f"error: {message}" in result.stderr and result.stderr.count("error:") == 1, str(result)
+    assert "Traceback" not in result.stderr, str(result)
+    assert not run_dir.exists() and "step 1" not in result.stdout  # nothing trained, nothing written
