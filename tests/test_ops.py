@@ -1,0 +1,319 @@
+"""Operations under plain mpirun: signals, time budget, dead and hung ranks, interrupted saves,
+resuming on another number of ranks, and resuming with the wrong model.
+
+Each test starts `mpirun -np N python -m hpcllm.train` as a subprocess in its own process group
+(killed whole on timeout), acts on it from outside while it runs (a signal to one rank, kill -9,
+a half-written checkpoint folder) and then checks what a user would: the exit code, the time to
+exit, status.json, the checkpoints, and that the rerun's losses equal an uninterrupted run's.
+
+Interrupted runs train with a constant learning rate (no warmup, min_lr = lr), so a run's
+losses do not depend on train.max_steps: a run can be stopped at whatever step the signal
+lands and then finished with a smaller max_steps, and still be compared step by step with one
+uninterrupted reference run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, losses, overrides, prepare_data, subprocess_env, train
+
+REF_STEPS = 40  # the uninterrupted reference run; interrupted runs are finished up to here
+CONSTANT_LR = {"optim.warmup_steps": 0, "optim.lr": 1e-3, "optim.min_lr": 1e-3}
+ENDLESS = 100_000  # max_steps of a run that is stopped from outside
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("ops-data") / "shards")
+
+
+def ops_settings(data_dir, run_dir, **more) -> dict:
+    return {"data.path": data_dir, "run.dir": run_dir, **CONSTANT_LR, **more}
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """Uninterrupted 2-rank run of REF_STEPS steps at the constant learning rate: {step: loss}."""
+    run_dir = tmp_path_factory.mktemp("ops-ref") / "run"
+    result = train(2, ops_settings(data_dir, run_dir, **{"train.max_steps": REF_STEPS}), timeout=120)
+    assert result.returncode == 0, result
+    ref = losses(run_dir)
+    assert sorted(ref) == list(range(1, REF_STEPS + 1))
+    return run_dir, ref
+
+
+class Job:
+    """`mpirun -np N python -m hpcllm.train` running in the background, output in files."""
+
+    def __init__(self, np: int, settings: dict, workdir: Path, *, env: dict | None = None,
+                 python_args: list[str] | None = None):
+        self.run_dir = Path(settings["run.dir"])
+        self.out, self.err = workdir / "stdout.txt", workdir / "stderr.txt"
+        cmd = ["mpirun", "-np", str(np), sys.executable, *(python_args or ["-m", "hpcllm.train"]),
+               *overrides({**TINY, **settings})]
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(env), stdout=out, stderr=err,
+                                         start_new_session=True)
+        self.started = time.monotonic()
+
+    def last_step(self) -> int:
+        """The newest step in metrics.jsonl (0 before the first)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return 0
+        steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+        return max(steps, default=0)
+
+    def wait_for_step(self, step: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.last_step() < step:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the job ended (exit {self.proc.returncode}) before step {step}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"no step {step} within {timeout}s:\n{self.output()}")
+            time.sleep(0.02)
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of world rank `rank`: a child of mpirun (prterun) whose environment names it."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == self.proc.pid and f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ:
+                return int(entry.name)
+        pytest.fail(f"no process of rank {rank} under mpirun {self.proc.pid}")
+
+    def wait(self, timeout: float) -> float:
+        """Wait for mpirun to exit; returns the seconds it took from now."""
+        start = time.monotonic()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the job did not exit within {timeout}s:\n{self.output()}")
+        return time.monotonic() - start
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def output(self) -> str:
+        return (f"--- stdout ---\n{self.out.read_text()[-3000:]}\n"
+                f"--- stderr ---\n{self.err.read_text()[-3000:]}")
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "meta.json").exists())
+
+
+def assert_same_losses(got: dict, ref: dict, steps) -> None:
+    for step in steps:
+        assert got[step] == ref[step], f"step {step}: {got[step]} after the interruption, {ref[step]} uninterrupted"
+
+
+def finish(np: int, data_dir, run_dir: Path, steps: int = REF_STEPS, **more):
+    """Rerun the same command with max_steps `steps`: it resumes and completes."""
+    result = train(np, ops_settings(data_dir, run_dir, **{"train.max_steps": steps, **more}), timeout=120)
+    assert result.returncode == 0, result
+    assert status(run_dir)["state"] == "complete"
+    return result
+
+
+# ----------------------------------------------------------------- signals and time budget
+
+
+def test_sigterm_to_one_rank_saves_everywhere_and_the_rerun_matches(data_dir, reference, tmp_path):
+    ref_dir, ref = reference
+    run_dir = tmp_path / "run"
+    job = Job(2, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS}), tmp_path)
+    job.wait_for_step(3)
+    os.kill(job.rank_pid(1), signal.SIGTERM)
+    seconds = job.wait(timeout=60)
+    assert job.proc.returncode == 0, job.output()
+    assert seconds < 60
+    state = status(run_dir)
+    assert state["state"] == "stopped" and state["reason"] == "SIGTERM", state
+    stopped_at = state["step"]
+    assert f"stopping at step {stopped_at}: SIGTERM" in job.out.read_text()
+    # One collective save: the checkpoint of the step where both ranks agreed to stop.
+    assert checkpoint_steps(run_dir) == [stopped_at]
+    assert stopped_at < REF_STEPS, f"the signal landed late (step {stopped_at}); the test needs it earlier"
+
+    result = finish(2, data_dir, run_dir)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:06d}'} at step {stopped_at}" in result.stdout
+    assert_same_losses(losses(run_dir), ref, range(1, REF_STEPS + 1))
+
+
+def test_time_budget_saves_and_exits_0(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    result = train(2, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS, "run.time_limit_s": 4,
+                                                          "train.log_every": 100}), timeout=90)
+    assert result.returncode == 0, result
+    state = status(run_dir)
+    assert state["state"] == "stopped" and state["reason"].startswith("time budget"), state
+    assert 0 < state["step"] < ENDLESS and checkpoint_steps(run_dir) == [state["step"]]
+    # The budget counts from the start of the ranks (start-up included), then a step and a save.
+    assert time.monotonic() - start < 4 + 30, result
+
+
+# ----------------------------------------------------------------- dead and hung ranks
+
+
+def test_kill_9_of_one_rank_ends_the_job_and_the_rerun_matches(data_dir, reference, tmp_path):
+    ref_dir, ref = reference
+    run_dir = tmp_path / "run"
+    job = Job(2, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS, "checkpoint.every": 5}), tmp_path)
+    job.wait_for_step(12)
+    os.kill(job.rank_pid(1), signal.SIGKILL)
+    seconds = job.wait(timeout=30)  # mpirun notices the dead rank and kills the others
+    assert job.proc.returncode != 0, job.output()
+    assert "signal 9" in job.err.read_text() or "Killed" in job.err.read_text(), job.output()
+    assert not (run_dir / "status.json").exists()
+    last = checkpoint_steps(run_dir)[-1]
+    assert 10 <= last < REF_STEPS, f"newest checkpoint at step {last}"
+    print(f"mpirun exited {seconds:.1f}s after kill -9 of rank 1 (exit {job.proc.returncode})")
+
+    result = finish(2, data_dir, run_dir)
+    assert f"at step {last}" in result.stdout, result
+    assert_same_losses(losses(run_dir), ref, range(last + 1, REF_STEPS + 1))
+
+
+def test_a_hung_rank_is_named_and_aborts_the_job(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(2, ops_settings(data_dir, run_dir, **{"train.max_steps": 50, "run.watchdog_s": 2}),
+                   env={"HPCLLM_HANG_AT_STEP": "3", "HPCLLM_HANG_RANK": "1"}, timeout=60)
+    assert result.returncode != 0, result
+    assert "watchdog: rank 1 on" in result.stderr and "at step 3" in result.stderr, result
+    assert "training step 3" in result.stderr, result  # what it was doing
+    assert max(losses(run_dir)) == 2
+
+
+# Fault injection from outside: run hpcllm.train with its first training step (on every rank)
+# and one rank's first checkpoint write made slower than run.watchdog_s.
+SLOW_STEP_AND_SAVE = """
+import sys, time
+import hpcllm.checkpoint as checkpoint, hpcllm.train as train
+from hpcllm.runtime import spmd_main
+from mpi4py import MPI
+step, save = train.train_step, checkpoint.save
+def slow_step(*args, **kwargs):
+    if train.WATCHDOG.step == 1:
+        time.sleep(SECONDS)
+    return step(*args, **kwargs)
+def slow_save(*args, **kwargs):
+    if MPI.COMM_WORLD.Get_rank() == 1 and args[1] == 3:
+        time.sleep(SECONDS)
+    return save(*args, **kwargs)
+train.train_step, checkpoint.save = slow_step, slow_save
+spmd_main(train.main)
+"""
+
+
+def test_watchdog_spares_a_slow_first_step_and_a_slow_save(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    settings = ops_settings(data_dir, run_dir, **{"train.max_steps": 6, "checkpoint.every": 3,
+                                                  "run.watchdog_s": 2, "run.watchdog_first_step_s": 30})
+    code = SLOW_STEP_AND_SAVE.replace("SECONDS", "4")
+    job = Job(2, settings, tmp_path, python_args=["-c", code])
+    job.wait(timeout=90)
+    assert job.proc.returncode == 0, job.output()
+    assert "watchdog" not in job.err.read_text(), job.output()
+    assert checkpoint_steps(run_dir) == [3, 6] and status(run_dir)["state"] == "complete"
+
+
+# ----------------------------------------------------------------- interrupted save
+
+
+def test_incomplete_checkpoint_is_ignored_with_a_warning(data_dir, reference, tmp_path):
+    ref_dir, ref = reference
+    run_dir = tmp_path / "run"
+    finish(2, data_dir, run_dir, steps=4)
+    # A save of step 8 killed half-way: its temporary folder with a truncated model file, no meta.json.
+    ckpts = run_dir / "checkpoints"
+    partial = ckpts / ".tmp-step_000008"
+    partial.mkdir()
+    (partial / "model-pp0.pt").write_bytes((ckpts / "step_000004" / "model-pp0.pt").read_bytes()[:1000])
+    result = finish(2, data_dir, run_dir, steps=8)
+    assert f"warning: ignoring incomplete checkpoint {partial}" in result.stdout, result
+    assert f"resumed from {ckpts / 'step_000004'} at step 4" in result.stdout, result
+    assert_same_losses(losses(run_dir), ref, range(1, 9))
+    assert checkpoint_steps(run_dir) == [4, 8] and not partial.exists()
+
+
+# ----------------------------------------------------------------- elastic resume
+
+
+@pytest.fixture(scope="module")
+def dp4_reference(data_dir, tmp_path_factory):
+    """Uninterrupted 4-rank run, global batch 4 x 2 = 8 sequences, 8 steps."""
+    run_dir = tmp_path_factory.mktemp("ops-dp4") / "run"
+    result = train(4, ops_settings(data_dir, run_dir, **{"train.max_steps": 8}), timeout=180)
+    assert result.returncode == 0, result
+    return losses(run_dir)
+
+
+# (np, grad_accum_steps) before and after the resize; micro_batch_size 2, so the global batch is 8.
+RESIZES = {"dp4->dp2": ((4, 1), (2, 2)), "dp2->dp4": ((2, 2), (4, 1))}
+
+
+@pytest.mark.parametrize("resize", list(RESIZES))
+def test_resume_on_another_dp_keeps_the_global_batch(resize, data_dir, dp4_reference, tmp_path):
+    (np_before, accum_before), (np_after, accum_after) = RESIZES[resize]
+    run_dir = tmp_path / "run"
+    finish(np_before, data_dir, run_dir, steps=4, **{"train.grad_accum_steps": accum_before})
+    result = finish(np_after, data_dir, run_dir, steps=8, **{"train.grad_accum_steps": accum_after})
+    # The loader continues at the first sample the old layout had not consumed: 4 steps x 8.
+    assert "at step 4 (sample 32, layout" in result.stdout, result
+    meta = json.loads((run_dir / "checkpoints" / "step_000008" / "meta.json").read_text())
+    assert meta["loader"]["consumed_samples"] == 8 * 8 and meta["grid"]["dp"] == np_after
+    got = losses(run_dir)
+    # The next step sees the same weights and samples; only the reduction order differs.
+    assert got[5] == pytest.approx(dp4_reference[5], rel=1e-5), (got[5], dp4_reference[5])
+    for step in range(6, 9):
+        assert got[step] == pytest.approx(dp4_reference[step], rel=1e-4), step
+
+
+@pytest.mark.parametrize("resize", list(RESIZES))
+def test_resized_layouts_read_every_sample_once(resize):
+    """The stream positions of steps 1-4 in the old layout and 5-8 in the new one tile [0, 64)."""
+    from hpcllm.data.loader import step_positions
+
+    positions = []
+    for step in range(8):
+        np_, accum = RESIZES[resize][step >= 4]
+        for rank in range(np_):
+            for micro in step_positions(step * 8, micro_batch_size=2, grad_accum_steps=accum, dp_rank=rank,
+                                        dp_size=np_):
+                positions += micro.tolist()
+    assert sorted(positions) == list(range(64))
+
+
+def test_resume_with_another_model_shape_is_refused_naming_the_key(data_dir, reference, tmp_path):
+    ref_dir, _ = reference
+    before = sorted(p.name for p in (ref_dir / "checkpoints").iterdir())
+    result = train(2, ops_settings(data_dir, ref_dir, **{"train.max_steps": REF_STEPS + 5, "model.d_model": 64}),
+                   timeout=90)
+    assert result.returncode == 2, result
+    assert "model.d_model = 32 in the checkpoint, 64 now" in result.stderr, result
+    assert sorted(p.name for p in (ref_dir / "checkpoints").iterdir()) == before
