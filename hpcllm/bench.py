@@ -3,6 +3,7 @@
     mpirun -np 2 python -m hpcllm.bench allreduce --mb 64 --bucket-mb 25 --iters 20
     mpirun -np 2 python -m hpcllm.bench train --steps 30 --warmup 5
     python -m hpcllm.bench scaling        # no mpirun: runs `train` under mpirun -np 1 and -np 2
+    mpirun -np 2 python -m hpcllm.bench pipeline --iters 10   # see hpcllm/bench_pipeline.py
 
 allreduce  DataParallel's bucketed gradient all-reduce, driven through its hooks by a real
            backward as in training, against one MPI Allreduce of the same bytes.
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 from mpi4py import MPI
 
+from hpcllm import bench_pipeline
 from hpcllm.comm import TensorComm
 from hpcllm.model import GPT, GPTConfig, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
@@ -401,15 +403,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     t.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     sc = sub.add_parser("scaling", parents=[common, train], help="weak scaling np 1 -> np 2 (runs mpirun itself)")
     sc.add_argument("--repeats", type=int, default=1, help="runs of each of np 1 and np 2, alternating (default 1)")
+    pl = sub.add_parser("pipeline", parents=[common], help="pipeline schedules vs analytic bubble, activation p2p")
+    bench_pipeline.add_arguments(pl)
     args = parser.parse_args(argv)
-    if args.command != "allreduce" and args.rounds < 2 + args.local:
+    if args.command in ("train", "scaling") and args.rounds < 2 + args.local:
         parser.error(f"--rounds must be at least {2 + args.local} (one of each implementation)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    bench = {"allreduce": bench_allreduce, "train": bench_train, "scaling": bench_scaling}[args.command]
+    bench = {"allreduce": bench_allreduce, "train": bench_train, "scaling": bench_scaling,
+             "pipeline": bench_pipeline.bench_pipeline}[args.command]
     result = bench(args, MPI.COMM_WORLD)
     if args.json and MPI.COMM_WORLD.Get_rank() == 0:
         with open(args.json, "w") as f:
