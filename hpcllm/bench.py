@@ -249,12 +249,13 @@ def bench_train(args, world: MPI.Comm) -> dict:
     batches = [torch.randint(cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
                for _ in range(4)]
     batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in batches]
+    port = None
     if rank == 0:
-        with socket.socket() as s:  # a free port for gloo's rendezvous
+        with socket.socket() as s:  # a free port for gloo's rendezvous, chosen by rank 0
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{world.bcast(port if rank == 0 else None)}",
-                            rank=rank, world_size=size)
+    port = world.bcast(port)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
 
     comm = ClockedComm(world)
     impls = ["hpcllm", "ddp"] + (["local"] if args.local else [])
@@ -382,7 +383,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     common.add_argument("--json", metavar="PATH", help="also write the results as JSON (rank 0)")
 
     a = sub.add_parser("allreduce", parents=[common], help="bucketed gradient all-reduce vs raw MPI")
-    a.add_argument("--mb", type=float, default=64.0, help="MiB of gradients in all (default 64)")
+    a.add_argument("--mb", type=float, default=64.0, help="MiB of gradients in all, >= 28 (default 64)")
     a.add_argument("--bucket-mb", type=float, default=25.0, help="DataParallel bucket size, MiB (default 25)")
     a.add_argument("--iters", type=int, default=20, help="timed iterations (default 20)")
     a.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
