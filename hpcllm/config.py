@@ -63,7 +63,7 @@ class ParallelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
-    max_steps: int = 300
+    max_steps: int = 600
     """Optimizer steps to train for (the run ends there)."""
     micro_batch_size: int = 8
     """Sequences per rank per forward/backward."""
@@ -81,7 +81,7 @@ class TrainConfig:
     """Torch CPU threads per rank; 0 shares the node's cores between its ranks."""
     log_every: int = 10
     """Print and record metrics every N steps."""
-    eval_every: int = 100
+    eval_every: int = 200
     """Validation loss every N steps (0 disables; always at the end)."""
     eval_batches: int = 8
     """Micro-batches per rank in one validation pass."""
@@ -128,7 +128,7 @@ class RunConfig:
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
-    every: int = 100
+    every: int = 200
     """Save every N steps (and at the end); 0 saves only at the end."""
     keep: int = 2
     """Newest checkpoints kept; older ones are deleted after a successful save."""
