@@ -372,8 +372,10 @@ def write_status(run_dir: str, status: dict) -> None:
 
 def stage_inputs(batches, grid: Grid, device) -> list[tuple]:
     """Keep the inputs on the first stage and the targets on the last, on the device."""
-    return [(x.to(device) if grid.is_first_stage else None, y.to(device) if grid.is_last_stage else None)
-            for x, y in batches] if grid.is_first_stage or grid.is_last_stage else list(batches)
+    def keep(t, needed: bool):
+        return t.to(device) if needed and t is not None else None
+
+    return [(keep(x, grid.is_first_stage), keep(y, grid.is_last_stage)) for x, y in batches]
 
 
 def _inject_fault(step: int, rank: int) -> None:

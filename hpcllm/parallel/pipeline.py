@@ -220,8 +220,8 @@ class Schedule:
         for i, (x, y) in enumerate(micro_batches):
             received = s.recv_forward(more_coming=i + 1 < m)
             with autocast:
-                out = s.module(x if received is None else received, y) if s.is_last else \
-                    s.module(x if received is None else received)
+                # y is None except on the last stage, where the module returns the loss.
+                out = s.module(x if received is None else received, y)
             if s.is_last:
                 loss_sum += out.float()
             else:
