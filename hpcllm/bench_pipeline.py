@@ -44,11 +44,24 @@ def _stage(args, world: MPI.Comm, schedule: str) -> Schedule:
     """This rank's stage of a GPT cut into world-size stages, blocks balanced."""
     p, rank = world.Get_size(), world.Get_rank()
     per = args.layers_per_stage
-    cfg = GPTConfig(vocab_size=args.vocab, block_size=args.seq_len, n_layer=per * p, n_head=args.n_head,
-                    d_model=args.d_model)
-    module = GPT(cfg, layers=range(rank * per, (rank + 1) * per), first=rank == 0, last=rank == p - 1)
-    stage = PipelineStage(module, TensorComm(world, name="pp"), stage=rank, num_stages=p,
-                          act_shape=(args.micro_batch, args.seq_len, args.d_model), device=torch.device("cpu"))
+    cfg = GPTConfig(
+        vocab_size=args.vocab,
+        block_size=args.seq_len,
+        n_layer=per * p,
+        n_head=args.n_head,
+        d_model=args.d_model,
+    )
+    module = GPT(
+        cfg, layers=range(rank * per, (rank + 1) * per), first=rank == 0, last=rank == p - 1
+    )
+    stage = PipelineStage(
+        module,
+        TensorComm(world, name="pp"),
+        stage=rank,
+        num_stages=p,
+        act_shape=(args.micro_batch, args.seq_len, args.d_model),
+        device=torch.device("cpu"),
+    )
     return Schedule(stage, schedule)
 
 
@@ -57,7 +70,10 @@ def _batches(args, stage: PipelineStage, m: int) -> list:
     shape = (args.micro_batch, args.seq_len)
     out = []
     for _ in range(m):
-        x, y = torch.randint(0, args.vocab, shape, generator=gen), torch.randint(0, args.vocab, shape, generator=gen)
+        x, y = (
+            torch.randint(0, args.vocab, shape, generator=gen),
+            torch.randint(0, args.vocab, shape, generator=gen),
+        )
         out.append((x if stage.is_first else None, y if stage.is_last else None))
     return out
 
@@ -109,21 +125,61 @@ def bench_pipeline(args, world: MPI.Comm) -> dict:
             for _ in range(args.warmup):
                 step()
             sched.meter.peak = 0
-            measured = statistics.median(slowest(world, [timed(world, step) for _ in range(args.iters)]))
+            measured = statistics.median(
+                slowest(world, [timed(world, step) for _ in range(args.iters)])
+            )
             peaks = world.allgather(sched.meter.peak)
             ideal, analytic = (m + p - 1) * t_mb, (p - 1) / (m + p - 1)
             bubble = 1 - m * t_mb / measured
-            runs.append({"schedule": kind, "m": m, "p": p, "step_s": measured, "ideal_s": ideal,
-                         "bubble_measured": bubble, "bubble_analytic": analytic,
-                         "peak_activation_bytes_per_stage": peaks})
-            rows.append([kind, m, 1000 * measured, 1000 * ideal, measured / ideal, f"{100 * bubble:.1f}%",
-                         f"{100 * analytic:.1f}%", " / ".join(f"{b / 2**20:.1f}" for b in peaks)])
-    print0(f"pipeline: {p} stages x {args.layers_per_stage} blocks (d_model {args.d_model}), micro-batch "
-           f"{args.micro_batch} x {args.seq_len}; one micro-batch fwd+bwd on the slowest stage "
-           f"t = {1000 * t_mb:.1f} ms; ideal step (m + p - 1) t; medians of {args.iters} steps")
-    print0(table(["schedule", "m", "step ms", "ideal ms", "step/ideal", "bubble", "analytic bubble",
-                  "peak activations MiB, stage 0 / 1 / ..."], rows))
-    return {"micro_batch_compute_s": t_mb, "runs": runs, "p2p": bench_p2p(args, world, timed, slowest)}
+            runs.append(
+                {
+                    "schedule": kind,
+                    "m": m,
+                    "p": p,
+                    "step_s": measured,
+                    "ideal_s": ideal,
+                    "bubble_measured": bubble,
+                    "bubble_analytic": analytic,
+                    "peak_activation_bytes_per_stage": peaks,
+                }
+            )
+            rows.append(
+                [
+                    kind,
+                    m,
+                    1000 * measured,
+                    1000 * ideal,
+                    measured / ideal,
+                    f"{100 * bubble:.1f}%",
+                    f"{100 * analytic:.1f}%",
+                    " / ".join(f"{b / 2**20:.1f}" for b in peaks),
+                ]
+            )
+    print0(
+        f"pipeline: {p} stages x {args.layers_per_stage} blocks (d_model {args.d_model}), micro-batch "
+        f"{args.micro_batch} x {args.seq_len}; one micro-batch fwd+bwd on the slowest stage "
+        f"t = {1000 * t_mb:.1f} ms; ideal step (m + p - 1) t; medians of {args.iters} steps"
+    )
+    print0(
+        table(
+            [
+                "schedule",
+                "m",
+                "step ms",
+                "ideal ms",
+                "step/ideal",
+                "bubble",
+                "analytic bubble",
+                "peak activations MiB, stage 0 / 1 / ...",
+            ],
+            rows,
+        )
+    )
+    return {
+        "micro_batch_compute_s": t_mb,
+        "runs": runs,
+        "p2p": bench_p2p(args, world, timed, slowest),
+    }
 
 
 def bench_p2p(args, world: MPI.Comm, timed, slowest) -> dict:
@@ -161,6 +217,13 @@ def bench_p2p(args, world: MPI.Comm, timed, slowest) -> dict:
         t_r.append(timed(world, raw_round))
     t_h, t_r = statistics.median(slowest(world, t_h)), statistics.median(slowest(world, t_r))
     gbps_h, gbps_r = nbytes * args.messages / t_h / 1e9, nbytes * args.messages / t_r / 1e9
-    print0(f"activation send/receive, {nbytes / 2**20:.2f} MiB messages, stage 0 -> 1: TensorComm {gbps_h:.2f} GB/s, "
-           f"raw MPI Send/Recv {gbps_r:.2f} GB/s, ratio {gbps_h / gbps_r:.3f} (target >= 0.95)")
-    return {"message_bytes": nbytes, "tensorcomm_GBps": gbps_h, "raw_GBps": gbps_r, "ratio": gbps_h / gbps_r}
+    print0(
+        f"activation send/receive, {nbytes / 2**20:.2f} MiB messages, stage 0 -> 1: TensorComm {gbps_h:.2f} GB/s, "
+        f"raw MPI Send/Recv {gbps_r:.2f} GB/s, ratio {gbps_h / gbps_r:.3f} (target >= 0.95)"
+    )
+    return {
+        "message_bytes": nbytes,
+        "tensorcomm_GBps": gbps_h,
+        "raw_GBps": gbps_r,
+        "ratio": gbps_h / gbps_r,
+    }

@@ -55,11 +55,15 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     for name, param_state in state.items():
         if name in by_name:
             p = by_name[name]
-            optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() else v
-                                  for k, v in param_state.items()}
+            optimizer.state[p] = {
+                k: v.to(p.device) if torch.is_tensor(v) and v.dim() else v
+                for k, v in param_state.items()
+            }
 
 
-def save(run_dir: str, step: int, *, grid, model: nn.Module, optimizer, extra: dict, keep: int = 2) -> Path:
+def save(
+    run_dir: str, step: int, *, grid, model: nn.Module, optimizer, extra: dict, keep: int = 2
+) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     world = grid.world
     root = Path(run_dir) / "checkpoints"
@@ -81,10 +85,21 @@ def save(run_dir: str, step: int, *, grid, model: nn.Module, optimizer, extra: d
     world.Barrier()  # every stage's files are on disk
 
     if world.Get_rank() == 0:
-        _save_tensor_file({str(r): torch.frombuffer(bytearray(s), dtype=torch.uint8)
-                           for r, s in enumerate(rng_states)}, tmp / "rng.pt")
-        meta = {"format_version": FORMAT_VERSION, "step": step, "grid": grid.dims,
-                "world_size": world.Get_size(), "host": socket.gethostname(), **extra}
+        _save_tensor_file(
+            {
+                str(r): torch.frombuffer(bytearray(s), dtype=torch.uint8)
+                for r, s in enumerate(rng_states)
+            },
+            tmp / "rng.pt",
+        )
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "grid": grid.dims,
+            "world_size": world.Get_size(),
+            "host": socket.gethostname(),
+            **extra,
+        }
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -123,8 +138,10 @@ def read_meta(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint {path}: unreadable meta.json ({e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path}: format_version {meta.get('format_version')} "
-                         f"is not {FORMAT_VERSION}")
+        raise ValueError(
+            f"checkpoint {path}: format_version {meta.get('format_version')} "
+            f"is not {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -145,12 +162,16 @@ def load(path: Path, *, model: nn.Module, optimizer, world_rank: int, same_layou
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks parameters {missing[:3]}... for this model: "
-                         "was it written for a different model.n_layer?")
+        raise ValueError(
+            f"checkpoint {path} lacks parameters {missing[:3]}... for this model: "
+            "was it written for a different model.n_layer?"
+        )
     for key, value in own.items():
         if weights[key].shape != value.shape:
-            raise ValueError(f"checkpoint {path}: parameter {key} has shape {tuple(weights[key].shape)}, "
-                             f"the model expects {tuple(value.shape)} (model config differs)")
+            raise ValueError(
+                f"checkpoint {path}: parameter {key} has shape {tuple(weights[key].shape)}, "
+                f"the model expects {tuple(value.shape)} (model config differs)"
+            )
     model.load_state_dict({k: weights[k] for k in own})
     load_optimizer_state(model, optimizer, _load_stage_files(path, "optim", device))
     if same_layout:

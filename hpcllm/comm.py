@@ -44,7 +44,9 @@ def detect_cuda_aware(setting: str = "auto") -> bool:
     except (AttributeError, OSError):
         pass
     # Cray MPICH and MVAPICH2 enable GPU buffers through these variables.
-    return os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1" or os.environ.get("MV2_USE_CUDA") == "1"
+    return (
+        os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1" or os.environ.get("MV2_USE_CUDA") == "1"
+    )
 
 
 class Work:
@@ -118,6 +120,7 @@ class TensorComm:
 
             def copy_back():
                 target.copy_(src)
+
         return buf, copy_back
 
     # -- collectives -----------------------------------------------------------
@@ -136,7 +139,9 @@ class TensorComm:
     def iallreduce_(self, tensor: torch.Tensor, op: MPI.Op = MPI.SUM) -> Work:
         """In-place non-blocking all-reduce; the tensor holds the result after wait()."""
         buf, copy_back = self._buffer(tensor, reduce=True, incoming=True)
-        return Work(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op), copy_back, f"all-reduce on {self.name}")
+        return Work(
+            self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op), copy_back, f"all-reduce on {self.name}"
+        )
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         buf, copy_back = self._buffer(tensor, reduce=False, incoming=self.rank != root)
@@ -151,12 +156,19 @@ class TensorComm:
     def isend(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> Work:
         buf, _ = self._buffer(tensor, reduce=False, incoming=False)
         # Keep the (possibly staged) buffer alive until the send completes.
-        return Work(self.comm.Isend(buf, dest=dest, tag=tag), lambda: buf, f"send to {self.name} rank {dest}")
+        return Work(
+            self.comm.Isend(buf, dest=dest, tag=tag),
+            lambda: buf,
+            f"send to {self.name} rank {dest}",
+        )
 
     def irecv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> Work:
         buf, copy_back = self._buffer(tensor, reduce=False, incoming=True)
-        return Work(self.comm.Irecv(buf, source=source, tag=tag), copy_back,
-                    f"receive from {self.name} rank {source}")
+        return Work(
+            self.comm.Irecv(buf, source=source, tag=tag),
+            copy_back,
+            f"receive from {self.name} rank {source}",
+        )
 
     def wait(self, work: Work) -> None:
         """Wait for `work`, counting the blocked time as communication."""

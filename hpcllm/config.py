@@ -179,8 +179,10 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     section_name, _, key = dotted.partition(".")
     sections = {f.name for f in dataclasses.fields(cfg)}
     if section_name not in sections or not key:
-        raise ConfigError(f"unknown config section '{section_name}' in '{dotted}'{_suggest(section_name, sections)}; "
-                          f"sections are {', '.join(sorted(sections))}")
+        raise ConfigError(
+            f"unknown config section '{section_name}' in '{dotted}'{_suggest(section_name, sections)}; "
+            f"sections are {', '.join(sorted(sections))}"
+        )
     section = getattr(cfg, section_name)
     keys = {f.name for f in dataclasses.fields(section)}
     if key not in keys:
@@ -239,8 +241,10 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
         elif "." in name:
             overrides.append((name, value))
         else:
-            raise ConfigError(f"unknown option --{name}: use --config FILE, --dry-run, --world-size N "
-                              "or --section.key value")
+            raise ConfigError(
+                f"unknown option --{name}: use --config FILE, --dry-run, --world-size N "
+                "or --section.key value"
+            )
     if config_file:
         load_toml(cfg, config_file)
     for name, value in overrides:
@@ -252,25 +256,39 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
 def validate(cfg: Config) -> None:
     """Checks that need no data and no MPI; each error names its key."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
-                "train.max_steps": t.max_steps, "train.micro_batch_size": t.micro_batch_size,
-                "train.grad_accum_steps": t.grad_accum_steps, "train.seq_len": t.seq_len,
-                "parallel.pp": p.pp, "parallel.tp": p.tp, "parallel.bucket_mb": p.bucket_mb}
+    positive = {
+        "model.n_layer": m.n_layer,
+        "model.n_head": m.n_head,
+        "model.d_model": m.d_model,
+        "train.max_steps": t.max_steps,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_accum_steps": t.grad_accum_steps,
+        "train.seq_len": t.seq_len,
+        "parallel.pp": p.pp,
+        "parallel.tp": p.tp,
+        "parallel.bucket_mb": p.bucket_mb,
+    }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     if m.d_model % m.n_head:
-        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})"
+        )
     if m.block_size and t.seq_len > m.block_size:
-        raise ConfigError(f"train.seq_len ({t.seq_len}) is longer than the model's context "
-                          f"model.block_size ({m.block_size})")
+        raise ConfigError(
+            f"train.seq_len ({t.seq_len}) is longer than the model's context "
+            f"model.block_size ({m.block_size})"
+        )
     if p.tp != 1:
         raise ConfigError(f"parallel.tp = {p.tp}: tensor parallelism is not implemented yet; use 1")
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
     if p.pp > 1 and m.tie_embeddings:
-        raise ConfigError("model.tie_embeddings needs the embeddings and the LM head on one stage, "
-                          f"but parallel.pp = {p.pp} puts them on the first and last; use one or the other")
+        raise ConfigError(
+            "model.tie_embeddings needs the embeddings and the LM head on one stage, "
+            f"but parallel.pp = {p.pp} puts them on the first and last; use one or the other"
+        )
     if p.cuda_aware not in ("auto", "yes", "no"):
         raise ConfigError(f"parallel.cuda_aware must be auto, yes or no, got '{p.cuda_aware}'")
     if t.device not in ("cpu", "cuda"):

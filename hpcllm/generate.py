@@ -25,8 +25,16 @@ def load_model(path: Path, device: str = "cpu") -> tuple[GPT, dict]:
     """The whole model from checkpoint folder `path`, and its meta.json."""
     meta = checkpoint.read_meta(path)
     m = from_dict(meta["config"]).model
-    model = GPT(GPTConfig(vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-                          d_model=m.d_model, tie_embeddings=m.tie_embeddings))
+    model = GPT(
+        GPTConfig(
+            vocab_size=m.vocab_size,
+            block_size=m.block_size,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            d_model=m.d_model,
+            tie_embeddings=m.tie_embeddings,
+        )
+    )
     weights = {}
     for f in sorted(path.glob("model-pp*.pt")):
         weights.update(torch.load(f, map_location=device, weights_only=True))
@@ -40,8 +48,16 @@ def load_run_tokenizer(data_path: str):
         return load_tokenizer(data_path, shards.tokenizer)
 
 
-def sample(model: GPT, tokenizer, prompt: str, tokens: int, *, temperature: float = 0.8, top_k: int = 40,
-           seed: int = 0) -> str:
+def sample(
+    model: GPT,
+    tokenizer,
+    prompt: str,
+    tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+) -> str:
     """`tokens` sampled tokens continuing `prompt`, decoded (prompt included)."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(tokenizer.encode(prompt))], dtype=torch.long, device=device)
@@ -51,11 +67,17 @@ def sample(model: GPT, tokenizer, prompt: str, tokens: int, *, temperature: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpcllm.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcllm.generate", description=__doc__.splitlines()[0]
+    )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--run-dir", default="runs/default", help="use the newest checkpoint of this run")
+    where.add_argument(
+        "--run-dir", default="runs/default", help="use the newest checkpoint of this run"
+    )
     where.add_argument("--checkpoint", help="a checkpoint folder (…/checkpoints/step_NNNNNN)")
-    parser.add_argument("--data", help="shard folder holding the tokenizer (default: the run's data.path)")
+    parser.add_argument(
+        "--data", help="shard folder holding the tokenizer (default: the run's data.path)"
+    )
     parser.add_argument("--prompt", default="def ")
     parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -83,8 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
-        print(sample(model, tokenizer, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
-                     seed=args.seed + i))
+        print(
+            sample(
+                model,
+                tokenizer,
+                args.prompt,
+                args.tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                seed=args.seed + i,
+            )
+        )
     return 0
 
 

@@ -42,8 +42,9 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # softmax(Q K^T / sqrt(d_k)) V with a causal mask.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
@@ -84,7 +85,9 @@ class GPT(nn.Module):
     pipeline layout.
     """
 
-    def __init__(self, cfg: GPTConfig, layers: range | None = None, first: bool = True, last: bool = True):
+    def __init__(
+        self, cfg: GPTConfig, layers: range | None = None, first: bool = True, last: bool = True
+    ):
         super().__init__()
         self.cfg = cfg
         self.layers = layers if layers is not None else range(cfg.n_layer)
@@ -98,7 +101,9 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
                 if not first:
-                    raise ValueError("model.tie_embeddings needs the embeddings and the LM head on one stage")
+                    raise ValueError(
+                        "model.tie_embeddings needs the embeddings and the LM head on one stage"
+                    )
                 self.lm_head.weight = self.wte.weight
         self._init_weights()
 
@@ -114,7 +119,9 @@ class GPT(nn.Module):
                 continue  # shares the token embedding, already initialised
             owner = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name
             if owner not in generators:
-                generators[owner] = torch.Generator().manual_seed(self.cfg.init_seed + zlib.crc32(owner.encode()))
+                generators[owner] = torch.Generator().manual_seed(
+                    self.cfg.init_seed + zlib.crc32(owner.encode())
+                )
             # GPT-2: residual projections scaled by depth so the stream's variance stays bounded.
             std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(".proj") else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std, generator=generators[owner])
@@ -130,8 +137,10 @@ class GPT(nn.Module):
         if self.first:
             T = x.shape[1]
             if T > self.cfg.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than the model's context "
-                                 f"(block_size {self.cfg.block_size})")
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than the model's context "
+                    f"(block_size {self.cfg.block_size})"
+                )
             pos = torch.arange(T, device=x.device)
             x = self.wte(x) + self.wpe(pos)  # (B, T, C)
             x = F.dropout(x, self.cfg.dropout, self.training)
@@ -145,12 +154,18 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Sample `max_new_tokens` continuations of idx (B, T); needs the whole model."""
         assert self.first and self.last, "generate() needs all stages in one module"
         for _ in range(max_new_tokens):
-            context = idx[:, -self.cfg.block_size:]
+            context = idx[:, -self.cfg.block_size :]
             logits = self(context)[:, -1, :] / max(temperature, 1e-6)
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
@@ -165,4 +180,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]

@@ -84,11 +84,16 @@ def spmd_main(fn: Callable[[], int | None]) -> None:
 
 
 def _abort(world: MPI.Comm, rank: int, size: int, message: str, code: int) -> None:
-    print(f"[hpcllm] rank {rank}/{size} on {socket.gethostname()} failed: {message}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[hpcllm] rank {rank}/{size} on {socket.gethostname()} failed: {message}",
+        file=sys.stderr,
+        flush=True,
+    )
     if size == 1:
         sys.exit(code)
-    print(f"[hpcllm] rank {rank}: aborting all {size} ranks (MPI_Abort)", file=sys.stderr, flush=True)
+    print(
+        f"[hpcllm] rank {rank}: aborting all {size} ranks (MPI_Abort)", file=sys.stderr, flush=True
+    )
     world.Abort(code)
 
 
@@ -105,7 +110,11 @@ def setup_threads(threads: int, local_size: int) -> int:
     import torch
 
     if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
         # Affinity may already be per-rank (Slurm binds); only share it out when it is the whole node.
         threads = max(1, cores // local_size) if cores >= (os.cpu_count() or 1) else max(1, cores)
         if "OMP_NUM_THREADS" in os.environ:

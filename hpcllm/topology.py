@@ -31,13 +31,17 @@ def resolve_dims(world_size: int, *, dp: int = 0, pp: int = 1, tp: int = 1) -> d
     """Sizes of each axis; dp=0 means "whatever is left". The product must be the world size."""
     if dp == 0:
         if world_size % (pp * tp):
-            raise LayoutError(f"world size {world_size} is not divisible by pp={pp} x tp={tp} = {pp * tp}; "
-                              f"choose parallel.pp and parallel.tp whose product divides {world_size}")
+            raise LayoutError(
+                f"world size {world_size} is not divisible by pp={pp} x tp={tp} = {pp * tp}; "
+                f"choose parallel.pp and parallel.tp whose product divides {world_size}"
+            )
         dp = world_size // (pp * tp)
     dims = {"pp": pp, "dp": dp, "tp": tp}
     if prod(dims.values()) != world_size:
-        raise LayoutError(f"layout pp={pp} x dp={dp} x tp={tp} = {pp * dp * tp} ranks, "
-                          f"but the world has {world_size}; the product of the axes must equal the world size")
+        raise LayoutError(
+            f"layout pp={pp} x dp={dp} x tp={tp} = {pp * dp * tp} ranks, "
+            f"but the world has {world_size}; the product of the axes must equal the world size"
+        )
     return dims
 
 
@@ -99,9 +103,13 @@ class Grid:
         dims = resolve_dims(world.Get_size(), dp=dp, pp=pp, tp=tp)
         # reorder=False keeps cart ranks equal to world ranks, so the layout in the
         # docstring (and in checkpoints and logs) is the real one.
-        cart = world.Create_cart([dims[a] for a in AXES], periods=[False] * len(AXES), reorder=False)
+        cart = world.Create_cart(
+            [dims[a] for a in AXES], periods=[False] * len(AXES), reorder=False
+        )
         coords = dict(zip(AXES, cart.Get_coords(cart.Get_rank())))
-        assert coords == coords_of(world.Get_rank(), dims), "MPI's Cartesian layout differs from coords_of"
+        assert coords == coords_of(world.Get_rank(), dims), (
+            "MPI's Cartesian layout differs from coords_of"
+        )
         comms = {axis: cart.Sub([a == axis for a in AXES]) for axis in AXES}
         return cls(dims=dims, world=world, cart=cart, comms=comms, coords=coords)
 

@@ -85,7 +85,9 @@ def train_step(schedule: Schedule, ddp: DataParallel, micro_batches, autocast) -
 
 def mean_over_grid(value: torch.Tensor, count: float, comms: list[TensorComm]) -> float:
     """Sum (value, count) over the given communicators and return value / count."""
-    pair = torch.stack([value.detach().double().reshape(()), torch.tensor(float(count), dtype=torch.float64)])
+    pair = torch.stack(
+        [value.detach().double().reshape(()), torch.tensor(float(count), dtype=torch.float64)]
+    )
     for c in comms:
         if c.size > 1:
             c.allreduce_(pair)
@@ -117,21 +119,32 @@ def check_model_fits_data(cfg: Config, shards) -> None:
     if m.vocab_size == 0:
         m.vocab_size = shards.vocab_size
     elif shards.vocab_size > m.vocab_size:
-        raise ValueError(f"{shards.paths[0]}: shard vocab_size {shards.vocab_size} is larger than "
-                         f"model.vocab_size {m.vocab_size}")
+        raise ValueError(
+            f"{shards.paths[0]}: shard vocab_size {shards.vocab_size} is larger than "
+            f"model.vocab_size {m.vocab_size}"
+        )
     if m.block_size == 0:
         m.block_size = cfg.train.seq_len
     elif cfg.train.seq_len > m.block_size:
-        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) is longer than the model's context "
-                         f"model.block_size ({m.block_size})")
+        raise ValueError(
+            f"train.seq_len ({cfg.train.seq_len}) is longer than the model's context "
+            f"model.block_size ({m.block_size})"
+        )
 
 
 def build_stage(cfg: Config, grid: Grid, device) -> GPT:
     """This rank's pipeline stage of the GPT (the whole model when pp = 1)."""
     m = cfg.model
-    gpt = GPTConfig(vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-                    d_model=m.d_model, dropout=m.dropout, tie_embeddings=m.tie_embeddings,
-                    init_seed=cfg.train.seed)
+    gpt = GPTConfig(
+        vocab_size=m.vocab_size,
+        block_size=m.block_size,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        d_model=m.d_model,
+        dropout=m.dropout,
+        tie_embeddings=m.tie_embeddings,
+        init_seed=cfg.train.seed,
+    )
     layers = split_layers(m.n_layer, grid.size("pp"), cfg.parallel.stage_layers)[grid.rank("pp")]
     return GPT(gpt, layers=layers, first=grid.is_first_stage, last=grid.is_last_stage).to(device)
 
@@ -162,14 +175,22 @@ class Trainer:
     def save(self) -> Path:
         # Writes are slow but progress; the other ranks wait for them in a barrier.
         with WATCHDOG.paused():
-            return checkpoint.save(self.cfg.run.dir, self.step, grid=self.grid, model=self.model,
-                                   optimizer=self.optimizer, keep=self.cfg.checkpoint.keep,
-                                   extra={"loader": self.loader.state_dict(), "config": self.cfg.to_dict()})
+            return checkpoint.save(
+                self.cfg.run.dir,
+                self.step,
+                grid=self.grid,
+                model=self.model,
+                optimizer=self.optimizer,
+                keep=self.cfg.checkpoint.keep,
+                extra={"loader": self.loader.state_dict(), "config": self.cfg.to_dict()},
+            )
 
 
 def setup(cfg: Config, world) -> Trainer:
     """Build the grid, device, data, model and optimizer; resume from the newest checkpoint."""
-    grid = agree(world, lambda: Grid.build(world, dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp))
+    grid = agree(
+        world, lambda: Grid.build(world, dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp)
+    )
     cfg.parallel.dp = grid.size("dp")
     local_rank, local_size = node_local(world)
     threads = setup_threads(cfg.train.threads, local_size)
@@ -181,44 +202,94 @@ def setup(cfg: Config, world) -> Trainer:
     cuda_aware = cfg.train.device == "cuda" and detect_cuda_aware(cfg.parallel.cuda_aware)
     dp_comm = TensorComm(grid.comm("dp"), cuda_aware, name="dp")
     pp_comm = TensorComm(grid.comm("pp"), cuda_aware, name="pp")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
-                else nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.train.dtype == "bfloat16"
+        else nullcontext()
+    )
 
     # Data. Only the first stage needs inputs and only the last needs targets.
     train_shards, val_shards = resolve_data(cfg, world)
     agree(world, lambda: check_model_fits_data(cfg, train_shards))
     t = cfg.train
-    loader = agree(world, lambda: Loader(train_shards, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-                                         grad_accum_steps=t.grad_accum_steps, dp_rank=grid.rank("dp"),
-                                         dp_size=grid.size("dp"), seed=t.seed))
+    loader = agree(
+        world,
+        lambda: Loader(
+            train_shards,
+            seq_len=t.seq_len,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum_steps=t.grad_accum_steps,
+            dp_rank=grid.rank("dp"),
+            dp_size=grid.size("dp"),
+            seed=t.seed,
+        ),
+    )
     reads_data = grid.is_first_stage or grid.is_last_stage
-    val = agree(world, lambda: val_batches(val_shards, seq_len=t.seq_len, batch_size=t.micro_batch_size,
-                                           num_batches=t.eval_batches, dp_rank=grid.rank("dp"),
-                                           dp_size=grid.size("dp")) if reads_data else None)
+    val = agree(
+        world,
+        lambda: (
+            val_batches(
+                val_shards,
+                seq_len=t.seq_len,
+                batch_size=t.micro_batch_size,
+                num_batches=t.eval_batches,
+                dp_rank=grid.rank("dp"),
+                dp_size=grid.size("dp"),
+            )
+            if reads_data
+            else None
+        ),
+    )
     val = stage_inputs(val, grid, device) if reads_data else [(None, None)] * t.eval_batches
 
     # Model (this rank's stage of it), gradient averaging, schedule, optimizer.
     torch.manual_seed(t.seed + world.Get_rank())  # dropout differs per rank; weights use init_seed
     model = agree(world, lambda: build_stage(cfg, grid, device))
     ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb)
-    stage = PipelineStage(model, pp_comm, stage=grid.rank("pp"), num_stages=grid.size("pp"),
-                          act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model), device=device)
+    stage = PipelineStage(
+        model,
+        pp_comm,
+        stage=grid.rank("pp"),
+        num_stages=grid.size("pp"),
+        act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
+        device=device,
+    )
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  foreach=device.type == "cuda")
-    trainer = Trainer(cfg=cfg, grid=grid, device=device, dp_comm=dp_comm, pp_comm=pp_comm, model=model, ddp=ddp,
-                      schedule=Schedule(stage, cfg.parallel.schedule), optimizer=optimizer, loader=loader, val=val,
-                      autocast=autocast, reads_data=reads_data)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        foreach=device.type == "cuda",
+    )
+    trainer = Trainer(
+        cfg=cfg,
+        grid=grid,
+        device=device,
+        dp_comm=dp_comm,
+        pp_comm=pp_comm,
+        model=model,
+        ddp=ddp,
+        schedule=Schedule(stage, cfg.parallel.schedule),
+        optimizer=optimizer,
+        loader=loader,
+        val=val,
+        autocast=autocast,
+        reads_data=reads_data,
+    )
     if cfg.checkpoint.resume:
         resume(trainer, world)
 
-    n_params = world.allreduce(sum(p.numel() for p in model.parameters()) if grid.rank("dp") == 0 else 0)
+    n_params = world.allreduce(
+        sum(p.numel() for p in model.parameters()) if grid.rank("dp") == 0 else 0
+    )
     if world.Get_rank() == 0:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.dir) / "config.toml").write_text(to_toml(cfg))
         print(f"{describe(grid.dims)}\nconfig:\n{to_toml(cfg)}", flush=True)
-    print0(f"model: {n_params / 1e6:.2f}M parameters | {threads} thread(s) per rank | device {device} | "
-           f"global batch {loader.global_batch_size} x {t.seq_len} tokens | schedule {cfg.parallel.schedule}")
+    print0(
+        f"model: {n_params / 1e6:.2f}M parameters | {threads} thread(s) per rank | device {device} | "
+        f"global batch {loader.global_batch_size} x {t.seq_len} tokens | schedule {cfg.parallel.schedule}"
+    )
     return trainer
 
 
@@ -227,28 +298,45 @@ def resume(trainer: Trainer, world) -> None:
     cfg = trainer.cfg
     latest, partial = checkpoint.find_latest(cfg.run.dir)
     for p in partial:
-        print0(f"warning: ignoring incomplete checkpoint {p} (its save was interrupted); "
-               f"resuming from {latest or 'scratch'}")
+        print0(
+            f"warning: ignoring incomplete checkpoint {p} (its save was interrupted); "
+            f"resuming from {latest or 'scratch'}"
+        )
     if latest is None:
         return
     meta = agree(world, lambda: checkpoint.read_meta(latest))
     agree(world, lambda: check_same_model(meta["config"]["model"], cfg, latest))
     same_layout = meta["grid"] == trainer.grid.dims
-    agree(world, lambda: checkpoint.load(latest, model=trainer.model, optimizer=trainer.optimizer,
-                                         world_rank=world.Get_rank(), same_layout=same_layout))
+    agree(
+        world,
+        lambda: checkpoint.load(
+            latest,
+            model=trainer.model,
+            optimizer=trainer.optimizer,
+            world_rank=world.Get_rank(),
+            same_layout=same_layout,
+        ),
+    )
     trainer.loader.load_state_dict(meta["loader"])
     trainer.step = meta["step"]
     moved = "" if same_layout else f", layout {meta['grid']} -> {trainer.grid.dims}"
-    print0(f"resumed from {latest} at step {trainer.step} (sample {trainer.loader.consumed_samples}{moved})")
+    print0(
+        f"resumed from {latest} at step {trainer.step} (sample {trainer.loader.consumed_samples}{moved})"
+    )
 
 
 def check_same_model(saved: dict, cfg: Config, path) -> None:
     keys = ("n_layer", "n_head", "d_model", "vocab_size", "block_size", "tie_embeddings")
-    diffs = [f"model.{k} = {saved[k]} in the checkpoint, {getattr(cfg.model, k)} now"
-             for k in keys if saved[k] != getattr(cfg.model, k)]
+    diffs = [
+        f"model.{k} = {saved[k]} in the checkpoint, {getattr(cfg.model, k)} now"
+        for k in keys
+        if saved[k] != getattr(cfg.model, k)
+    ]
     if diffs:
-        raise ValueError(f"checkpoint {path} is for a different model: {'; '.join(diffs)}. "
-                         "Use another run.dir, or the checkpoint's model settings")
+        raise ValueError(
+            f"checkpoint {path} is for a different model: {'; '.join(diffs)}. "
+            "Use another run.dir, or the checkpoint's model settings"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, options = agree(world, lambda: parse_args(sys.argv[1:] if argv is None else argv))
     if options["dry_run"]:
         size = options["world_size"] or world.Get_size()
-        dims = agree(world, lambda: resolve_dims(size, dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp))
+        dims = agree(
+            world,
+            lambda: resolve_dims(size, dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp),
+        )
         print0(describe(dims))
         return 0
     stop = StopRequest(cfg.run.time_limit_s)
@@ -279,27 +370,42 @@ def main(argv: list[str] | None = None) -> int:
         for group in tr.optimizer.param_groups:
             group["lr"] = lr
         with WATCHDOG.watch(f"training step {tr.step}"):
-            micro_batches = stage_inputs(tr.loader.next_step(read=tr.reads_data), tr.grid, tr.device)
+            micro_batches = stage_inputs(
+                tr.loader.next_step(read=tr.reads_data), tr.grid, tr.device
+            )
             _inject_fault(tr.step, world.Get_rank())
             loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
             grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm])
             tr.optimizer.step()
             # The mean loss over the whole global batch, known to every rank, so the
             # finiteness check is the same decision everywhere.
-            loss = mean_over_grid(loss_sum, len(micro_batches) if tr.grid.is_last_stage else 0,
-                                  [tr.pp_comm, tr.dp_comm])
+            loss = mean_over_grid(
+                loss_sum,
+                len(micro_batches) if tr.grid.is_last_stage else 0,
+                [tr.pp_comm, tr.dp_comm],
+            )
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {tr.step}; lower optim.lr or check the data")
+            raise FloatingPointError(
+                f"loss is {loss} at step {tr.step}; lower optim.lr or check the data"
+            )
         WATCHDOG.step_done(tr.step)
         window.add(time.perf_counter() - start, tr.comm_seconds() - comm_before)
 
         last = tr.step == t.max_steps
         if tr.step % t.log_every == 0 or window.is_first or last:
-            record = {"step": tr.step, "loss": loss, "lr": lr, **window.flush(), "grad_norm": grad_norm}
+            record = {
+                "step": tr.step,
+                "loss": loss,
+                "lr": lr,
+                **window.flush(),
+                "grad_norm": grad_norm,
+            }
             eta = (t.max_steps - tr.step) * record["ms_per_step"] / 1000
-            print0(f"step {tr.step}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                   f"{record['tokens_per_s']:,.0f} tok/s | {record['ms_per_step']:.0f} ms/step | "
-                   f"comm wait {100 * record['comm_wait_frac']:.1f}% | ETA {eta:.0f}s")
+            print0(
+                f"step {tr.step}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{record['tokens_per_s']:,.0f} tok/s | {record['ms_per_step']:.0f} ms/step | "
+                f"comm wait {100 * record['comm_wait_frac']:.1f}% | ETA {eta:.0f}s"
+            )
             metrics and metrics.write(record)
         if (t.eval_every and tr.step % t.eval_every == 0) or last:
             with WATCHDOG.watch("validation"):
@@ -311,20 +417,27 @@ def main(argv: list[str] | None = None) -> int:
             print0(f"saved {tr.save()}")
             saved_at = tr.step
         if stopped:
-            print0(f"stopping at step {tr.step}: {stopped}; all ranks saved and exit 0. "
-                   "Run the same command again to resume.")
+            print0(
+                f"stopping at step {tr.step}: {stopped}; all ranks saved and exit 0. "
+                "Run the same command again to resume."
+            )
             break
 
     if tr.step > saved_at:  # e.g. max_steps lowered below a resumed run's progress
         tr.save()
     if world.Get_rank() == 0:
         state = "stopped" if stopped else "complete"
-        write_status(cfg.run.dir, {"state": state, "step": tr.step, "max_steps": t.max_steps, "reason": stopped})
+        write_status(
+            cfg.run.dir,
+            {"state": state, "step": tr.step, "max_steps": t.max_steps, "reason": stopped},
+        )
         if state == "complete" and cfg.run.sample_tokens > 0:
             # The final checkpoint holds every stage, so rank 0 can sample whatever the layout.
             final, _ = checkpoint.find_latest(cfg.run.dir)
             full_model, _ = load_model(final, tr.device)
-            text = sample(full_model, load_run_tokenizer(cfg.data.path), cfg.run.prompt, cfg.run.sample_tokens)
+            text = sample(
+                full_model, load_run_tokenizer(cfg.data.path), cfg.run.prompt, cfg.run.sample_tokens
+            )
             print(f"sample:\n{text}", flush=True)
     world.Barrier()
     return 0
@@ -344,8 +457,11 @@ class StepWindow:
         self.comm += comm_seconds
 
     def flush(self) -> dict:
-        stats = {"tokens_per_s": self.tokens_per_step * self.steps / self.seconds,
-                 "ms_per_step": 1000 * self.seconds / self.steps, "comm_wait_frac": self.comm / self.seconds}
+        stats = {
+            "tokens_per_s": self.tokens_per_step * self.steps / self.seconds,
+            "ms_per_step": 1000 * self.seconds / self.steps,
+            "comm_wait_frac": self.comm / self.seconds,
+        }
         self.is_first = False
         self.steps, self.seconds, self.comm = 0, 0.0, 0.0
         return stats
@@ -372,6 +488,7 @@ def write_status(run_dir: str, status: dict) -> None:
 
 def stage_inputs(batches, grid: Grid, device) -> list[tuple]:
     """Keep the inputs on the first stage and the targets on the last, on the device."""
+
     def keep(t, needed: bool):
         return t.to(device) if needed and t is not None else None
 
@@ -382,9 +499,13 @@ def _inject_fault(step: int, rank: int) -> None:
     """Test hooks: HPCLLM_FAIL_AT_STEP=s makes rank HPCLLM_FAIL_RANK (default 0) raise at
     step s; HPCLLM_HANG_AT_STEP=s makes rank HPCLLM_HANG_RANK block forever there."""
     env = os.environ
-    if env.get("HPCLLM_FAIL_AT_STEP") == str(step) and env.get("HPCLLM_FAIL_RANK", "0") == str(rank):
+    if env.get("HPCLLM_FAIL_AT_STEP") == str(step) and env.get("HPCLLM_FAIL_RANK", "0") == str(
+        rank
+    ):
         raise RuntimeError(f"injected failure at step {step} (HPCLLM_FAIL_AT_STEP)")
-    if env.get("HPCLLM_HANG_AT_STEP") == str(step) and env.get("HPCLLM_HANG_RANK", "0") == str(rank):
+    if env.get("HPCLLM_HANG_AT_STEP") == str(step) and env.get("HPCLLM_HANG_RANK", "0") == str(
+        rank
+    ):
         while True:
             time.sleep(3600)
 

@@ -77,9 +77,13 @@ class Watchdog:
             from mpi4py import MPI
 
             rank = MPI.COMM_WORLD.Get_rank()
-            print(f"[hpcllm] watchdog: rank {rank} on {socket.gethostname()} made no progress for "
-                  f"{idle:.0f} s at step {self.step}, in: {activity}. Aborting the job "
-                  f"(run.watchdog_s = {self.timeout:g}).", file=sys.stderr, flush=True)
+            print(
+                f"[hpcllm] watchdog: rank {rank} on {socket.gethostname()} made no progress for "
+                f"{idle:.0f} s at step {self.step}, in: {activity}. Aborting the job "
+                f"(run.watchdog_s = {self.timeout:g}).",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
                 MPI.COMM_WORLD.Abort(3)
             finally:

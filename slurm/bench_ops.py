@@ -13,6 +13,7 @@ checkpoint  Save (hpcllm.checkpoint.save: fsync'ed files, atomic rename) and loa
 
 Medians over --repeats. Prints a table and, with --json PATH, writes the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,30 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMP_NUM_THREADS": "1",
-           "OMPI_MCA_mpi_yield_when_idle": "1"}
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+    "OMP_NUM_THREADS": "1",
+    "OMPI_MCA_mpi_yield_when_idle": "1",
+}
 # hpcllm's default model; constant learning rate so a run can be stopped anywhere and resumed.
-TRAIN = ["--train.log_every", "1", "--train.eval_every", "0", "--train.eval_batches", "2",
-         "--run.sample_tokens", "0", "--checkpoint.every", "0", "--optim.warmup_steps", "0",
-         "--optim.min_lr", "1e-3"]
+TRAIN = [
+    "--train.log_every",
+    "1",
+    "--train.eval_every",
+    "0",
+    "--train.eval_batches",
+    "2",
+    "--run.sample_tokens",
+    "0",
+    "--checkpoint.every",
+    "0",
+    "--optim.warmup_steps",
+    "0",
+    "--optim.min_lr",
+    "1e-3",
+]
 
 
 def machine() -> str:
@@ -51,25 +69,52 @@ def corpus(tmp: Path) -> Path:
     words = "the quick brown fox jumps over a lazy dog def return class import self value".split()
     (tmp / "corpus").mkdir()
     for i in range(4):
-        (tmp / "corpus" / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(12000)))
+        (tmp / "corpus" / f"doc{i}.txt").write_text(
+            " ".join(rng.choice(words) for _ in range(12000))
+        )
     prepare([str(tmp / "corpus")], str(tmp / "data"), tokenizer="byte")
     return tmp / "data"
 
 
 class Job:
     def __init__(self, np: int, data: Path, run_dir: Path, max_steps: int):
-        cmd = ["mpirun", "-np", str(np), sys.executable, "-m", "hpcllm.train", *TRAIN, "--data.path", str(data),
-               "--run.dir", str(run_dir), "--train.max_steps", str(max_steps)]
+        cmd = [
+            "mpirun",
+            "-np",
+            str(np),
+            sys.executable,
+            "-m",
+            "hpcllm.train",
+            *TRAIN,
+            "--data.path",
+            str(data),
+            "--run.dir",
+            str(run_dir),
+            "--train.max_steps",
+            str(max_steps),
+        ]
         self.metrics = run_dir / "metrics.jsonl"
         self.start = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **MPI_ENV}, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, **MPI_ENV},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def last_step(self) -> int:
         if not self.metrics.exists():
             return 0
-        return max((json.loads(line)["step"] for line in self.metrics.read_text().splitlines()
-                    if line.endswith("}")), default=0)
+        return max(
+            (
+                json.loads(line)["step"]
+                for line in self.metrics.read_text().splitlines()
+                if line.endswith("}")
+            ),
+            default=0,
+        )
 
     def wait_for_step(self, step: int, timeout: float = 300) -> float:
         """Seconds from launch until metrics.jsonl holds `step`."""
@@ -104,20 +149,33 @@ def bench_stop(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = corpus(Path(tmp))
         for np in args.np:
-            rows = {"sigterm_rank1_to_exit_s": [], "sigusr1_mpirun_to_exit_s": [], "kill9_rank1_to_exit_s": [],
-                    "rerun_to_first_new_step_s": [], "step_ms": []}
+            rows = {
+                "sigterm_rank1_to_exit_s": [],
+                "sigusr1_mpirun_to_exit_s": [],
+                "kill9_rank1_to_exit_s": [],
+                "rerun_to_first_new_step_s": [],
+                "step_ms": [],
+            }
             for rep in range(args.repeats):
-                for case, key in (("term", "sigterm_rank1_to_exit_s"), ("usr1", "sigusr1_mpirun_to_exit_s"),
-                                  ("kill", "kill9_rank1_to_exit_s")):
+                for case, key in (
+                    ("term", "sigterm_rank1_to_exit_s"),
+                    ("usr1", "sigusr1_mpirun_to_exit_s"),
+                    ("kill", "kill9_rank1_to_exit_s"),
+                ):
                     run_dir = Path(tmp) / f"np{np}-{case}-{rep}"
                     job = Job(np, data, run_dir, max_steps=100_000)
                     job.wait_for_step(5)
                     t5 = time.monotonic()
                     job.wait_for_step(10)
                     rows["step_ms"].append(1000 * (time.monotonic() - t5) / 5)
-                    pid = {"term": lambda: job.rank_pid(1), "usr1": lambda: job.proc.pid,
-                           "kill": lambda: job.rank_pid(1)}[case]()
-                    sig = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "kill": signal.SIGKILL}[case]
+                    pid = {
+                        "term": lambda: job.rank_pid(1),
+                        "usr1": lambda: job.proc.pid,
+                        "kill": lambda: job.rank_pid(1),
+                    }[case]()
+                    sig = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "kill": signal.SIGKILL}[
+                        case
+                    ]
                     seconds, code = job.time_to_exit(pid, sig)
                     assert (code == 0) == (case != "kill"), (case, code)
                     rows[key].append(seconds)
@@ -127,7 +185,10 @@ def bench_stop(args) -> dict:
                         rows["rerun_to_first_new_step_s"].append(rerun.wait_for_step(stopped + 1))
                         rerun.proc.wait(timeout=300)
             results[f"np{np}"] = {k: round(statistics.median(v), 2) for k, v in rows.items()}
-            print(f"np {np}: " + ", ".join(f"{k} {v}" for k, v in results[f"np{np}"].items()), flush=True)
+            print(
+                f"np {np}: " + ", ".join(f"{k} {v}" for k, v in results[f"np{np}"].items()),
+                flush=True,
+            )
     return results
 
 
@@ -139,8 +200,13 @@ def bench_checkpoint(args) -> dict:
     from hpcllm.model import GPT, GPTConfig, param_groups
     from hpcllm.topology import Grid
 
-    cfg = GPTConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer, n_head=args.d_model // 64,
-                    d_model=args.d_model)
+    cfg = GPTConfig(
+        vocab_size=args.vocab,
+        block_size=args.block,
+        n_layer=args.n_layer,
+        n_head=args.d_model // 64,
+        d_model=args.d_model,
+    )
     grid = Grid.build(MPI.COMM_WORLD)
 
     def model_and_optimizer():
@@ -157,22 +223,38 @@ def bench_checkpoint(args) -> dict:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for rep in range(args.repeats):
             start = time.perf_counter()
-            path = checkpoint.save(tmp, rep + 1, grid=grid, model=model, optimizer=optimizer,
-                                   extra={"loader": {}, "config": {}}, keep=1)
+            path = checkpoint.save(
+                tmp,
+                rep + 1,
+                grid=grid,
+                model=model,
+                optimizer=optimizer,
+                extra={"loader": {}, "config": {}},
+                keep=1,
+            )
             saves.append(time.perf_counter() - start)
             size = sum(f.stat().st_size for f in path.iterdir())
             fresh_model, fresh_optimizer = model_and_optimizer()
             os.system("sync")
             start = time.perf_counter()
-            checkpoint.load(path, model=fresh_model, optimizer=fresh_optimizer, world_rank=0, same_layout=True)
+            checkpoint.load(
+                path, model=fresh_model, optimizer=fresh_optimizer, world_rank=0, same_layout=True
+            )
             loads.append(time.perf_counter() - start)
             del fresh_model, fresh_optimizer
-    result = {"params_M": round(n_params / 1e6, 1), "size_MB": round(size / 1e6), "save_s": round(statistics.median(saves), 2),
-              "load_s": round(statistics.median(loads), 2),
-              "save_MB_per_s": round(size / 1e6 / statistics.median(saves)),
-              "load_MB_per_s": round(size / 1e6 / statistics.median(loads))}
-    print(f"checkpoint of {result['params_M']}M parameters (n_layer {args.n_layer}, d_model {args.d_model}, "
-          f"vocab {args.vocab}, block {args.block}) + AdamW: {result}", flush=True)
+    result = {
+        "params_M": round(n_params / 1e6, 1),
+        "size_MB": round(size / 1e6),
+        "save_s": round(statistics.median(saves), 2),
+        "load_s": round(statistics.median(loads), 2),
+        "save_MB_per_s": round(size / 1e6 / statistics.median(saves)),
+        "load_MB_per_s": round(size / 1e6 / statistics.median(loads)),
+    }
+    print(
+        f"checkpoint of {result['params_M']}M parameters (n_layer {args.n_layer}, d_model {args.d_model}, "
+        f"vocab {args.vocab}, block {args.block}) + AdamW: {result}",
+        flush=True,
+    )
     return result
 
 
@@ -188,13 +270,20 @@ def main() -> None:
     ckpt.add_argument("--vocab", type=int, default=8192)
     ckpt.add_argument("--block", type=int, default=1024)
     ckpt.add_argument("--repeats", type=int, default=3)
-    ckpt.add_argument("--dir", default=None, help="where to write (default: the system's temp folder)")
+    ckpt.add_argument(
+        "--dir", default=None, help="where to write (default: the system's temp folder)"
+    )
     for p in (stop, ckpt):
         p.add_argument("--json", default=None)
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M")
     result = bench_stop(args) if args.what == "stop" else bench_checkpoint(args)
-    record = {"date": started, "machine": machine(), "load_avg_1m_at_end": os.getloadavg()[0], **result}
+    record = {
+        "date": started,
+        "machine": machine(),
+        "load_avg_1m_at_end": os.getloadavg()[0],
+        **result,
+    }
     print(json.dumps(record, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")

@@ -3,6 +3,7 @@
 These variables are set before pytest-isolate-mpi (and our own subprocess helpers)
 start `mpirun`, so every multi-rank test inherits them.
 """
+
 import os
 
 os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")

@@ -3,6 +3,7 @@
 Runs go through subprocesses with a timeout and their own process group, so a hung
 job is killed whole (mpirun and every rank) and the test fails instead of hanging.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ def write_corpus(root: Path, num_docs: int = 4, words_per_doc: int = 3000) -> Pa
     import random
 
     rng = random.Random(0)
-    vocab = ("the quick brown fox jumps over a lazy dog def return class import self value "
-             "data model train loss step rank grid shard token").split()
+    vocab = (
+        "the quick brown fox jumps over a lazy dog def return class import self value "
+        "data model train loss step rank grid shard token"
+    ).split()
     root.mkdir(parents=True, exist_ok=True)
     for i in range(num_docs):
         words = " ".join(rng.choice(vocab) for _ in range(words_per_doc))
@@ -78,22 +81,33 @@ class Result:
     wall: float  # seconds from launch to exit
 
     def __str__(self) -> str:
-        return (f"exit {self.returncode} after {self.wall:.1f}s\n--- stdout (tail) ---\n{self.stdout[-3000:]}"
-                f"\n--- stderr (tail) ---\n{self.stderr[-3000:]}")
+        return (
+            f"exit {self.returncode} after {self.wall:.1f}s\n--- stdout (tail) ---\n{self.stdout[-3000:]}"
+            f"\n--- stderr (tail) ---\n{self.stderr[-3000:]}"
+        )
 
 
 def run(cmd: list[str], *, timeout: float, env: dict | None = None) -> Result:
     """Run `cmd` in its own process group; on timeout kill the whole group and fail the test."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)}\ndid not finish within {timeout}s (hung?); killed.\n"
-                    f"--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-3000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)}\ndid not finish within {timeout}s (hung?); killed.\n"
+            f"--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-3000:]}"
+        )
     return Result(proc.returncode, stdout, stderr, time.perf_counter() - start)
 
 
@@ -118,18 +132,32 @@ def overrides(settings: dict) -> list[str]:
     return args
 
 
-def train(np: int | None, settings: dict, *, timeout: float = 120, env: dict | None = None,
-          extra_args: list[str] = ()) -> Result:
+def train(
+    np: int | None,
+    settings: dict,
+    *,
+    timeout: float = 120,
+    env: dict | None = None,
+    extra_args: list[str] = (),
+) -> Result:
     """`mpirun -np N python -m hpcllm.train` (or plain `python -m hpcllm.train` for np=None)
     with TINY overridden by `settings`."""
     launcher = [] if np is None else ["mpirun", "-np", str(np)]
-    cmd = launcher + [sys.executable, "-m", "hpcllm.train", *overrides({**TINY, **settings}), *extra_args]
+    cmd = launcher + [
+        sys.executable,
+        "-m",
+        "hpcllm.train",
+        *overrides({**TINY, **settings}),
+        *extra_args,
+    ]
     return run(cmd, timeout=timeout, env=env)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 

@@ -15,6 +15,7 @@ task/none (no cgroups needed), select/cons_tres, root as SlurmUser, and
 PMIX_SECURITY_MODE=native in mpi.conf, which the pip Open MPI's bundled PMIx needs to
 talk to Slurm's PMIx server.
 """
+
 from __future__ import annotations
 
 import glob
@@ -33,7 +34,9 @@ import pytest
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "sinfo", "squeue", "scancel")
 PMIX_PLUGIN_LIBRARY = "/usr/lib/*/pmix2/lib/libpmix.so"  # what Debian's mpi_pmix plugin dlopens
-NODE_CPUS = 8  # advertised CPUs (config_overrides): lets jobs run more tasks than this machine has cores
+NODE_CPUS = (
+    8  # advertised CPUs (config_overrides): lets jobs run more tasks than this machine has cores
+)
 
 
 class Unavailable(Exception):
@@ -50,18 +53,36 @@ class SlurmCluster:
     def client_env(self, base) -> dict:
         """`base` with this cluster's SLURM_CONF, and without the Slurm variables of any job the
         tests themselves may run in (they would leak into the test jobs)."""
-        env = {k: v for k, v in base.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        env = {
+            k: v
+            for k, v in base.items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
+        }
         env["SLURM_CONF"] = str(self.root / "slurm.conf")
         env["PATH"] = os.pathsep.join([env.get("PATH", ""), "/usr/sbin"])
         return env
 
-    def run(self, *cmd: str, timeout: float = 30, check: bool = True, env: dict | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        *cmd: str,
+        timeout: float = 30,
+        check: bool = True,
+        env: dict | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess:
         """A Slurm client command (sbatch, scontrol, ...) against this cluster."""
-        proc = subprocess.run(cmd, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            cmd,
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+            )
         return proc
 
     def job_state(self, job_id: str) -> str:
@@ -82,7 +103,9 @@ class SlurmCluster:
             if state in states:
                 return state
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout}s (waited for {sorted(states)})")
+                raise TimeoutError(
+                    f"job {job_id} still {state} after {timeout}s (waited for {sorted(states)})"
+                )
             time.sleep(0.2)
 
     def log_tail(self, lines: int = 10) -> str:
@@ -116,15 +139,25 @@ def slurm(tmp_path_factory):
 
 def start(root: Path, timeout: float = 60) -> SlurmCluster:
     """Start munged, slurmctld and slurmd under `root`; raises Unavailable with the reason."""
-    missing = [b for b in DAEMONS + CLIENTS if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+    missing = [
+        b
+        for b in DAEMONS + CLIENTS
+        if shutil.which(b) is None and not Path("/usr/sbin", b).exists()
+    ]
     if missing:
-        raise Unavailable(f"Slurm/munge binaries not found: {', '.join(missing)} (install them with "
-                          "`bash .ci/install-slurm.sh`: Debian's slurmctld slurmd slurm-client munge)")
+        raise Unavailable(
+            f"Slurm/munge binaries not found: {', '.join(missing)} (install them with "
+            "`bash .ci/install-slurm.sh`: Debian's slurmctld slurmd slurm-client munge)"
+        )
     if os.geteuid() != 0:
-        raise Unavailable("the private Slurm cluster needs root (slurmd starts jobs, munged runs as root)")
+        raise Unavailable(
+            "the private Slurm cluster needs root (slurmd starts jobs, munged runs as root)"
+        )
     if not glob.glob(PMIX_PLUGIN_LIBRARY):
-        raise Unavailable(f"{PMIX_PLUGIN_LIBRARY} is missing, so `srun --mpi=pmix` cannot work "
-                          "(install Debian's libpmix-dev: `bash .ci/install-slurm.sh`)")
+        raise Unavailable(
+            f"{PMIX_PLUGIN_LIBRARY} is missing, so `srun --mpi=pmix` cannot work "
+            "(install Debian's libpmix-dev: `bash .ci/install-slurm.sh`)"
+        )
     root.mkdir(parents=True, exist_ok=True)
     for sub in ("munge", "state", "spool", "log"):
         (root / sub).mkdir(exist_ok=True)
@@ -135,10 +168,14 @@ def start(root: Path, timeout: float = 60) -> SlurmCluster:
         _start_munge(cluster)
         cluster.node = _write_config(cluster)
         for daemon, args in (("slurmctld", ["-i"]), ("slurmd", [])):
-            proc = subprocess.run([_which(daemon), *args], env=env, capture_output=True, text=True, timeout=30)
+            proc = subprocess.run(
+                [_which(daemon), *args], env=env, capture_output=True, text=True, timeout=30
+            )
             cluster.pid_files.append(root / f"{daemon}.pid")
             if proc.returncode != 0:
-                raise Unavailable(f"{daemon} did not start ({proc.returncode}): {proc.stderr.strip()}")
+                raise Unavailable(
+                    f"{daemon} did not start ({proc.returncode}): {proc.stderr.strip()}"
+                )
         _wait_idle(cluster, timeout)
     except Unavailable as e:
         tail = cluster.log_tail()
@@ -160,9 +197,15 @@ def _start_munge(cluster: SlurmCluster) -> None:
     key = m / "munge.key"
     key.write_bytes(os.urandom(1024))
     os.chmod(key, 0o600)
-    cmd = [_which("munged"), "--force", f"--socket={m / 'munge.sock'}", f"--key-file={key}",
-           f"--pid-file={m / 'munged.pid'}", f"--seed-file={m / 'munged.seed'}",
-           f"--log-file={cluster.root / 'log' / 'munged.log'}"]
+    cmd = [
+        _which("munged"),
+        "--force",
+        f"--socket={m / 'munge.sock'}",
+        f"--key-file={key}",
+        f"--pid-file={m / 'munged.pid'}",
+        f"--seed-file={m / 'munged.seed'}",
+        f"--log-file={cluster.root / 'log' / 'munged.log'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     cluster.pid_files.append(m / "munged.pid")
     if proc.returncode != 0:
@@ -192,15 +235,15 @@ SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r / 'munge' / 'munge.sock'}
+AuthInfo=socket={r / "munge" / "munge.sock"}
 SlurmUser=root
 SlurmdUser=root
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmctldLogFile={r / "log" / "slurmctld.log"}
+SlurmdLogFile={r / "log" / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -232,7 +275,9 @@ def _wait_idle(cluster: SlurmCluster, timeout: float) -> None:
         if state == "idle":
             return
         if state.startswith(("down", "drain")):
-            cluster.run("scontrol", "update", f"nodename={cluster.node}", "state=resume", check=False)
+            cluster.run(
+                "scontrol", "update", f"nodename={cluster.node}", "state=resume", check=False
+            )
         time.sleep(0.5)
     raise Unavailable(f"node {cluster.node} did not become idle within {timeout}s (state: {state})")
 

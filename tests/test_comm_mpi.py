@@ -3,6 +3,7 @@
 Every result is checked against plain mpi4py on NumPy buffers, the reference MPI gets
 right. CUDA tests run wherever torch sees a GPU and are skipped (with the reason) elsewhere.
 """
+
 import pytest
 import torch
 import torch.nn as nn
@@ -43,8 +44,11 @@ def flat_grads(model) -> torch.Tensor:
 def in_buffer(t: torch.Tensor, buffer: torch.Tensor) -> bool:
     """Whether `t` is a view into `buffer`'s memory."""
     start = buffer.data_ptr()
-    return (t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-            and start <= t.data_ptr() and t.data_ptr() + t.numel() * 4 <= start + buffer.numel() * 4)
+    return (
+        t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        and start <= t.data_ptr()
+        and t.data_ptr() + t.numel() * 4 <= start + buffer.numel() * 4
+    )
 
 
 def check_data_parallel(comm, device="cpu", cuda_aware=False):
@@ -56,7 +60,12 @@ def check_data_parallel(comm, device="cpu", cuda_aware=False):
     largest = max(GPT(CFG).parameters(), key=lambda p: p.numel())
     nbytes = largest.numel() * 4
     # (bucket size in MiB, extra unused parameter): smaller than, equal to and larger than one parameter.
-    cases = [(nbytes / 2 / 2**20, False), (nbytes / 2**20, False), (25.0, False), (nbytes / 2**20, True)]
+    cases = [
+        (nbytes / 2 / 2**20, False),
+        (nbytes / 2**20, False),
+        (25.0, False),
+        (nbytes / 2**20, True),
+    ]
     for bucket_mb, unused in cases:
         what = f"bucket_mb={bucket_mb} unused={unused}"
         model, reference = make_model(unused, device), make_model(unused, "cpu")
@@ -71,7 +80,9 @@ def check_data_parallel(comm, device="cpu", cuda_aware=False):
             assert len(b.params) == 1 or b.buffer.numel() * 4 <= int(bucket_mb * 2**20), what
         if bucket_mb < 1:
             # The largest parameter does not share its bucket.
-            assert any(len(b.params) == 1 and b.params[0].numel() == largest.numel() for b in ddp.buckets), what
+            assert any(
+                len(b.params) == 1 and b.params[0].numel() == largest.numel() for b in ddp.buckets
+            ), what
             assert len(ddp.buckets) > 2, what
         else:
             assert len(ddp.buckets) == 1, what
@@ -120,8 +131,16 @@ def check_data_parallel(comm, device="cpu", cuda_aware=False):
                 for p in b.params:
                     assert in_buffer(p.grad, b.buffer), (what, step)
         # Reduced parameters stayed identical on every rank.
-        assert len(set(comm.allgather(torch.cat([p.detach().reshape(-1).cpu() for p in params])
-                                      .numpy().tobytes()))) == 1, what
+        assert (
+            len(
+                set(
+                    comm.allgather(
+                        torch.cat([p.detach().reshape(-1).cpu() for p in params]).numpy().tobytes()
+                    )
+                )
+            )
+            == 1
+        ), what
 
 
 @pytest.mark.mpi(ranks=[2, 4], timeout=180)
@@ -136,7 +155,9 @@ def check_tensor_collectives(comm, device="cpu", cuda_aware=False):
 
     tc = TensorComm(comm, cuda_aware)
     rank, size = comm.rank, comm.size
-    all_values = [torch.randn(1000, generator=torch.Generator().manual_seed(r)) * 100 for r in range(size)]
+    all_values = [
+        torch.randn(1000, generator=torch.Generator().manual_seed(r)) * 100 for r in range(size)
+    ]
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         mine = all_values[rank].to(dtype)
@@ -174,8 +195,12 @@ def check_point_to_point(comm, device="cpu", cuda_aware=False):
     peer = rank ^ 1  # pairs (0, 1), (2, 3), ...
     if peer >= comm.size:
         return
-    originals = {dtype: (torch.randn(3, 257, generator=torch.Generator().manual_seed(min(rank, peer))) * 7).to(dtype)
-                 for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    originals = {
+        dtype: (
+            torch.randn(3, 257, generator=torch.Generator().manual_seed(min(rank, peer))) * 7
+        ).to(dtype)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    }
     for tag, (dtype, original) in enumerate(originals.items()):
         if rank % 2 == 0:
             # Send, then receive the peer's doubled copy (doubling is exact in every dtype).

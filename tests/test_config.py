@@ -1,4 +1,5 @@
 """Configuration: defaults < TOML file < command line, and errors that name the key."""
+
 import pytest
 
 from hpcllm.config import Config, ConfigError, from_dict, load_toml, parse_args, to_toml
@@ -10,14 +11,17 @@ def write(path, text):
 
 
 def test_defaults_then_toml_then_overrides(tmp_path):
-    toml = write(tmp_path / "run.toml", """
+    toml = write(
+        tmp_path / "run.toml",
+        """
 [train]
 max_steps = 50
 seq_len = 64
 [model]
 d_model = 64
 n_head = 8
-""")
+""",
+    )
     cfg, options = parse_args(["--config", toml, "--train.max_steps", "7", "--model.n_head=2"])
     assert cfg.train.max_steps == 7  # command line beats the file
     assert cfg.train.seq_len == 64  # file beats the default
@@ -69,11 +73,13 @@ def test_wrong_types_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"optim.lr: expected float, got 'fast'"):
         parse_args(["--optim.lr", "fast"])
 
-    cases = {"[model]\nn_layer = 2.5\n": "model.n_layer: expected int, got float 2.5",
-             "[optim]\nlr = true\n": "optim.lr: expected float, got bool True",
-             "[model]\ntie_embeddings = 1\n": "model.tie_embeddings: expected bool, got int 1",
-             "[run]\ndir = 3\n": "run.dir: expected str, got int 3",
-             "[train]\nmax_steps = true\n": "train.max_steps: expected int, got bool True"}
+    cases = {
+        "[model]\nn_layer = 2.5\n": "model.n_layer: expected int, got float 2.5",
+        "[optim]\nlr = true\n": "optim.lr: expected float, got bool True",
+        "[model]\ntie_embeddings = 1\n": "model.tie_embeddings: expected bool, got int 1",
+        "[run]\ndir = 3\n": "run.dir: expected str, got int 3",
+        "[train]\nmax_steps = true\n": "train.max_steps: expected int, got bool True",
+    }
     for i, (text, message) in enumerate(cases.items()):
         toml = write(tmp_path / f"bad{i}.toml", text)
         with pytest.raises(ConfigError) as e:
@@ -81,8 +87,19 @@ def test_wrong_types_name_the_key(tmp_path):
         assert message in str(e.value) and toml in str(e.value), (text, str(e.value))
 
 
-@pytest.mark.parametrize("text,value", [("true", True), ("True", True), ("yes", True), ("1", True),
-                                        ("false", False), ("no", False), ("0", False), (" FALSE ", False)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("true", True),
+        ("True", True),
+        ("yes", True),
+        ("1", True),
+        ("false", False),
+        ("no", False),
+        ("0", False),
+        (" FALSE ", False),
+    ],
+)
 def test_bool_coercion(text, value):
     cfg, _ = parse_args(["--checkpoint.resume", text])
     assert cfg.checkpoint.resume is value
@@ -98,7 +115,9 @@ def test_float_coercion(tmp_path):
     assert cfg.optim.lr == pytest.approx(3e-4) and type(cfg.optim.lr) is float
     assert cfg.parallel.bucket_mb == 1.0 and type(cfg.parallel.bucket_mb) is float
     # A TOML integer is accepted where a float is expected, and becomes a float.
-    cfg, _ = parse_args(["--config", write(tmp_path / "f.toml", "[optim]\nlr = 1\ngrad_clip = 0\n")])
+    cfg, _ = parse_args(
+        ["--config", write(tmp_path / "f.toml", "[optim]\nlr = 1\ngrad_clip = 0\n")]
+    )
     assert cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float
     assert cfg.optim.grad_clip == 0.0 and type(cfg.optim.grad_clip) is float
 
@@ -139,15 +158,23 @@ def test_unreadable_config_files(tmp_path):
     assert flat in str(e.value) and "'max_steps' must be a [section] table" in str(e.value)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model.d_model", "30", "--model.n_head", "4"], "model.d_model (30) must be divisible by model.n_head (4)"),
-    (["--model.block_size", "16", "--train.seq_len", "32"],
-     "train.seq_len (32) is longer than the model's context model.block_size (16)"),
-    (["--train.micro_batch_size", "0"], "train.micro_batch_size must be positive, got 0"),
-    (["--parallel.tp", "2"], "parallel.tp = 2"),
-    (["--train.dtype", "fp8"], "train.dtype must be float32 or bfloat16"),
-    (["--parallel.cuda_aware", "maybe"], "parallel.cuda_aware must be auto, yes or no"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--model.d_model", "30", "--model.n_head", "4"],
+            "model.d_model (30) must be divisible by model.n_head (4)",
+        ),
+        (
+            ["--model.block_size", "16", "--train.seq_len", "32"],
+            "train.seq_len (32) is longer than the model's context model.block_size (16)",
+        ),
+        (["--train.micro_batch_size", "0"], "train.micro_batch_size must be positive, got 0"),
+        (["--parallel.tp", "2"], "parallel.tp = 2"),
+        (["--train.dtype", "fp8"], "train.dtype must be float32 or bfloat16"),
+        (["--parallel.cuda_aware", "maybe"], "parallel.cuda_aware must be auto, yes or no"),
+    ],
+)
 def test_validate_names_the_key(args, message):
     with pytest.raises(ConfigError) as e:
         parse_args(args)

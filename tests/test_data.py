@@ -1,4 +1,5 @@
 """Single-process tests of hpcllm.data: tokenizers, the shard format, prepare, and the loader."""
+
 import os
 import subprocess
 import sys
@@ -21,8 +22,13 @@ def write_unique_shards(data_dir, sizes, split="train"):
     os.makedirs(data_dir, exist_ok=True)
     start = 0
     for i, n in enumerate(sizes):
-        write_shard(os.path.join(data_dir, f"{split}-{i:04d}.h5"), np.arange(start, start + n),
-                    vocab_size=100_000, tokenizer="byte", eot_id=99_999)
+        write_shard(
+            os.path.join(data_dir, f"{split}-{i:04d}.h5"),
+            np.arange(start, start + n),
+            vocab_size=100_000,
+            tokenizer="byte",
+            eot_id=99_999,
+        )
         start += n
 
 
@@ -31,6 +37,7 @@ def sample_ids(x: torch.Tensor, first_token_to_index: dict) -> list[int]:
 
 
 # ---------------------------------------------------------------- tokenizers
+
 
 def test_byte_tokenizer_round_trip():
     tok = ByteTokenizer()
@@ -68,13 +75,16 @@ def test_load_tokenizer_errors(tmp_path):
 
 # ---------------------------------------------------------------- shards
 
+
 def test_shard_round_trip_and_sample_layout(tmp_path):
     # 8k+1 tokens hold k samples of seq_len 8; shards of 0 and 1 tokens hold none.
     sizes = [8 * 5 + 1, 1, 0, 8 * 3 + 7, 8 * 2 + 1]
     write_unique_shards(tmp_path, sizes)
     assert not list(tmp_path.glob("*.tmp"))
     with open_shards(tmp_path, "train") as shards:
-        assert [os.path.basename(p) for p in shards.paths] == [f"train-{i:04d}.h5" for i in range(5)]
+        assert [os.path.basename(p) for p in shards.paths] == [
+            f"train-{i:04d}.h5" for i in range(5)
+        ]
         assert (shards.vocab_size, shards.tokenizer, shards.eot_id) == (100_000, "byte", 99_999)
         assert shards.num_tokens == sum(sizes)
         assert shards.num_samples(8) == 5 + 3 + 2
@@ -89,15 +99,21 @@ def test_shard_round_trip_and_sample_layout(tmp_path):
             shards.num_samples(100)
 
 
-@pytest.mark.parametrize("vocab_size, dtype", [(257, np.uint16), (65536, np.uint16), (65537, np.uint32)])
+@pytest.mark.parametrize(
+    "vocab_size, dtype", [(257, np.uint16), (65536, np.uint16), (65537, np.uint32)]
+)
 def test_shard_dtype_follows_vocab(tmp_path, vocab_size, dtype):
     tokens = np.array([0, 1, vocab_size - 1])
-    write_shard(tmp_path / "train-0000.h5", tokens, vocab_size=vocab_size, tokenizer="bpe", eot_id=0)
+    write_shard(
+        tmp_path / "train-0000.h5", tokens, vocab_size=vocab_size, tokenizer="bpe", eot_id=0
+    )
     with h5py.File(tmp_path / "train-0000.h5", "r") as f:
         assert f["tokens"].dtype == dtype and list(f["tokens"][:]) == list(tokens)
         assert f.attrs["format"] == "hpcllm-tokens" and f.attrs["format_version"] == 1
     with pytest.raises(ValueError, match=r"\[0, 257\)"):
-        write_shard(tmp_path / "bad.h5", np.array([257]), vocab_size=257, tokenizer="byte", eot_id=256)
+        write_shard(
+            tmp_path / "bad.h5", np.array([257]), vocab_size=257, tokenizer="byte", eot_id=256
+        )
 
 
 def test_open_shards_errors(tmp_path):
@@ -114,7 +130,9 @@ def test_open_shards_errors(tmp_path):
         open_shards(tmp_path, "train")
 
     write_unique_shards(tmp_path, [100, 100])
-    write_shard(tmp_path / "train-0001.h5", np.arange(10), vocab_size=300, tokenizer="byte", eot_id=99_999)
+    write_shard(
+        tmp_path / "train-0001.h5", np.arange(10), vocab_size=300, tokenizer="byte", eot_id=99_999
+    )
     with pytest.raises(DataError, match="vocab_size.*train-0000.h5.*train-0001.h5"):
         open_shards(tmp_path, "train")
 
@@ -181,7 +199,10 @@ def test_prepare_byte_streams(corpus, tmp_path):
     train, val = expected_streams(texts, 0.1, eot=256)
     assert summary["files"] == len(DOCS) and summary["skipped"] == 1
     num_eots = 2 * len(texts)  # one after each document's train part and one after its val part
-    assert summary["train_tokens"] + summary["val_tokens"] == sum(len(t.encode()) for t in texts) + num_eots
+    assert (
+        summary["train_tokens"] + summary["val_tokens"]
+        == sum(len(t.encode()) for t in texts) + num_eots
+    )
     assert (summary["train_tokens"], summary["val_tokens"]) == (len(train), len(val))
     assert len(summary["shards"]) > 2  # shard_tokens=300 forces several train shards
     assert sorted(os.listdir(out)) == summary["shards"]
@@ -196,7 +217,9 @@ def test_prepare_overwrite(corpus, tmp_path):
     with pytest.raises(DataError, match="already holds.*--overwrite"):
         prepare([str(corpus)], str(out))
     summary = prepare([str(corpus / "a.py")], str(out), overwrite=True)
-    assert sorted(os.listdir(out)) == ["train-0000-0000.h5", "val-0000-0000.h5"] == summary["shards"]
+    assert (
+        sorted(os.listdir(out)) == ["train-0000-0000.h5", "val-0000-0000.h5"] == summary["shards"]
+    )
     assert summary["files"] == 1
 
 
@@ -220,15 +243,19 @@ def test_prepare_bpe(corpus, tmp_path):
 
     def parts(stream):
         ends = [i for i, t in enumerate(stream) if t == tok.eot_id]
-        return [tok.decode(stream[a + 1 if a >= 0 else 0:b]) for a, b in zip([-1] + ends, ends)]
+        return [tok.decode(stream[a + 1 if a >= 0 else 0 : b]) for a, b in zip([-1] + ends, ends)]
 
     texts = [DOCS[name] for name in sorted(DOCS, key=lambda n: str(corpus / n))]
     assert [t + v for t, v in zip(parts(train), parts(val))] == texts
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "hpcllm.data.prepare", *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "hpcllm.data.prepare", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_prepare_cli(corpus, tmp_path):
@@ -241,7 +268,10 @@ def test_prepare_cli(corpus, tmp_path):
     assert "prepared 4 files" in result.stdout and "skipped 1 file" in result.stderr
     result = run_cli("--input", str(corpus), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "--overwrite" in result.stderr
-    assert run_cli("--input", str(corpus), "--out", str(tmp_path / "out"), "--overwrite").returncode == 0
+    assert (
+        run_cli("--input", str(corpus), "--out", str(tmp_path / "out"), "--overwrite").returncode
+        == 0
+    )
     assert run_cli("--out", str(tmp_path / "x"), "--val-fraction", "1.5").returncode == 2
 
 
@@ -271,21 +301,37 @@ def index_of(shards):
 
 
 def make_loaders(shards, *, mb, accum, dp, seed=0):
-    return [Loader(shards, seq_len=SEQ_LEN, micro_batch_size=mb, grad_accum_steps=accum, dp_rank=r,
-                   dp_size=dp, seed=seed) for r in range(dp)]
+    return [
+        Loader(
+            shards,
+            seq_len=SEQ_LEN,
+            micro_batch_size=mb,
+            grad_accum_steps=accum,
+            dp_rank=r,
+            dp_size=dp,
+            seed=seed,
+        )
+        for r in range(dp)
+    ]
 
 
 def global_step(loaders, index_of):
     """Sample indices of one global step by stream position, and all ranks' batches."""
     by_position, batches = {}, []
     for loader in loaders:
-        positions = step_positions(loader.consumed_samples, micro_batch_size=loader.micro_batch_size,
-                                   grad_accum_steps=loader.grad_accum_steps, dp_rank=loader.dp_rank,
-                                   dp_size=loader.dp_size)
+        positions = step_positions(
+            loader.consumed_samples,
+            micro_batch_size=loader.micro_batch_size,
+            grad_accum_steps=loader.grad_accum_steps,
+            dp_rank=loader.dp_rank,
+            dp_size=loader.dp_size,
+        )
         step = loader.next_step()
         batches.append(step)
         for micro, (x, y) in zip(positions, step):
-            assert x.shape == y.shape == (loader.micro_batch_size, SEQ_LEN) and x.dtype == torch.int64
+            assert (
+                x.shape == y.shape == (loader.micro_batch_size, SEQ_LEN) and x.dtype == torch.int64
+            )
             assert torch.equal(x[:, 1:], y[:, :-1])
             by_position.update(zip(micro.tolist(), sample_ids(x, index_of)))
     return by_position, batches
@@ -294,8 +340,15 @@ def global_step(loaders, index_of):
 def test_step_positions():
     parts = step_positions(100, micro_batch_size=2, grad_accum_steps=3, dp_rank=1, dp_size=4)
     assert [p.tolist() for p in parts] == [[102, 103], [110, 111], [118, 119]]
-    every = np.concatenate([p for r in range(4) for p in step_positions(
-        100, micro_batch_size=2, grad_accum_steps=3, dp_rank=r, dp_size=4)])
+    every = np.concatenate(
+        [
+            p
+            for r in range(4)
+            for p in step_positions(
+                100, micro_batch_size=2, grad_accum_steps=3, dp_rank=r, dp_size=4
+            )
+        ]
+    )
     assert sorted(every.tolist()) == list(range(100, 124))
 
 
@@ -357,14 +410,20 @@ def test_loader_seed(shards, index_of):
     assert order(1) == order(1)
     assert order(1) != order(2)
     with pytest.raises(ValueError, match="dp_rank"):
-        Loader(shards, seq_len=8, micro_batch_size=1, grad_accum_steps=1, dp_rank=2, dp_size=2, seed=0)
+        Loader(
+            shards, seq_len=8, micro_batch_size=1, grad_accum_steps=1, dp_rank=2, dp_size=2, seed=0
+        )
 
 
 def test_val_batches(shards, index_of):
     got = {}
     for rank in range(2):
-        batches = val_batches(shards, seq_len=SEQ_LEN, batch_size=5, num_batches=6, dp_rank=rank, dp_size=2)
-        again = val_batches(shards, seq_len=SEQ_LEN, batch_size=5, num_batches=6, dp_rank=rank, dp_size=2)
+        batches = val_batches(
+            shards, seq_len=SEQ_LEN, batch_size=5, num_batches=6, dp_rank=rank, dp_size=2
+        )
+        again = val_batches(
+            shards, seq_len=SEQ_LEN, batch_size=5, num_batches=6, dp_rank=rank, dp_size=2
+        )
         assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
         got[rank] = [sample_ids(x, index_of) for x, _ in batches]
     # Batch b holds samples 10b .. 10b+9 (mod 48): rank 0 the first five, rank 1 the rest.

@@ -1,4 +1,5 @@
 """The GPT model on its own (no MPI): shapes, causality, pipeline stages, tied weights, sampling."""
+
 import math
 
 import pytest
@@ -62,7 +63,9 @@ def test_pipeline_stages_equal_the_full_model(split):
     assert not set(dict(first.named_parameters())) & set(dict(last.named_parameters()))
     for name, p in stage_params.items():
         assert torch.equal(p, full_params[name]), name
-    assert "lm_head.weight" in dict(last.named_parameters()) and "wte.weight" in dict(first.named_parameters())
+    assert "lm_head.weight" in dict(last.named_parameters()) and "wte.weight" in dict(
+        first.named_parameters()
+    )
 
     x, y = tokens(), tokens(seed=1)
     hidden = first(x)
@@ -101,7 +104,9 @@ def test_param_groups_decay_only_matrices():
     model = GPT(CFG)
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(
+        p.dim() == 1 for p in no_decay["params"]
+    )
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 

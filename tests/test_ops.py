@@ -11,6 +11,7 @@ losses do not depend on train.max_steps: a run can be stopped at whatever step t
 lands and then finished with a smaller max_steps, and still be compared step by step with one
 uninterrupted reference run.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,9 @@ def ops_settings(data_dir, run_dir, **more) -> dict:
 def reference(data_dir, tmp_path_factory):
     """Uninterrupted 2-rank run of REF_STEPS steps at the constant learning rate: {step: loss}."""
     run_dir = tmp_path_factory.mktemp("ops-ref") / "run"
-    result = train(2, ops_settings(data_dir, run_dir, **{"train.max_steps": REF_STEPS}), timeout=120)
+    result = train(
+        2, ops_settings(data_dir, run_dir, **{"train.max_steps": REF_STEPS}), timeout=120
+    )
     assert result.returncode == 0, result
     ref = losses(run_dir)
     assert sorted(ref) == list(range(1, REF_STEPS + 1))
@@ -53,15 +56,34 @@ def reference(data_dir, tmp_path_factory):
 class Job:
     """`mpirun -np N python -m hpcllm.train` running in the background, output in files."""
 
-    def __init__(self, np: int, settings: dict, workdir: Path, *, env: dict | None = None,
-                 python_args: list[str] | None = None):
+    def __init__(
+        self,
+        np: int,
+        settings: dict,
+        workdir: Path,
+        *,
+        env: dict | None = None,
+        python_args: list[str] | None = None,
+    ):
         self.run_dir = Path(settings["run.dir"])
         self.out, self.err = workdir / "stdout.txt", workdir / "stderr.txt"
-        cmd = ["mpirun", "-np", str(np), sys.executable, *(python_args or ["-m", "hpcllm.train"]),
-               *overrides({**TINY, **settings})]
+        cmd = [
+            "mpirun",
+            "-np",
+            str(np),
+            sys.executable,
+            *(python_args or ["-m", "hpcllm.train"]),
+            *overrides({**TINY, **settings}),
+        ]
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(env), stdout=out, stderr=err,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=subprocess_env(env),
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
         self.started = time.monotonic()
 
     def last_step(self) -> int:
@@ -69,14 +91,18 @@ class Job:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return 0
-        steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+        steps = [
+            json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")
+        ]
         return max(steps, default=0)
 
     def wait_for_step(self, step: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while self.last_step() < step:
             if self.proc.poll() is not None:
-                pytest.fail(f"the job ended (exit {self.proc.returncode}) before step {step}:\n{self.output()}")
+                pytest.fail(
+                    f"the job ended (exit {self.proc.returncode}) before step {step}:\n{self.output()}"
+                )
             if time.monotonic() > deadline:
                 self.kill()
                 pytest.fail(f"no step {step} within {timeout}s:\n{self.output()}")
@@ -114,8 +140,10 @@ class Job:
         self.proc.wait()
 
     def output(self) -> str:
-        return (f"--- stdout ---\n{self.out.read_text()[-3000:]}\n"
-                f"--- stderr ---\n{self.err.read_text()[-3000:]}")
+        return (
+            f"--- stdout ---\n{self.out.read_text()[-3000:]}\n"
+            f"--- stderr ---\n{self.err.read_text()[-3000:]}"
+        )
 
 
 def status(run_dir: Path) -> dict:
@@ -123,17 +151,25 @@ def status(run_dir: Path) -> dict:
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "meta.json").exists())
+    return sorted(
+        int(p.name[5:])
+        for p in (run_dir / "checkpoints").glob("step_*")
+        if (p / "meta.json").exists()
+    )
 
 
 def assert_same_losses(got: dict, ref: dict, steps) -> None:
     for step in steps:
-        assert got[step] == ref[step], f"step {step}: {got[step]} after the interruption, {ref[step]} uninterrupted"
+        assert got[step] == ref[step], (
+            f"step {step}: {got[step]} after the interruption, {ref[step]} uninterrupted"
+        )
 
 
 def finish(np: int, data_dir, run_dir: Path, steps: int = REF_STEPS, **more):
     """Rerun the same command with max_steps `steps`: it resumes and completes."""
-    result = train(np, ops_settings(data_dir, run_dir, **{"train.max_steps": steps, **more}), timeout=120)
+    result = train(
+        np, ops_settings(data_dir, run_dir, **{"train.max_steps": steps, **more}), timeout=120
+    )
     assert result.returncode == 0, result
     assert status(run_dir)["state"] == "complete"
     return result
@@ -157,18 +193,30 @@ def test_sigterm_to_one_rank_saves_everywhere_and_the_rerun_matches(data_dir, re
     assert f"stopping at step {stopped_at}: SIGTERM" in job.out.read_text()
     # One collective save: the checkpoint of the step where both ranks agreed to stop.
     assert checkpoint_steps(run_dir) == [stopped_at]
-    assert stopped_at < REF_STEPS, f"the signal landed late (step {stopped_at}); the test needs it earlier"
+    assert stopped_at < REF_STEPS, (
+        f"the signal landed late (step {stopped_at}); the test needs it earlier"
+    )
 
     result = finish(2, data_dir, run_dir)
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:06d}'} at step {stopped_at}" in result.stdout
+    assert (
+        f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:06d}'} at step {stopped_at}"
+        in result.stdout
+    )
     assert_same_losses(losses(run_dir), ref, range(1, REF_STEPS + 1))
 
 
 def test_time_budget_saves_and_exits_0(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     start = time.monotonic()
-    result = train(2, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS, "run.time_limit_s": 4,
-                                                          "train.log_every": 100}), timeout=90)
+    result = train(
+        2,
+        ops_settings(
+            data_dir,
+            run_dir,
+            **{"train.max_steps": ENDLESS, "run.time_limit_s": 4, "train.log_every": 100},
+        ),
+        timeout=90,
+    )
     assert result.returncode == 0, result
     state = status(run_dir)
     assert state["state"] == "stopped" and state["reason"].startswith("time budget"), state
@@ -183,7 +231,11 @@ def test_time_budget_saves_and_exits_0(data_dir, tmp_path):
 def test_kill_9_of_one_rank_ends_the_job_and_the_rerun_matches(data_dir, reference, tmp_path):
     ref_dir, ref = reference
     run_dir = tmp_path / "run"
-    job = Job(2, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS, "checkpoint.every": 5}), tmp_path)
+    job = Job(
+        2,
+        ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS, "checkpoint.every": 5}),
+        tmp_path,
+    )
     job.wait_for_step(12)
     os.kill(job.rank_pid(1), signal.SIGKILL)
     seconds = job.wait(timeout=30)  # mpirun notices the dead rank and kills the others
@@ -201,8 +253,12 @@ def test_kill_9_of_one_rank_ends_the_job_and_the_rerun_matches(data_dir, referen
 
 def test_a_hung_rank_is_named_and_aborts_the_job(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    result = train(2, ops_settings(data_dir, run_dir, **{"train.max_steps": 50, "run.watchdog_s": 2}),
-                   env={"HPCLLM_HANG_AT_STEP": "3", "HPCLLM_HANG_RANK": "1"}, timeout=60)
+    result = train(
+        2,
+        ops_settings(data_dir, run_dir, **{"train.max_steps": 50, "run.watchdog_s": 2}),
+        env={"HPCLLM_HANG_AT_STEP": "3", "HPCLLM_HANG_RANK": "1"},
+        timeout=60,
+    )
     assert result.returncode != 0, result
     assert "watchdog: rank 1 on" in result.stderr and "at step 3" in result.stderr, result
     assert "training step 3" in result.stderr, result  # what it was doing
@@ -232,8 +288,16 @@ spmd_main(train.main)
 
 def test_watchdog_spares_a_slow_first_step_and_a_slow_save(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    settings = ops_settings(data_dir, run_dir, **{"train.max_steps": 6, "checkpoint.every": 3,
-                                                  "run.watchdog_s": 2, "run.watchdog_first_step_s": 30})
+    settings = ops_settings(
+        data_dir,
+        run_dir,
+        **{
+            "train.max_steps": 6,
+            "checkpoint.every": 3,
+            "run.watchdog_s": 2,
+            "run.watchdog_first_step_s": 30,
+        },
+    )
     code = SLOW_STEP_AND_SAVE.replace("SECONDS", "4")
     job = Job(2, settings, tmp_path, python_args=["-c", code])
     job.wait(timeout=90)
@@ -253,7 +317,9 @@ def test_incomplete_checkpoint_is_ignored_with_a_warning(data_dir, reference, tm
     ckpts = run_dir / "checkpoints"
     partial = ckpts / ".tmp-step_000008"
     partial.mkdir()
-    (partial / "model-pp0.pt").write_bytes((ckpts / "step_000004" / "model-pp0.pt").read_bytes()[:1000])
+    (partial / "model-pp0.pt").write_bytes(
+        (ckpts / "step_000004" / "model-pp0.pt").read_bytes()[:1000]
+    )
     result = finish(2, data_dir, run_dir, steps=8)
     assert f"warning: ignoring incomplete checkpoint {partial}" in result.stdout, result
     assert f"resumed from {ckpts / 'step_000004'} at step 4" in result.stdout, result
@@ -303,8 +369,9 @@ def test_resized_layouts_read_every_sample_once(resize):
     for step in range(8):
         np_, accum = RESIZES[resize][step >= 4]
         for rank in range(np_):
-            for micro in step_positions(step * 8, micro_batch_size=2, grad_accum_steps=accum, dp_rank=rank,
-                                        dp_size=np_):
+            for micro in step_positions(
+                step * 8, micro_batch_size=2, grad_accum_steps=accum, dp_rank=rank, dp_size=np_
+            ):
                 positions += micro.tolist()
     assert sorted(positions) == list(range(64))
 
@@ -312,8 +379,11 @@ def test_resized_layouts_read_every_sample_once(resize):
 def test_resume_with_another_model_shape_is_refused_naming_the_key(data_dir, reference, tmp_path):
     ref_dir, _ = reference
     before = sorted(p.name for p in (ref_dir / "checkpoints").iterdir())
-    result = train(2, ops_settings(data_dir, ref_dir, **{"train.max_steps": REF_STEPS + 5, "model.d_model": 64}),
-                   timeout=90)
+    result = train(
+        2,
+        ops_settings(data_dir, ref_dir, **{"train.max_steps": REF_STEPS + 5, "model.d_model": 64}),
+        timeout=90,
+    )
     assert result.returncode == 2, result
     assert "model.d_model = 32 in the checkpoint, 64 now" in result.stderr, result
     assert sorted(p.name for p in (ref_dir / "checkpoints").iterdir()) == before

@@ -7,6 +7,7 @@ one 4-rank test runs many layouts so that mpirun starts once. End-to-end tests r
 checkpoints moving between pipeline layouts, validation, sampling, a rank dying
 mid-schedule, and layouts refused before training.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -28,8 +29,14 @@ from hpcllm.train import clip_grad_norm, evaluate, mean_over_grid, stage_inputs,
 from helpers import read_metrics, train as launch_train, write_corpus, prepare_data
 
 VOCAB, SEQ_LEN, D_MODEL, N_LAYER, N_HEAD = 64, 16, 32, 4, 2
-GPT_CFG = GPTConfig(vocab_size=VOCAB, block_size=SEQ_LEN, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL,
-                    init_seed=7)
+GPT_CFG = GPTConfig(
+    vocab_size=VOCAB,
+    block_size=SEQ_LEN,
+    n_layer=N_LAYER,
+    n_head=N_HEAD,
+    d_model=D_MODEL,
+    init_seed=7,
+)
 STEPS, VAL_BATCHES, VAL_SEED = 10, 3, 10_000
 LR, GRAD_CLIP = 3e-3, 0.5
 CPU = torch.device("cpu")
@@ -46,6 +53,7 @@ ADAM_EPS = 1e-6
 
 
 # ---------------------------------------------------------------- split_layers
+
 
 def test_split_layers_balanced():
     assert split_layers(4, 1) == [range(0, 4)]
@@ -65,28 +73,40 @@ def test_split_layers_explicit():
     assert split_layers(4, 1, "4") == [range(0, 4)]
 
 
-@pytest.mark.parametrize("n_layer, pp, explicit, message", [
-    (2, 4, "", r"parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks"),
-    (4, 2, "1,1", r"must give 2 positive block counts .* adding up to model.n_layer = 4"),
-    (4, 2, "2,2,0", r"must give 2 positive block counts"),
-    (4, 3, "4,0,0", r"must give 3 positive block counts"),
-    (4, 2, "5,-1", r"must give 2 positive block counts"),
-    (4, 2, "2;2", r"must be comma-separated block counts"),
-    (4, 2, "two,two", r"must be comma-separated block counts"),
-])
+@pytest.mark.parametrize(
+    "n_layer, pp, explicit, message",
+    [
+        (2, 4, "", r"parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks"),
+        (4, 2, "1,1", r"must give 2 positive block counts .* adding up to model.n_layer = 4"),
+        (4, 2, "2,2,0", r"must give 2 positive block counts"),
+        (4, 3, "4,0,0", r"must give 3 positive block counts"),
+        (4, 2, "5,-1", r"must give 2 positive block counts"),
+        (4, 2, "2;2", r"must be comma-separated block counts"),
+        (4, 2, "two,two", r"must be comma-separated block counts"),
+    ],
+)
 def test_split_layers_errors(n_layer, pp, explicit, message):
     with pytest.raises(ValueError, match=message):
         split_layers(n_layer, pp, explicit)
 
 
 def test_unknown_schedule_is_refused():
-    stage = PipelineStage(nn.Linear(2, 2), TensorComm(MPI.COMM_SELF), stage=0, num_stages=1,
-                          act_shape=(1, 2), device=CPU)
-    with pytest.raises(ValueError, match="parallel.schedule must be one of 1f1b, gpipe, got 'zigzag'"):
+    stage = PipelineStage(
+        nn.Linear(2, 2),
+        TensorComm(MPI.COMM_SELF),
+        stage=0,
+        num_stages=1,
+        act_shape=(1, 2),
+        device=CPU,
+    )
+    with pytest.raises(
+        ValueError, match="parallel.schedule must be one of 1f1b, gpipe, got 'zigzag'"
+    ):
         Schedule(stage, "zigzag")
 
 
 # ---------------------------------------------------------------- ActivationMeter
+
 
 def test_activation_meter_counts_activations_not_parameters():
     meter = ActivationMeter()
@@ -104,7 +124,10 @@ def test_activation_meter_counts_activations_not_parameters():
 
 # ---------------------------------------------------------------- in-process layouts
 
-def step_batches(seed: int, *, num_micro: int, micro_batch: int, dp_rank: int, dp_size: int) -> list[tuple]:
+
+def step_batches(
+    seed: int, *, num_micro: int, micro_batch: int, dp_rank: int, dp_size: int
+) -> list[tuple]:
     """This dp rank's micro-batches (x, y) of one step of random tokens.
 
     The tokens depend only on the seed and the global batch (num_micro * micro_batch *
@@ -112,14 +135,31 @@ def step_batches(seed: int, *, num_micro: int, micro_batch: int, dp_rank: int, d
     global batch trains on the same samples in the same micro-steps.
     """
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(VOCAB, (num_micro * micro_batch * dp_size, SEQ_LEN + 1), generator=generator)
-    picks = step_positions(0, micro_batch_size=micro_batch, grad_accum_steps=num_micro,
-                           dp_rank=dp_rank, dp_size=dp_size)
+    tokens = torch.randint(
+        VOCAB, (num_micro * micro_batch * dp_size, SEQ_LEN + 1), generator=generator
+    )
+    picks = step_positions(
+        0,
+        micro_batch_size=micro_batch,
+        grad_accum_steps=num_micro,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
     return [(tokens[torch.from_numpy(p), :-1], tokens[torch.from_numpy(p), 1:]) for p in picks]
 
 
-def run_layout(comm, *, pp: int, dp: int, schedule: str, num_micro: int, micro_batch: int,
-               steps: int = STEPS, stage_layers: str = "", meter: ActivationMeter | None = None) -> dict | None:
+def run_layout(
+    comm,
+    *,
+    pp: int,
+    dp: int,
+    schedule: str,
+    num_micro: int,
+    micro_batch: int,
+    steps: int = STEPS,
+    stage_layers: str = "",
+    meter: ActivationMeter | None = None,
+) -> dict | None:
     """Train the tiny GPT for `steps` steps on `comm` laid out as pp x dp, as hpcllm.train does.
 
     Returns, on rank 0 of `comm` only, the losses, gradient norms and final validation
@@ -131,17 +171,29 @@ def run_layout(comm, *, pp: int, dp: int, schedule: str, num_micro: int, micro_b
     layers = split_layers(N_LAYER, pp, stage_layers)[grid.rank("pp")]
     model = GPT(GPT_CFG, layers=layers, first=grid.is_first_stage, last=grid.is_last_stage)
     ddp = DataParallel(model, dp_comm)
-    stage = PipelineStage(model, pp_comm, stage=grid.rank("pp"), num_stages=pp,
-                          act_shape=(micro_batch, SEQ_LEN, D_MODEL), device=CPU)
+    stage = PipelineStage(
+        model,
+        pp_comm,
+        stage=grid.rank("pp"),
+        num_stages=pp,
+        act_shape=(micro_batch, SEQ_LEN, D_MODEL),
+        device=CPU,
+    )
     sched = Schedule(stage, schedule, meter)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS,
-                                  foreach=False)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS, foreach=False
+    )
     reads_data = grid.is_first_stage or grid.is_last_stage
 
     def inputs(seed: int, count: int) -> list[tuple]:
         # Middle stages get (None, None), as the loader gives them.
-        batches = (step_batches(seed, num_micro=count, micro_batch=micro_batch, dp_rank=grid.rank("dp"),
-                                dp_size=dp) if reads_data else [(None, None)] * count)
+        batches = (
+            step_batches(
+                seed, num_micro=count, micro_batch=micro_batch, dp_rank=grid.rank("dp"), dp_size=dp
+            )
+            if reads_data
+            else [(None, None)] * count
+        )
         return stage_inputs(batches, grid, CPU)
 
     losses, grad_norms = [], []
@@ -149,11 +201,15 @@ def run_layout(comm, *, pp: int, dp: int, schedule: str, num_micro: int, micro_b
         loss_sum = train_step(sched, ddp, inputs(step, num_micro), nullcontext())
         grad_norms.append(clip_grad_norm(model, GRAD_CLIP, [pp_comm]))
         optimizer.step()
-        losses.append(mean_over_grid(loss_sum, num_micro if grid.is_last_stage else 0, [pp_comm, dp_comm]))
+        losses.append(
+            mean_over_grid(loss_sum, num_micro if grid.is_last_stage else 0, [pp_comm, dp_comm])
+        )
     val_loss = evaluate(sched, inputs(VAL_SEED, VAL_BATCHES), [pp_comm, dp_comm], nullcontext())
 
     state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    pieces = comm.gather((grid.rank("pp"), grid.rank("dp"), state, sched.meter.peak, sched.meter.current), root=0)
+    pieces = comm.gather(
+        (grid.rank("pp"), grid.rank("dp"), state, sched.meter.peak, sched.meter.current), root=0
+    )
     grid.free()
     if comm.rank != 0:
         return None
@@ -164,22 +220,30 @@ def run_layout(comm, *, pp: int, dp: int, schedule: str, num_micro: int, micro_b
                 params[name] = tensor
             elif not torch.equal(params[name], tensor):  # dp replicas must stay bitwise identical
                 replicas_differ.append(f"{name} (dp rank {dp_rank})")
-    return {"losses": losses, "grad_norms": grad_norms, "val_loss": val_loss, "params": params,
-            "replicas_differ": replicas_differ,
-            "peaks": {(s, d): peak for s, d, _, peak, _ in pieces},
-            "still_saved": {(s, d): cur for s, d, _, _, cur in pieces}}
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "val_loss": val_loss,
+        "params": params,
+        "replicas_differ": replicas_differ,
+        "peaks": {(s, d): peak for s, d, _, peak, _ in pieces},
+        "still_saved": {(s, d): cur for s, d, _, _, cur in pieces},
+    }
 
 
 def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STEPS) -> dict:
     """The same training in plain PyTorch: the whole GPT, no MPI and nothing of hpcllm.parallel."""
     model = GPT(GPT_CFG)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS,
-                                  foreach=False)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS, foreach=False
+    )
     losses, grad_norms = [], []
     for step in range(steps):
         optimizer.zero_grad()
         total = 0.0
-        for x, y in step_batches(step, num_micro=num_micro, micro_batch=micro_batch, dp_rank=0, dp_size=1):
+        for x, y in step_batches(
+            step, num_micro=num_micro, micro_batch=micro_batch, dp_rank=0, dp_size=1
+        ):
             loss = model(x, y)
             (loss / num_micro).backward()  # the step's gradient is the mean over micro-batches
             total += loss.item()
@@ -188,21 +252,43 @@ def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STE
         losses.append(total / num_micro)
     model.eval()
     with torch.no_grad():
-        val = [model(x, y).item() for x, y in step_batches(VAL_SEED, num_micro=VAL_BATCHES,
-                                                             micro_batch=micro_batch, dp_rank=0, dp_size=1)]
-    return {"losses": losses, "grad_norms": grad_norms, "val_loss": sum(val) / len(val),
-            "params": {name: t.detach().clone() for name, t in model.state_dict().items()}}
+        val = [
+            model(x, y).item()
+            for x, y in step_batches(
+                VAL_SEED, num_micro=VAL_BATCHES, micro_batch=micro_batch, dp_rank=0, dp_size=1
+            )
+        ]
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "val_loss": sum(val) / len(val),
+        "params": {name: t.detach().clone() for name, t in model.state_dict().items()},
+    }
 
 
 def differences(label: str, got: dict, ref: dict) -> list[str]:
     """What differs between a layout's run and the single-rank reference, as readable lines."""
-    problems = [f"{label}: dp replicas differ in {', '.join(got['replicas_differ'][:3])}"] \
-        if got["replicas_differ"] else []
+    problems = (
+        [f"{label}: dp replicas differ in {', '.join(got['replicas_differ'][:3])}"]
+        if got["replicas_differ"]
+        else []
+    )
     if set(got["params"]) != set(ref["params"]):
-        missing, extra = set(ref["params"]) - set(got["params"]), set(got["params"]) - set(ref["params"])
-        return problems + [f"{label}: parameter names differ: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"]
-    pairs = [(key, torch.tensor(got[key], dtype=torch.float64), torch.tensor(ref[key], dtype=torch.float64))
-             for key in ("losses", "grad_norms", "val_loss")]
+        missing, extra = (
+            set(ref["params"]) - set(got["params"]),
+            set(got["params"]) - set(ref["params"]),
+        )
+        return problems + [
+            f"{label}: parameter names differ: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"
+        ]
+    pairs = [
+        (
+            key,
+            torch.tensor(got[key], dtype=torch.float64),
+            torch.tensor(ref[key], dtype=torch.float64),
+        )
+        for key in ("losses", "grad_norms", "val_loss")
+    ]
     pairs += [(name, got["params"][name], ref["params"][name]) for name in sorted(ref["params"])]
     for name, a, b in pairs:
         try:
@@ -228,23 +314,40 @@ def test_pipeline_layouts_match_single_rank(comm):
     # pp=1 through hpcllm's schedules and data parallelism (of one rank): ranks 0 and 1.
     if rank < 2:
         kind = ("1f1b", "gpipe")[rank]
-        runs.append((f"pp=1 {kind} m=4", 4,
-                     run_layout(MPI.COMM_SELF, pp=1, dp=1, schedule=kind, num_micro=4, micro_batch=2)))
+        runs.append(
+            (
+                f"pp=1 {kind} m=4",
+                4,
+                run_layout(MPI.COMM_SELF, pp=1, dp=1, schedule=kind, num_micro=4, micro_batch=2),
+            )
+        )
     # pp=2: the two halves of the world run one schedule each, at the same time.
     half = comm.Split(color=rank // 2, key=rank)
     kind = ("1f1b", "gpipe")[rank // 2]
     for m, stage_layers in [(1, ""), (2, ""), (8, ""), (4, "3,1")]:
-        result = run_layout(half, pp=2, dp=1, schedule=kind, num_micro=m, micro_batch=2, stage_layers=stage_layers)
+        result = run_layout(
+            half, pp=2, dp=1, schedule=kind, num_micro=m, micro_batch=2, stage_layers=stage_layers
+        )
         runs.append((f"pp=2 {kind} m={m} stage_layers='{stage_layers}'", m, result))
     half.Free()
     for kind in ("1f1b", "gpipe"):
         for m in (1, 4, 16):
-            runs.append((f"pp=4 {kind} m={m}", m,
-                         run_layout(comm, pp=4, dp=1, schedule=kind, num_micro=m, micro_batch=2)))
+            runs.append(
+                (
+                    f"pp=4 {kind} m={m}",
+                    m,
+                    run_layout(comm, pp=4, dp=1, schedule=kind, num_micro=m, micro_batch=2),
+                )
+            )
         # dp=2 x pp=2: each dp rank takes one of the 2 samples of the reference's micro-batch.
         for m in (1, 2, 8):
-            runs.append((f"dp=2 x pp=2 {kind} m={m}", m,
-                         run_layout(comm, pp=2, dp=2, schedule=kind, num_micro=m, micro_batch=1)))
+            runs.append(
+                (
+                    f"dp=2 x pp=2 {kind} m={m}",
+                    m,
+                    run_layout(comm, pp=2, dp=2, schedule=kind, num_micro=m, micro_batch=1),
+                )
+            )
 
     gathered = comm.gather([run for run in runs if run[2] is not None], root=0)
     if rank != 0:
@@ -272,8 +375,16 @@ def test_1f1b_bounds_activations_gpipe_holds_all(comm):
     peaks = {}
     for kind in ("1f1b", "gpipe"):
         for num_micro in (1, m):
-            result = run_layout(comm, pp=pp, dp=1, schedule=kind, num_micro=num_micro, micro_batch=2,
-                                steps=1, meter=ActivationMeter())
+            result = run_layout(
+                comm,
+                pp=pp,
+                dp=1,
+                schedule=kind,
+                num_micro=num_micro,
+                micro_batch=2,
+                steps=1,
+                meter=ActivationMeter(),
+            )
             if result is not None:
                 assert all(v == 0 for v in result["still_saved"].values()), result["still_saved"]
                 peaks[kind, num_micro] = {s: peak for (s, _), peak in result["peaks"].items()}
@@ -292,11 +403,23 @@ def test_1f1b_bounds_activations_gpipe_holds_all(comm):
 # ---------------------------------------------------------------- end to end: python -m hpcllm.train
 
 SETTINGS = {
-    "model.n_layer": N_LAYER, "model.n_head": N_HEAD, "model.d_model": D_MODEL,
-    "train.seq_len": SEQ_LEN, "train.micro_batch_size": 4, "train.grad_accum_steps": 2,
-    "train.max_steps": 6, "train.log_every": 1, "train.eval_every": 3, "train.eval_batches": 2,
-    "train.threads": 1, "optim.lr": LR, "optim.warmup_steps": 2, "optim.grad_clip": GRAD_CLIP,
-    "checkpoint.every": 3, "checkpoint.keep": 2, "run.sample_tokens": 0,
+    "model.n_layer": N_LAYER,
+    "model.n_head": N_HEAD,
+    "model.d_model": D_MODEL,
+    "train.seq_len": SEQ_LEN,
+    "train.micro_batch_size": 4,
+    "train.grad_accum_steps": 2,
+    "train.max_steps": 6,
+    "train.log_every": 1,
+    "train.eval_every": 3,
+    "train.eval_batches": 2,
+    "train.threads": 1,
+    "optim.lr": LR,
+    "optim.warmup_steps": 2,
+    "optim.grad_clip": GRAD_CLIP,
+    "checkpoint.every": 3,
+    "checkpoint.keep": 2,
+    "run.sample_tokens": 0,
 }
 
 
@@ -323,14 +446,20 @@ def merged_params(checkpoint_dir) -> dict[str, torch.Tensor]:
 def assert_close_dicts(got: dict, ref: dict, **tol) -> None:
     assert set(got) == set(ref)
     for key in sorted(ref):
-        torch.testing.assert_close(torch.as_tensor(got[key]), torch.as_tensor(ref[key]), **tol,
-                                   msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(
+            torch.as_tensor(got[key]),
+            torch.as_tensor(ref[key]),
+            **tol,
+            msg=lambda m, k=key: f"{k}: {m}",
+        )
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline-data")
-    return prepare_data(root / "shards", write_corpus(root / "corpus", num_docs=3, words_per_doc=600))
+    return prepare_data(
+        root / "shards", write_corpus(root / "corpus", num_docs=3, words_per_doc=600)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -338,10 +467,22 @@ def runs(data_dir, tmp_path_factory):
     """Two uninterrupted 6-step runs, checkpointing every 3 steps: pp=2 on 2 ranks
     (with an end-of-run sample) and pp=1 on 1 rank, same global batch."""
     root = tmp_path_factory.mktemp("pipeline-runs")
-    pp2 = launch_train(2, {**SETTINGS, "data.path": data_dir, "run.dir": root / "pp2", "parallel.pp": 2,
-                           "run.sample_tokens": 12}, timeout=180)
-    pp1 = launch_train(1, {**SETTINGS, "data.path": data_dir, "run.dir": root / "pp1", "parallel.pp": 1},
-                       timeout=180)
+    pp2 = launch_train(
+        2,
+        {
+            **SETTINGS,
+            "data.path": data_dir,
+            "run.dir": root / "pp2",
+            "parallel.pp": 2,
+            "run.sample_tokens": 12,
+        },
+        timeout=180,
+    )
+    pp1 = launch_train(
+        1,
+        {**SETTINGS, "data.path": data_dir, "run.dir": root / "pp1", "parallel.pp": 1},
+        timeout=180,
+    )
     check_ok(pp2)
     check_ok(pp1)
     return {"root": root, "pp2": pp2, "pp1": pp1}
@@ -355,18 +496,27 @@ def test_train_pp2_matches_pp1_losses_validation_and_sample(runs):
     assert_close_dicts(loss_by_step(root / "pp2"), loss_by_step(root / "pp1"), **TOL)
     # Validation runs forward-only through the pipeline; the loss is the single rank's.
     assert [r["step"] for r in val2] == [r["step"] for r in val1] == [3, 6]
-    assert_close_dicts({r["step"]: r["val_loss"] for r in val2}, {r["step"]: r["val_loss"] for r in val1}, **TOL)
-    assert_close_dicts(merged_params(root / "pp2/checkpoints/step_000006"),
-                       merged_params(root / "pp1/checkpoints/step_000006"), **E2E_PARAM_TOL)
+    assert_close_dicts(
+        {r["step"]: r["val_loss"] for r in val2}, {r["step"]: r["val_loss"] for r in val1}, **TOL
+    )
+    assert_close_dicts(
+        merged_params(root / "pp2/checkpoints/step_000006"),
+        merged_params(root / "pp1/checkpoints/step_000006"),
+        **E2E_PARAM_TOL,
+    )
     # The end-of-run sample loads every stage's file of the final checkpoint on rank 0.
-    assert sorted(p.name for p in (root / "pp2/checkpoints/step_000006").glob("model-pp*.pt")) == \
-        ["model-pp0.pt", "model-pp1.pt"]
+    assert sorted(p.name for p in (root / "pp2/checkpoints/step_000006").glob("model-pp*.pt")) == [
+        "model-pp0.pt",
+        "model-pp1.pt",
+    ]
     out = runs["pp2"].stdout
     assert out.count("sample:\n") == 1, out[-2000:]
     assert len(out.split("sample:\n", 1)[1].strip()) > 0
 
 
-@pytest.mark.parametrize("written, resumed", [("pp2", 1), ("pp1", 2)], ids=["pp2-to-pp1", "pp1-to-pp2"])
+@pytest.mark.parametrize(
+    "written, resumed", [("pp2", 1), ("pp1", 2)], ids=["pp2-to-pp1", "pp1-to-pp2"]
+)
 def test_checkpoint_resumes_under_another_pp(runs, data_dir, written, resumed):
     """The step-3 checkpoint of one layout, alone in a fresh run folder, resumed under the
     other: steps 4-6 repeat the uninterrupted run's losses (step 5 on depends on the
@@ -374,43 +524,86 @@ def test_checkpoint_resumes_under_another_pp(runs, data_dir, written, resumed):
     root = runs["root"]
     source, target = root / written, root / f"{written}-resumed-pp{resumed}"
     shutil.copytree(source / "checkpoints/step_000003", target / "checkpoints/step_000003")
-    result = launch_train(resumed, {**SETTINGS, "data.path": data_dir, "run.dir": target,
-                                    "parallel.pp": resumed}, timeout=180)
+    result = launch_train(
+        resumed,
+        {**SETTINGS, "data.path": data_dir, "run.dir": target, "parallel.pp": resumed},
+        timeout=180,
+    )
     check_ok(result)
     assert "resumed from" in result.stdout and "at step 3" in result.stdout, result.stdout[-2000:]
     old = 3 - resumed
-    assert f"layout {{'pp': {old}, 'dp': 1, 'tp': 1}} -> {{'pp': {resumed}, 'dp': 1, 'tp': 1}}" in result.stdout
+    assert (
+        f"layout {{'pp': {old}, 'dp': 1, 'tp': 1}} -> {{'pp': {resumed}, 'dp': 1, 'tp': 1}}"
+        in result.stdout
+    )
     got, uninterrupted = loss_by_step(target), loss_by_step(source)
     assert sorted(got) == [4, 5, 6]
     assert_close_dicts(got, {s: uninterrupted[s] for s in got}, atol=1e-5, rtol=1e-5)
-    assert_close_dicts(merged_params(target / "checkpoints/step_000006"),
-                       merged_params(source / "checkpoints/step_000006"), **E2E_PARAM_TOL)
+    assert_close_dicts(
+        merged_params(target / "checkpoints/step_000006"),
+        merged_params(source / "checkpoints/step_000006"),
+        **E2E_PARAM_TOL,
+    )
 
 
 def test_rank_dying_mid_schedule_ends_the_job(data_dir, tmp_path):
     """Rank 1 (the last stage) raises at step 2 while rank 0 waits for its gradients:
     MPI_Abort ends the job with an error naming rank 1 instead of leaving rank 0 hanging."""
-    result = launch_train(2, {**SETTINGS, "data.path": data_dir, "run.dir": tmp_path / "run", "parallel.pp": 2,
-                              "train.max_steps": 1000, "checkpoint.every": 0, "train.eval_every": 0},
-                          timeout=90, env={"HPCLLM_FAIL_AT_STEP": "2", "HPCLLM_FAIL_RANK": "1"})
+    result = launch_train(
+        2,
+        {
+            **SETTINGS,
+            "data.path": data_dir,
+            "run.dir": tmp_path / "run",
+            "parallel.pp": 2,
+            "train.max_steps": 1000,
+            "checkpoint.every": 0,
+            "train.eval_every": 0,
+        },
+        timeout=90,
+        env={"HPCLLM_FAIL_AT_STEP": "2", "HPCLLM_FAIL_RANK": "1"},
+    )
     assert result.returncode != 0, str(result)
-    assert "rank 1/2" in result.stderr and "injected failure at step 2" in result.stderr, str(result)
+    assert "rank 1/2" in result.stderr and "injected failure at step 2" in result.stderr, str(
+        result
+    )
     assert result.wall < 45, f"the job took {result.wall:.0f}s to end after a rank died\n{result}"
 
 
-@pytest.mark.parametrize("np, settings, message", [
-    (4, {"model.n_layer": 2, "parallel.pp": 4},
-     "parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks"),
-    (2, {"parallel.pp": 2, "parallel.stage_layers": "1,1"},
-     "parallel.stage_layers '1,1' must give 2 positive block counts"),
-    (2, {"parallel.pp": 2, "model.tie_embeddings": True},
-     "model.tie_embeddings needs the embeddings and the LM head on one stage"),
-    (2, {"parallel.pp": 2, "parallel.schedule": "zigzag"}, "parallel.schedule must be 1f1b or gpipe, got 'zigzag'"),
-], ids=["more-stages-than-blocks", "split-misses-blocks", "tied-embeddings", "unknown-schedule"])
+@pytest.mark.parametrize(
+    "np, settings, message",
+    [
+        (
+            4,
+            {"model.n_layer": 2, "parallel.pp": 4},
+            "parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks",
+        ),
+        (
+            2,
+            {"parallel.pp": 2, "parallel.stage_layers": "1,1"},
+            "parallel.stage_layers '1,1' must give 2 positive block counts",
+        ),
+        (
+            2,
+            {"parallel.pp": 2, "model.tie_embeddings": True},
+            "model.tie_embeddings needs the embeddings and the LM head on one stage",
+        ),
+        (
+            2,
+            {"parallel.pp": 2, "parallel.schedule": "zigzag"},
+            "parallel.schedule must be 1f1b or gpipe, got 'zigzag'",
+        ),
+    ],
+    ids=["more-stages-than-blocks", "split-misses-blocks", "tied-embeddings", "unknown-schedule"],
+)
 def test_bad_layout_refused_before_training(data_dir, tmp_path, np, settings, message):
     run_dir = tmp_path / "run"
-    result = launch_train(np, {**SETTINGS, "data.path": data_dir, "run.dir": run_dir, **settings}, timeout=90)
+    result = launch_train(
+        np, {**SETTINGS, "data.path": data_dir, "run.dir": run_dir, **settings}, timeout=90
+    )
     assert result.returncode == 2, str(result)
     assert f"error: {message}" in result.stderr and result.stderr.count("error:") == 1, str(result)
     assert "Traceback" not in result.stderr, str(result)
-    assert not run_dir.exists() and "step 1" not in result.stdout  # nothing trained, nothing written
+    assert (
+        not run_dir.exists() and "step 1" not in result.stdout
+    )  # nothing trained, nothing written

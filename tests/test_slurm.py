@@ -7,6 +7,7 @@ resumes in the same run folder. The scripts' documentation is checked without Sl
 Jobs are submitted from a scratch folder that links to the repository's slurm/, so the
 default run folders (runs/<job name>-<job id>) land there and not in the repository.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,21 @@ from helpers import REPO, TINY, losses, overrides, prepare_data, subprocess_env,
 from slurm_cluster import slurm  # noqa: F401 - the session fixture
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
-CONSTANT_LR = {"optim.warmup_steps": 0, "optim.lr": 1e-3, "optim.min_lr": 1e-3}  # losses independent of max_steps
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+CONSTANT_LR = {
+    "optim.warmup_steps": 0,
+    "optim.lr": 1e-3,
+    "optim.min_lr": 1e-3,
+}  # losses independent of max_steps
+DONE = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +73,43 @@ class Job:
         """Until metrics.jsonl has a record of `step` or later."""
         deadline = time.monotonic() + timeout
         metrics = run_dir / "metrics.jsonl"
-        while not (metrics.exists() and any(json.loads(line)["step"] >= step
-                                            for line in metrics.read_text().splitlines() if line.endswith("}"))):
+        while not (
+            metrics.exists()
+            and any(
+                json.loads(line)["step"] >= step
+                for line in metrics.read_text().splitlines()
+                if line.endswith("}")
+            )
+        ):
             if self.cluster.job_state(self.id) in DONE or time.monotonic() > deadline:
                 self.cluster.run("scancel", self.id, check=False)
                 pytest.fail(f"job {self.id} never reached step {step}:\n{self.text()[-3000:]}")
             time.sleep(0.05)
 
 
-def submit(cluster, submit_dir: Path, script: str, train_args: dict, *, env: dict | None = None,
-           sbatch_args: tuple = ()) -> Job:
+def submit(
+    cluster,
+    submit_dir: Path,
+    script: str,
+    train_args: dict,
+    *,
+    env: dict | None = None,
+    sbatch_args: tuple = (),
+) -> Job:
     """sbatch slurm/<script> on 2 tasks of the test partition, with TINY overridden by train_args."""
     output = submit_dir / "job-%j.out"
-    cmd = ["sbatch", "--parsable", "--partition=debug", "--ntasks-per-node=2", "--cpus-per-task=1",
-           "--time=10", f"--output={output}", *sbatch_args, f"slurm/{script}", *overrides({**TINY, **train_args})]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--partition=debug",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--time=10",
+        f"--output={output}",
+        *sbatch_args,
+        f"slurm/{script}",
+        *overrides({**TINY, **train_args}),
+    ]
     # sbatch exports this environment to the job: the venv's mpirun first on PATH, the MPI-as-root
     # variables from conftest, and HPCLLM_VENV for the script's `source .../bin/activate`.
     job_env = cluster.client_env({**subprocess_env(), "HPCLLM_VENV": sys.prefix, **(env or {})})
@@ -95,14 +132,28 @@ def test_script_is_documented_and_valid_bash(script):
     assert directives, "no #SBATCH lines"
     for line in directives:
         assert re.match(r"#SBATCH \S+\s+# \S", line), f"uncommented directive: {line}"
-    for needed in ("--signal=B:USR1@", "--requeue", "--open-mode=append", "--time=", "--ntasks-per-node="):
+    for needed in (
+        "--signal=B:USR1@",
+        "--requeue",
+        "--open-mode=append",
+        "--time=",
+        "--ntasks-per-node=",
+    ):
         assert any(needed in line for line in directives), needed
     assert "CHANGE" in text and "source slurm/launch.sh" in text and "hpcllm_launch" in text
     if "gpu" in script.name:
-        assert "--train.device cuda" in text and "--gpus-per-node=" in text and "HPCLLM_CUDA_AWARE" in text
+        assert (
+            "--train.device cuda" in text
+            and "--gpus-per-node=" in text
+            and "HPCLLM_CUDA_AWARE" in text
+        )
     # Directives after the first command are ignored by sbatch: all of them must come first.
-    first_command = next(i for i, line in enumerate(text.splitlines()) if line and not line.startswith("#"))
-    assert all(i < first_command for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH"))
+    first_command = next(
+        i for i, line in enumerate(text.splitlines()) if line and not line.startswith("#")
+    )
+    assert all(
+        i < first_command for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH")
+    )
 
 
 def test_launch_helper_is_valid_bash():
@@ -113,7 +164,9 @@ def test_launch_helper_is_valid_bash():
 
 
 def test_cpu_script_trains_on_two_tasks(slurm, submit_dir, data_dir):
-    job = submit(slurm, submit_dir, "train_cpu.sbatch", {"data.path": data_dir, "train.max_steps": 8})
+    job = submit(
+        slurm, submit_dir, "train_cpu.sbatch", {"data.path": data_dir, "train.max_steps": 8}
+    )
     info = job.wait_done()
     out = job.text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
@@ -126,25 +179,35 @@ def test_cpu_script_trains_on_two_tasks(slurm, submit_dir, data_dir):
     assert "run state: complete at step 8" in out
 
 
-@pytest.mark.parametrize("script", ["train_cpu_multinode.sbatch", "train_gpu.sbatch", "train_gpu_multinode.sbatch"])
+@pytest.mark.parametrize(
+    "script", ["train_cpu_multinode.sbatch", "train_gpu.sbatch", "train_gpu_multinode.sbatch"]
+)
 def test_other_scripts_launch_on_the_test_node(script, slurm, submit_dir, data_dir):
     """Their launch path on the one CPU node: --nodes=1, no GPUs, and --train.device cpu after
     the GPU scripts' own --train.device cuda (the last one given wins)."""
     gpu = "gpu" in script
-    job = submit(slurm, submit_dir, script, {"data.path": data_dir, "train.max_steps": 3,
-                                             **({"train.device": "cpu"} if gpu else {})},
-                 sbatch_args=("--nodes=1", *(["--gpus-per-node=0"] if gpu else [])))
+    job = submit(
+        slurm,
+        submit_dir,
+        script,
+        {"data.path": data_dir, "train.max_steps": 3, **({"train.device": "cpu"} if gpu else {})},
+        sbatch_args=("--nodes=1", *(["--gpus-per-node=0"] if gpu else [])),
+    )
     info = job.wait_done()
     out = job.text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
     assert "world 2 = pp 1 x dp 2 x tp 1" in out and "run state: complete at step 3" in out, out
 
 
-def test_usr1_saves_and_a_resubmission_matches_the_uninterrupted_run(slurm, submit_dir, data_dir, tmp_path):
+def test_usr1_saves_and_a_resubmission_matches_the_uninterrupted_run(
+    slurm, submit_dir, data_dir, tmp_path
+):
     run_dir = tmp_path / "run"
     args = {"data.path": data_dir, **CONSTANT_LR}
     env = {"HPCLLM_RUN_DIR": str(run_dir), "HPCLLM_REQUEUE": "0"}
-    job = submit(slurm, submit_dir, "train_cpu.sbatch", {**args, "train.max_steps": 100_000}, env=env)
+    job = submit(
+        slurm, submit_dir, "train_cpu.sbatch", {**args, "train.max_steps": 100_000}, env=env
+    )
     job.wait_for_step(run_dir, 3)
     # What `#SBATCH --signal=B:USR1@300` does before the time limit: signal the batch shell only.
     slurm.run("scancel", "--signal=USR1", "--batch", job.id)
@@ -158,7 +221,9 @@ def test_usr1_saves_and_a_resubmission_matches_the_uninterrupted_run(slurm, subm
     assert f"stopping at step {stopped_at}: SIGUSR1" in out and "not requeued" in out, out
 
     final = stopped_at + 4
-    resubmitted = submit(slurm, submit_dir, "train_cpu.sbatch", {**args, "train.max_steps": final}, env=env)
+    resubmitted = submit(
+        slurm, submit_dir, "train_cpu.sbatch", {**args, "train.max_steps": final}, env=env
+    )
     info = resubmitted.wait_done()
     out = resubmitted.text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
@@ -178,8 +243,14 @@ def test_usr1_requeues_the_job_under_mpirun_and_it_resumes(slurm, submit_dir, da
     # can be told to finish soon: the test shortens the run while the job waits in the queue.
     config = submit_dir / "run.toml"
     config.write_text("[train]\nmax_steps = 100000\n")
-    job = submit(slurm, submit_dir, "train_cpu.sbatch", {"config": config, "data.path": data_dir, **CONSTANT_LR},
-                 env={"HPCLLM_LAUNCHER": "mpirun"}, sbatch_args=("--job-name=requeue",))
+    job = submit(
+        slurm,
+        submit_dir,
+        "train_cpu.sbatch",
+        {"config": config, "data.path": data_dir, **CONSTANT_LR},
+        env={"HPCLLM_LAUNCHER": "mpirun"},
+        sbatch_args=("--job-name=requeue",),
+    )
     run_dir = submit_dir / "runs" / f"requeue-{job.id}"
     job.wait_for_step(run_dir, 3)
     slurm.run("scancel", "--signal=USR1", "--batch", job.id)
@@ -198,5 +269,8 @@ def test_usr1_requeues_the_job_under_mpirun_and_it_resumes(slurm, submit_dir, da
     info = job.wait_done()
     out = job.text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
-    assert "(restart 1)" in out and f"resumed from runs/requeue-{job.id}/checkpoints/step_{stopped_at:06d}" in out
+    assert (
+        "(restart 1)" in out
+        and f"resumed from runs/requeue-{job.id}/checkpoints/step_{stopped_at:06d}" in out
+    )
     assert status(run_dir)["state"] == "complete" and max(losses(run_dir)) == stopped_at + 3

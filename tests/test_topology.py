@@ -1,11 +1,20 @@
 """The rank grid: pure arithmetic for world sizes up to 1024, MPI communicators on 4 ranks,
 and the --dry-run layout printer."""
+
 import sys
 
 import pytest
 
 from helpers import run
-from hpcllm.topology import AXES, LayoutError, coords_of, describe, group_ranks, rank_of, resolve_dims
+from hpcllm.topology import (
+    AXES,
+    LayoutError,
+    coords_of,
+    describe,
+    group_ranks,
+    rank_of,
+    resolve_dims,
+)
 
 WORLD_SIZES = [1, 2, 4, 6, 12, 16, 64, 1024]
 
@@ -66,13 +75,17 @@ def test_docstring_example_16_ranks():
     assert rank_of({"pp": 1, "dp": 2, "tp": 1}, dims) == 13
 
 
-@pytest.mark.parametrize("world,pp,tp,dp", [(1024, 4, 1, 256), (12, 3, 2, 2), (6, 1, 1, 6), (64, 64, 1, 1)])
+@pytest.mark.parametrize(
+    "world,pp,tp,dp", [(1024, 4, 1, 256), (12, 3, 2, 2), (6, 1, 1, 6), (64, 64, 1, 1)]
+)
 def test_dp_zero_takes_the_rest(world, pp, tp, dp):
     assert resolve_dims(world, pp=pp, tp=tp) == {"pp": pp, "dp": dp, "tp": tp}
     assert resolve_dims(world, dp=0, pp=pp, tp=tp)["dp"] == dp
 
 
-@pytest.mark.parametrize("world,dp,pp,tp", [(16, 3, 2, 2), (1024, 2, 4, 1), (12, 12, 2, 1), (6, 1, 1, 1)])
+@pytest.mark.parametrize(
+    "world,dp,pp,tp", [(16, 3, 2, 2), (1024, 2, 4, 1), (12, 12, 2, 1), (6, 1, 1, 1)]
+)
 def test_product_mismatch_names_every_factor_and_the_world(world, dp, pp, tp):
     with pytest.raises(LayoutError) as e:
         resolve_dims(world, dp=dp, pp=pp, tp=tp)

@@ -5,6 +5,7 @@ Most tests run `python -m hpcllm.train` as a subprocess (under `mpirun -np N`, o
 Every subprocess has a timeout and is killed with its whole process group, so a hung
 rank fails the test instead of hanging the suite.
 """
+
 import json
 import math
 import shutil
@@ -27,15 +28,22 @@ def data_dir(tmp_path_factory):
 
 def settings(data_dir, run_dir, more: dict | None = None) -> dict:
     """Overrides of helpers.TINY for a 20-step run with checkpoints every 10 steps."""
-    return {"data.path": data_dir, "run.dir": run_dir, "train.max_steps": STEPS, "checkpoint.every": 10,
-            **(more or {})}
+    return {
+        "data.path": data_dir,
+        "run.dir": run_dir,
+        "train.max_steps": STEPS,
+        "checkpoint.every": 10,
+        **(more or {}),
+    }
 
 
 @pytest.fixture(scope="session")
 def dp2_run(data_dir, tmp_path_factory):
     """The reference run: 2 ranks, dp=2, no accumulation, 20 steps, checkpoints at 10 and 20."""
     run_dir = tmp_path_factory.mktemp("dp2") / "run"
-    args = settings(data_dir, run_dir, {"parallel.dp": 2, "train.grad_accum_steps": 1, "run.sample_tokens": 10})
+    args = settings(
+        data_dir, run_dir, {"parallel.dp": 2, "train.grad_accum_steps": 1, "run.sample_tokens": 10}
+    )
     result = train(2, args, timeout=180)
     assert result.returncode == 0, result
     return run_dir, args, result
@@ -72,10 +80,16 @@ def test_dp2_gradient_equals_one_rank_on_the_concatenated_batch(comm):
         x, y = tokens[:, :-1], tokens[:, 1:]
         mine = slice(2 * comm.rank, 2 * comm.rank + 2)
         # With accumulation, the rank's two rows go through as two micro-batches of one.
-        micro = [(x[mine], y[mine])] if accum == 1 else [(x[mine][i:i + 1], y[mine][i:i + 1]) for i in range(2)]
+        micro = (
+            [(x[mine], y[mine])]
+            if accum == 1
+            else [(x[mine][i : i + 1], y[mine][i : i + 1]) for i in range(2)]
+        )
         # The training loop's own step: one pipeline stage holding the whole model.
         act_shape = (len(micro[0][0]), cfg.block_size, cfg.d_model)
-        stage = PipelineStage(model, pp_comm, stage=0, num_stages=1, act_shape=act_shape, device=torch.device("cpu"))
+        stage = PipelineStage(
+            model, pp_comm, stage=0, num_stages=1, act_shape=act_shape, device=torch.device("cpu")
+        )
         loss_sum = train_step(Schedule(stage, "1f1b"), ddp, micro, nullcontext())
         norm = clip_grad_norm(model, 0.0, model_comms)  # 0: measure, do not clip
 
@@ -87,7 +101,9 @@ def test_dp2_gradient_equals_one_rank_on_the_concatenated_batch(comm):
         total = TensorComm(comm).allreduce_(loss_sum.reshape(1).clone()).item() / (2 * accum)
         assert total == pytest.approx(ref_loss.item(), rel=1e-6, abs=1e-7), step
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=f"step {step} {name}")
+            torch.testing.assert_close(
+                p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=f"step {step} {name}"
+            )
         assert norm == pytest.approx(ref_norm, rel=1e-5), step
         assert norm > 0
 
@@ -113,13 +129,19 @@ def test_reference_run_writes_metrics_config_checkpoints_and_sample(dp2_run):
 
     saved = load_toml_file(run_dir / "config.toml")
     assert saved.train.max_steps == STEPS and saved.parallel.dp == 2
-    assert saved.model.vocab_size == 257 and saved.model.block_size == 32  # resolved from data and seq_len
+    assert (
+        saved.model.vocab_size == 257 and saved.model.block_size == 32
+    )  # resolved from data and seq_len
 
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000010", "step_000020"]
     assert (ckpts / "latest").read_text().strip() == "step_000020"
     meta = json.loads((ckpts / "step_000020" / "meta.json").read_text())
-    assert meta["step"] == STEPS and meta["world_size"] == 2 and meta["grid"] == {"pp": 1, "dp": 2, "tp": 1}
+    assert (
+        meta["step"] == STEPS
+        and meta["world_size"] == 2
+        and meta["grid"] == {"pp": 1, "dp": 2, "tp": 1}
+    )
     assert meta["loader"]["consumed_samples"] == STEPS * 2 * 2  # steps x micro_batch x dp
     assert "world 2 = pp 1 x dp 2 x tp 1" in result.stdout
     assert "\nsample:\n" in result.stdout
@@ -135,8 +157,15 @@ def test_dp2_equals_dp1_with_grad_accum_2(dp2_run, data_dir, tmp_path):
     """Same micro-batch, same global batch: the same samples and the same averaged gradient."""
     ref_dir, _, _ = dp2_run
     run_dir = tmp_path / "dp1"
-    result = train(None, settings(data_dir, run_dir, {"parallel.dp": 1, "train.grad_accum_steps": 2,
-                                                         "checkpoint.every": 0}), timeout=120)
+    result = train(
+        None,
+        settings(
+            data_dir,
+            run_dir,
+            {"parallel.dp": 1, "train.grad_accum_steps": 2, "checkpoint.every": 0},
+        ),
+        timeout=120,
+    )
     assert result.returncode == 0, result
     assert "world 1 = pp 1 x dp 1 x tp 1" in result.stdout
     ref, got = losses(ref_dir), losses(run_dir)
@@ -161,21 +190,31 @@ def test_resume_continues_the_uninterrupted_run_exactly(dp2_run, tmp_path):
     result = train(2, {**args, "run.dir": run_dir}, timeout=180)
     assert result.returncode == 0, result
     assert f"resumed from {ckpts / 'step_000010'} at step 10" in result.stdout, result
-    assert "warning: ignoring incomplete checkpoint" in result.stdout and ".tmp-step_000020" in result.stdout
+    assert (
+        "warning: ignoring incomplete checkpoint" in result.stdout
+        and ".tmp-step_000020" in result.stdout
+    )
 
     ref, got = losses(ref_dir), losses(run_dir)
     assert sorted(got) == list(range(11, STEPS + 1)), "training must restart at step 11"
     for step in got:
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), (step, got[step], ref[step])
-    assert read_metrics(run_dir)[1][0]["val_loss"] == pytest.approx(read_metrics(ref_dir)[1][0]["val_loss"],
-                                                                    rel=1e-6)
-    assert (ckpts / "step_000020" / "meta.json").is_file() and not (ckpts / ".tmp-step_000020").exists()
+    assert read_metrics(run_dir)[1][0]["val_loss"] == pytest.approx(
+        read_metrics(ref_dir)[1][0]["val_loss"], rel=1e-6
+    )
+    assert (ckpts / "step_000020" / "meta.json").is_file() and not (
+        ckpts / ".tmp-step_000020"
+    ).exists()
 
 
 def test_one_failing_rank_ends_the_job(data_dir, tmp_path):
     run_dir = tmp_path / "fail"
-    result = train(2, settings(data_dir, run_dir, {"train.max_steps": 200}), timeout=90,
-                   env={"HPCLLM_FAIL_AT_STEP": "3", "HPCLLM_FAIL_RANK": "1"})
+    result = train(
+        2,
+        settings(data_dir, run_dir, {"train.max_steps": 200}),
+        timeout=90,
+        env={"HPCLLM_FAIL_AT_STEP": "3", "HPCLLM_FAIL_RANK": "1"},
+    )
     assert result.returncode != 0, result
     # Startup (~5-10 s) plus the abort; a hang would run into the 90 s timeout instead.
     assert result.wall < 40, result
@@ -196,17 +235,34 @@ def config_file(tmp_path, text):
 
 BAD_INPUTS = {
     # name: (extra settings or a function of (data_dir, tmp_path) giving them, texts stderr must contain)
-    "missing data dir": (lambda d, t: {"data.path": t / "no-such-data"}, ["no-such-data", "does not exist"]),
-    "truncated shard": (lambda d, t: {"data.path": truncated_copy(d, t)}, ["train-0000-0000.h5", "truncated"]),
-    "shard vocab too large": ({"model.vocab_size": 100},
-                              ["train-0000-0000.h5", "vocab_size 257", "model.vocab_size 100"]),
-    "seq_len beyond context": ({"model.block_size": 16, "train.seq_len": 32},
-                               ["train.seq_len (32)", "model.block_size (16)"]),
-    "missing config file": (lambda d, t: {"config": t / "absent.toml"}, ["absent.toml", "does not exist"]),
-    "invalid toml": (lambda d, t: {"config": config_file(t, "[train]\nmax_steps = = 3\n")},
-                     ["bad.toml", "not readable TOML"]),
-    "wrong type in toml": (lambda d, t: {"config": config_file(t, "[train]\nmax_steps = 'many'\n")},
-                           ["bad.toml", "train.max_steps", "expected int"]),
+    "missing data dir": (
+        lambda d, t: {"data.path": t / "no-such-data"},
+        ["no-such-data", "does not exist"],
+    ),
+    "truncated shard": (
+        lambda d, t: {"data.path": truncated_copy(d, t)},
+        ["train-0000-0000.h5", "truncated"],
+    ),
+    "shard vocab too large": (
+        {"model.vocab_size": 100},
+        ["train-0000-0000.h5", "vocab_size 257", "model.vocab_size 100"],
+    ),
+    "seq_len beyond context": (
+        {"model.block_size": 16, "train.seq_len": 32},
+        ["train.seq_len (32)", "model.block_size (16)"],
+    ),
+    "missing config file": (
+        lambda d, t: {"config": t / "absent.toml"},
+        ["absent.toml", "does not exist"],
+    ),
+    "invalid toml": (
+        lambda d, t: {"config": config_file(t, "[train]\nmax_steps = = 3\n")},
+        ["bad.toml", "not readable TOML"],
+    ),
+    "wrong type in toml": (
+        lambda d, t: {"config": config_file(t, "[train]\nmax_steps = 'many'\n")},
+        ["bad.toml", "train.max_steps", "expected int"],
+    ),
     "misspelled key": ({"train.max_step": 5}, ["train.max_step", "did you mean 'max_steps'"]),
 }
 
@@ -252,20 +308,43 @@ def test_layout_that_does_not_fit_the_world_fails_every_rank(data_dir, tmp_path)
 
 def test_generate_from_a_run(dp2_run, tmp_path):
     run_dir, _, _ = dp2_run
-    result = run([sys.executable, "-m", "hpcllm.generate", "--run-dir", str(run_dir), "--tokens", "20",
-                  "--prompt", "def "], timeout=60)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "hpcllm.generate",
+            "--run-dir",
+            str(run_dir),
+            "--tokens",
+            "20",
+            "--prompt",
+            "def ",
+        ],
+        timeout=60,
+    )
     assert result.returncode == 0, result
-    assert result.stdout.startswith("def ") and len(result.stdout.rstrip("\n")) > len("def "), result
+    assert result.stdout.startswith("def ") and len(result.stdout.rstrip("\n")) > len("def "), (
+        result
+    )
     assert "step_000020 (step 20)" in result.stderr, result
 
-    result = run([sys.executable, "-m", "hpcllm.generate", "--run-dir", str(tmp_path / "empty")], timeout=60)
+    result = run(
+        [sys.executable, "-m", "hpcllm.generate", "--run-dir", str(tmp_path / "empty")], timeout=60
+    )
     assert result.returncode == 2 and "no complete checkpoint under" in result.stderr, result
 
 
 def test_16_ranks_smoke(data_dir, tmp_path):
     run_dir = tmp_path / "np16"
-    result = train(16, settings(data_dir, run_dir, {"train.max_steps": 3, "train.eval_batches": 1,
-                                                        "checkpoint.every": 0}), timeout=300)
+    result = train(
+        16,
+        settings(
+            data_dir,
+            run_dir,
+            {"train.max_steps": 3, "train.eval_batches": 1, "checkpoint.every": 0},
+        ),
+        timeout=300,
+    )
     assert result.returncode == 0, result
     assert "world 16 = pp 1 x dp 16 x tp 1" in result.stdout
     got = losses(run_dir)

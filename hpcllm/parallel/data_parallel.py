@@ -51,7 +51,7 @@ class DataParallel:
         for bucket in self.buckets:
             offset = 0
             for p in bucket.params:
-                p.grad = bucket.buffer[offset:offset + p.numel()].view_as(p)
+                p.grad = bucket.buffer[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
                 self._bucket_of[id(p)] = bucket
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -69,8 +69,10 @@ class DataParallel:
             groups[-1].append(p)
             size += p.numel() * 4
         device = params[0].device
-        return [_Bucket(torch.zeros(sum(p.numel() for p in g), dtype=torch.float32, device=device), g)
-                for g in groups]
+        return [
+            _Bucket(torch.zeros(sum(p.numel() for p in g), dtype=torch.float32, device=device), g)
+            for g in groups
+        ]
 
     def zero_grad(self) -> None:
         for bucket in self.buckets:
@@ -85,7 +87,7 @@ class DataParallel:
             self._launch_ready()
         # Open MPI progresses non-blocking collectives only inside MPI calls: poke
         # the ones in flight so they advance while backward computes.
-        for b in self.buckets[:self._next_launch]:
+        for b in self.buckets[: self._next_launch]:
             if b.work is not None:
                 b.work.test()
 

@@ -37,14 +37,20 @@ def split_layers(n_layer: int, pp: int, explicit: str = "") -> list[range]:
         try:
             counts = [int(c) for c in explicit.split(",")]
         except ValueError:
-            raise ValueError(f"parallel.stage_layers '{explicit}' must be comma-separated block counts") from None
+            raise ValueError(
+                f"parallel.stage_layers '{explicit}' must be comma-separated block counts"
+            ) from None
         if len(counts) != pp or sum(counts) != n_layer or min(counts) < 1:
-            raise ValueError(f"parallel.stage_layers '{explicit}' must give {pp} positive block counts "
-                             f"(one per stage, parallel.pp = {pp}) adding up to model.n_layer = {n_layer}")
+            raise ValueError(
+                f"parallel.stage_layers '{explicit}' must give {pp} positive block counts "
+                f"(one per stage, parallel.pp = {pp}) adding up to model.n_layer = {n_layer}"
+            )
     else:
         if pp > n_layer:
-            raise ValueError(f"parallel.pp = {pp} stages but the model has only model.n_layer = {n_layer} "
-                             "blocks; every stage needs at least one block")
+            raise ValueError(
+                f"parallel.pp = {pp} stages but the model has only model.n_layer = {n_layer} "
+                "blocks; every stage needs at least one block"
+            )
         base, extra = divmod(n_layer, pp)
         counts = [base + (1 if s < extra else 0) for s in range(pp)]
     starts = [sum(counts[:s]) for s in range(pp)]
@@ -97,8 +103,16 @@ class PipelineStage:
     ahead, so the data can arrive while this stage is still computing.
     """
 
-    def __init__(self, module: nn.Module, comm: TensorComm, *, stage: int, num_stages: int,
-                 act_shape: tuple[int, ...], device: torch.device):
+    def __init__(
+        self,
+        module: nn.Module,
+        comm: TensorComm,
+        *,
+        stage: int,
+        num_stages: int,
+        act_shape: tuple[int, ...],
+        device: torch.device,
+    ):
         self.module = module
         self.comm = comm
         self.stage, self.num_stages = stage, num_stages
@@ -106,7 +120,10 @@ class PipelineStage:
         self.act_shape = act_shape
         self.device = device
         self._sends: list[Work] = []
-        self._posted: dict[int, list[tuple[Work, torch.Tensor]]] = {FORWARD_TAG: [], BACKWARD_TAG: []}
+        self._posted: dict[int, list[tuple[Work, torch.Tensor]]] = {
+            FORWARD_TAG: [],
+            BACKWARD_TAG: [],
+        }
 
     # -- the verbs -----------------------------------------------------------------
 
@@ -130,7 +147,11 @@ class PipelineStage:
 
     def send_forward(self, activation: torch.Tensor) -> None:
         if not self.is_last:
-            self._sends.append(self.comm.isend(activation.detach().float().contiguous(), self.stage + 1, FORWARD_TAG))
+            self._sends.append(
+                self.comm.isend(
+                    activation.detach().float().contiguous(), self.stage + 1, FORWARD_TAG
+                )
+            )
 
     def recv_backward(self, more_coming: bool = False) -> torch.Tensor | None:
         """The gradient of this stage's output, from the next stage (None on the last)."""
@@ -156,13 +177,19 @@ class Schedule:
     Returns the summed loss of the micro-batches on the last stage, 0 elsewhere.
     """
 
-    def __init__(self, stage: PipelineStage, kind: str = "1f1b", meter: ActivationMeter | None = None):
+    def __init__(
+        self, stage: PipelineStage, kind: str = "1f1b", meter: ActivationMeter | None = None
+    ):
         if kind not in SCHEDULES:
-            raise ValueError(f"parallel.schedule must be one of {', '.join(SCHEDULES)}, got '{kind}'")
+            raise ValueError(
+                f"parallel.schedule must be one of {', '.join(SCHEDULES)}, got '{kind}'"
+            )
         self.stage, self.kind = stage, kind
         self.meter = meter or ActivationMeter()
 
-    def run(self, micro_batches: list, autocast, before_backward: Callable[[int], None]) -> torch.Tensor:
+    def run(
+        self, micro_batches: list, autocast, before_backward: Callable[[int], None]
+    ) -> torch.Tensor:
         s, m = self.stage, len(micro_batches)
         inputs: dict[int, torch.Tensor | None] = {}
         outputs: dict[int, torch.Tensor] = {}
