@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from typing import Any
 
 import mpi4py
 import numpy as np
@@ -105,7 +106,8 @@ class ClockedComm(TensorComm):
         start = time.perf_counter()
         self.first_launch = self.first_launch or start
         work = super().iallreduce_(tensor, op)
-        work.request = _ClockedRequest(work.request, self)
+        # Duck-typed: Work only calls Test() and Wait() on its request.
+        work.request = _ClockedRequest(work.request, self)  # type: ignore[assignment]
         self.hook_seconds += time.perf_counter() - start
         return work
 
@@ -114,13 +116,13 @@ class _ClockedRequest:
     def __init__(self, request: MPI.Request, comm: ClockedComm):
         self.request, self.comm = request, comm
 
-    def Test(self) -> bool:  # noqa: N802 - the MPI name Work calls
+    def Test(self) -> bool:
         start = time.perf_counter()
         done = self.request.Test()
         self.comm.hook_seconds += time.perf_counter() - start
         return done
 
-    def Wait(self) -> None:  # noqa: N802
+    def Wait(self) -> None:
         self.request.Wait()
 
 
@@ -164,13 +166,16 @@ def bench_allreduce(args, world: MPI.Comm) -> dict:
         loss = torch.stack([(p * coef).sum() for p in params]).sum()
         return lambda: (loss.backward(), dp.finish() if sync else None)
 
-    times = {"raw": [], "pieces": [], "comm": [], "added": [], "bucketed": [], "backward": []}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("raw", "pieces", "comm", "added", "bucketed", "backward")
+    }
     load = ForeignLoad(world)
     for it in range(args.warmup + args.iters):
         raw_s = timed(world, lambda: world.Allreduce(MPI.IN_PLACE, raw))
         pieces_s = timed(world, reduce_pieces)
         backward_s = timed(world, backward(sync=False))  # the compute inside the bucketed time
         bucketed_s = timed(world, backward(sync=True))
+        assert comm.first_launch is not None  # the synced backward launched its buckets
         window_s = time.perf_counter() - comm.first_launch
         if it >= args.warmup:
             for key, t in (
@@ -301,11 +306,11 @@ def bench_train(args, world: MPI.Comm) -> dict:
     # Synthetic data: uniform random tokens, different on each rank, the same for both
     # implementations, drawn before timing.
     gen = torch.Generator().manual_seed(1000 + rank)
-    batches = [
+    tokens = [
         torch.randint(cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
         for _ in range(4)
     ]
-    batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in batches]
+    batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in tokens]
     port = None
     if rank == 0:
         with socket.socket() as s:  # a free port for gloo's rendezvous, chosen by rank 0
@@ -318,19 +323,22 @@ def bench_train(args, world: MPI.Comm) -> dict:
 
     comm = ClockedComm(world)
     impls = ["hpcllm", "ddp"] + (["local"] if args.local else [])
-    step_times, shares, last_loss, rounds = {k: [] for k in impls}, {"wait": [], "mpi": []}, {}, []
+    step_times: dict[str, list[float]] = {k: [] for k in impls}
+    shares: dict[str, list[float]] = {"wait": [], "mpi": []}
+    last_loss: dict[str, float] = {}
+    rounds: list[dict] = []
     for r in range(args.rounds):
         name = impls[r % len(impls)]
         # Each round starts from the same weights (GPT's init is seeded).
         step, dp = (
-            hpcllm_stepper(cfg, comm, args.bucket_mb, batches[0][0].shape)
+            hpcllm_stepper(cfg, comm, args.bucket_mb, (args.micro_batch, args.seq_len))
             if name == "hpcllm"
             else (torch_stepper(cfg, args.bucket_mb, ddp=name == "ddp"), None)
         )
         for i in range(args.warmup):
             step(*batches[i % len(batches)])
         load = ForeignLoad(world)  # (and synchronises the ranks)
-        before = (dp.wait_seconds, comm.hook_seconds) if dp else None
+        before = (dp.wait_seconds, comm.hook_seconds) if dp else (0.0, 0.0)
         seconds = []
         for i in range(args.warmup, args.warmup + args.steps):
             start = time.perf_counter()
@@ -434,7 +442,7 @@ def bench_scaling(args, world: MPI.Comm) -> dict:
     ]
     if args.local:
         options.append("--local")
-    runs = {1: [], 2: []}
+    runs: dict[int, list[dict]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         # np 1 and np 2 alternate, so that a slow spell of the machine hits both.
         for i, n in enumerate([1, 2] * args.repeats):
@@ -464,7 +472,7 @@ def bench_scaling(args, world: MPI.Comm) -> dict:
         for n in runs
         for k in impls
     }
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "scaling",
         "runs": runs,
         "tokens_per_s": {f"np{n} {k}": v for (n, k), v in tps.items()},
@@ -506,10 +514,13 @@ def table(headers: list[str], rows: list[list]) -> str:
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
         for row in cells
     ]
-    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+    return "\n".join([*lines[:1], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def environment() -> dict:

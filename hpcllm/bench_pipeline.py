@@ -118,7 +118,7 @@ def bench_pipeline(args, world: MPI.Comm) -> dict:
             sched = _stage(args, world, kind)
             batches = _batches(args, sched.stage, m)
 
-            def step():
+            def step(sched=sched, batches=batches):
                 sched.run(batches, nullcontext(), lambda i: None)
                 sched.stage.module.zero_grad(set_to_none=True)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from mpi4py import MPI
@@ -52,7 +52,7 @@ def detect_cuda_aware(setting: str = "auto") -> bool:
 class Work:
     """A pending MPI operation on a tensor; `wait()` completes it and copies results back."""
 
-    __slots__ = ("request", "finish", "what")
+    __slots__ = ("finish", "request", "what")
 
     def __init__(self, request: MPI.Request, finish: Callable[[], None] | None, what: str):
         self.request = request

@@ -21,7 +21,7 @@ from hpcllm.data.tokenizer import load_tokenizer
 from hpcllm.model import GPT, GPTConfig
 
 
-def load_model(path: Path, device: str = "cpu") -> tuple[GPT, dict]:
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The whole model from checkpoint folder `path`, and its meta.json."""
     meta = checkpoint.read_meta(path)
     m = from_dict(meta["config"]).model
@@ -88,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.checkpoint:
-            path = Path(args.checkpoint)
-            if not (path / "meta.json").is_file():
+            path: Path | None = Path(args.checkpoint)
+            if not (Path(args.checkpoint) / "meta.json").is_file():
                 raise ValueError(f"{path} is not a complete checkpoint folder (no meta.json)")
         else:
             path, _ = checkpoint.find_latest(args.run_dir)
-            if path is None:
-                raise ValueError(f"no complete checkpoint under {args.run_dir}/checkpoints")
+        if path is None:
+            raise ValueError(f"no complete checkpoint under {args.run_dir}/checkpoints")
         model, meta = load_model(path)
         tokenizer = load_run_tokenizer(args.data or meta["config"]["data"]["path"])
     except (ValueError, OSError) as e:

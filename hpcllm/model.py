@@ -177,7 +177,8 @@ class GPT(nn.Module):
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices (linear and embedding weights), not biases or norms."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     return [

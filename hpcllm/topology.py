@@ -19,6 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the grid arithmetic (and --dry-run) works without MPI
+    from mpi4py import MPI
 
 AXES = ("pp", "dp", "tp")
 
@@ -93,20 +97,20 @@ class Grid:
     """
 
     dims: dict[str, int]
-    world: object  # MPI.Comm
-    cart: object  # MPI.Cartcomm
-    comms: dict[str, object]
+    world: MPI.Comm
+    cart: MPI.Cartcomm
+    comms: dict[str, MPI.Cartcomm]
     coords: dict[str, int]
 
     @classmethod
-    def build(cls, world, *, dp: int = 0, pp: int = 1, tp: int = 1) -> "Grid":
+    def build(cls, world, *, dp: int = 0, pp: int = 1, tp: int = 1) -> Grid:
         dims = resolve_dims(world.Get_size(), dp=dp, pp=pp, tp=tp)
         # reorder=False keeps cart ranks equal to world ranks, so the layout in the
         # docstring (and in checkpoints and logs) is the real one.
         cart = world.Create_cart(
             [dims[a] for a in AXES], periods=[False] * len(AXES), reorder=False
         )
-        coords = dict(zip(AXES, cart.Get_coords(cart.Get_rank())))
+        coords = dict(zip(AXES, cart.Get_coords(cart.Get_rank()), strict=True))
         assert coords == coords_of(world.Get_rank(), dims), (
             "MPI's Cartesian layout differs from coords_of"
         )

@@ -25,8 +25,8 @@ import torch
 from hpcllm import checkpoint
 from hpcllm.comm import TensorComm, detect_cuda_aware
 from hpcllm.config import Config, parse_args, to_toml
-from hpcllm.data.loader import Loader, val_batches
-from hpcllm.data.shards import open_shards
+from hpcllm.data.loader import Loader, MicroBatch, val_batches
+from hpcllm.data.shards import ShardSet, open_shards
 from hpcllm.generate import load_model, load_run_tokenizer, sample
 from hpcllm.model import GPT, GPTConfig, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
@@ -102,7 +102,7 @@ def evaluate(schedule: Schedule, batches, comms: list[TensorComm], autocast) -> 
     return mean_over_grid(loss_sum, len(batches) if schedule.stage.is_last else 0, comms)
 
 
-def resolve_data(cfg: Config, world) -> tuple[object, object]:
+def resolve_data(cfg: Config, world) -> tuple[ShardSet, ShardSet]:
     """Open train and val shards, preparing the default corpus on first use."""
     from hpcllm.data.prepare import prepare
 
@@ -225,7 +225,7 @@ def setup(cfg: Config, world) -> Trainer:
         ),
     )
     reads_data = grid.is_first_stage or grid.is_last_stage
-    val = agree(
+    val_read = agree(
         world,
         lambda: (
             val_batches(
@@ -240,7 +240,7 @@ def setup(cfg: Config, world) -> Trainer:
             else None
         ),
     )
-    val = stage_inputs(val, grid, device) if reads_data else [(None, None)] * t.eval_batches
+    val = stage_inputs(val_read, grid, device) if reads_data else [(None, None)] * t.eval_batches
 
     # Model (this rank's stage of it), gradient averaging, schedule, optimizer.
     torch.manual_seed(t.seed + world.Get_rank())  # dropout differs per rank; weights use init_seed
@@ -406,12 +406,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{record['tokens_per_s']:,.0f} tok/s | {record['ms_per_step']:.0f} ms/step | "
                 f"comm wait {100 * record['comm_wait_frac']:.1f}% | ETA {eta:.0f}s"
             )
-            metrics and metrics.write(record)
+            if metrics:
+                metrics.write(record)
         if (t.eval_every and tr.step % t.eval_every == 0) or last:
             with WATCHDOG.watch("validation"):
                 val_loss = evaluate(tr.schedule, tr.val, [tr.pp_comm, tr.dp_comm], tr.autocast)
             print0(f"step {tr.step} | val loss {val_loss:.4f}")
-            metrics and metrics.write({"step": tr.step, "val_loss": val_loss})
+            if metrics:
+                metrics.write({"step": tr.step, "val_loss": val_loss})
         stopped = stop.agreed(world)
         if (cfg.checkpoint.every and tr.step % cfg.checkpoint.every == 0) or last or stopped:
             print0(f"saved {tr.save()}")
@@ -434,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         if state == "complete" and cfg.run.sample_tokens > 0:
             # The final checkpoint holds every stage, so rank 0 can sample whatever the layout.
             final, _ = checkpoint.find_latest(cfg.run.dir)
+            assert final is not None  # saved just above
             full_model, _ = load_model(final, tr.device)
             text = sample(
                 full_model, load_run_tokenizer(cfg.data.path), cfg.run.prompt, cfg.run.sample_tokens
@@ -486,7 +489,7 @@ def write_status(run_dir: str, status: dict) -> None:
     os.replace(tmp, path)
 
 
-def stage_inputs(batches, grid: Grid, device) -> list[tuple]:
+def stage_inputs(batches, grid: Grid, device) -> list[MicroBatch]:
     """Keep the inputs on the first stage and the targets on the last, on the device."""
 
     def keep(t, needed: bool):

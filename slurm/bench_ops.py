@@ -168,11 +168,7 @@ def bench_stop(args) -> dict:
                     t5 = time.monotonic()
                     job.wait_for_step(10)
                     rows["step_ms"].append(1000 * (time.monotonic() - t5) / 5)
-                    pid = {
-                        "term": lambda: job.rank_pid(1),
-                        "usr1": lambda: job.proc.pid,
-                        "kill": lambda: job.rank_pid(1),
-                    }[case]()
+                    pid = job.proc.pid if case == "usr1" else job.rank_pid(1)
                     sig = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "kill": signal.SIGKILL}[
                         case
                     ]

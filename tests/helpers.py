@@ -143,7 +143,8 @@ def train(
     """`mpirun -np N python -m hpcllm.train` (or plain `python -m hpcllm.train` for np=None)
     with TINY overridden by `settings`."""
     launcher = [] if np is None else ["mpirun", "-np", str(np)]
-    cmd = launcher + [
+    cmd = [
+        *launcher,
         sys.executable,
         "-m",
         "hpcllm.train",

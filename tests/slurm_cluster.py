@@ -1,6 +1,6 @@
 """A private single-node Slurm for the tests: munged, slurmctld and slurmd under one folder.
 
-The session fixture `slurm` (import it into a test module) starts the cluster once and stops
+The session fixture `slurm` (conftest.py makes it available to every test module) starts the cluster once and stops
 it when the session ends. `start(root)` brings up a one-node cluster from Debian's packages
 (`slurmctld slurmd slurm-client munge`, plus `libpmix-dev` for `srun --mpi=pmix`;
 `.ci/install-slurm.sh` installs them) and returns a `SlurmCluster` whose `env` points the

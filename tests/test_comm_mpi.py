@@ -183,7 +183,7 @@ def check_tensor_collectives(comm, device="cpu", cuda_aware=False):
     assert maximum.tolist() == [size - 1.0, 0.0]
     assert tc.wait_seconds > 0
 
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match=r"contiguous"):
         tc.allreduce_(torch.zeros(4, 4, device=device).t())
 
 

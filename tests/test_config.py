@@ -39,13 +39,13 @@ def test_non_config_options():
     cfg, options = parse_args(["--dry-run", "--world-size", "1024", "--parallel.pp", "4"])
     assert options == {"dry_run": True, "world_size": 1024}
     assert cfg.parallel.pp == 4
-    with pytest.raises(ConfigError, match="world-size: expected int, got 'many'"):
+    with pytest.raises(ConfigError, match=r"world-size: expected int, got 'many'"):
         parse_args(["--world-size", "many"])
-    with pytest.raises(ConfigError, match="option --train.seed needs a value"):
+    with pytest.raises(ConfigError, match=r"option --train.seed needs a value"):
         parse_args(["--train.seed"])
-    with pytest.raises(ConfigError, match="unexpected argument 'train.seed'"):
+    with pytest.raises(ConfigError, match=r"unexpected argument 'train.seed'"):
         parse_args(["train.seed", "1"])
-    with pytest.raises(ConfigError, match="unknown option --epochs"):
+    with pytest.raises(ConfigError, match=r"unknown option --epochs"):
         parse_args(["--epochs", "3"])
 
 
@@ -106,7 +106,7 @@ def test_bool_coercion(text, value):
 
 
 def test_bool_rejects_other_words():
-    with pytest.raises(ConfigError, match="checkpoint.resume: expected bool, got 'maybe'"):
+    with pytest.raises(ConfigError, match=r"checkpoint.resume: expected bool, got 'maybe'"):
         parse_args(["--checkpoint.resume", "maybe"])
 
 
@@ -141,7 +141,7 @@ def test_to_toml_round_trips_through_load_toml(tmp_path):
 
 def test_unreadable_config_files(tmp_path):
     missing = str(tmp_path / "nope.toml")
-    with pytest.raises(ConfigError, match="config file .*nope.toml does not exist"):
+    with pytest.raises(ConfigError, match=r"config file .*nope.toml does not exist"):
         parse_args(["--config", missing])
 
     broken = write(tmp_path / "broken.toml", "[train\nmax_steps = 5\n")
@@ -149,7 +149,7 @@ def test_unreadable_config_files(tmp_path):
         parse_args(["--config", broken])
     assert broken in str(e.value) and "is not readable TOML" in str(e.value)
 
-    with pytest.raises(ConfigError, match="is not readable TOML"):
+    with pytest.raises(ConfigError, match=r"is not readable TOML"):
         parse_args(["--config", str(tmp_path)])  # a folder
 
     flat = write(tmp_path / "flat.toml", "max_steps = 5\n")

@@ -44,7 +44,7 @@ def test_byte_tokenizer_round_trip():
     ids = tok.encode(TEXT)
     assert ids.dtype == np.int64 and list(ids) == list(TEXT.encode("utf-8"))
     assert tok.decode(ids) == TEXT
-    assert tok.decode(list(ids) + [tok.eot_id]) == TEXT  # EOT is dropped
+    assert tok.decode([*list(ids), tok.eot_id]) == TEXT  # EOT is dropped
     assert tok.decode(torch.tensor(tok.encode("é")[:1])) == "\ufffd"  # cut character -> replacement
 
 
@@ -61,15 +61,15 @@ def test_bpe_train_save_load_round_trip(tmp_path):
     loaded = load_tokenizer(tmp_path, "bpe")
     assert (loaded.vocab_size, loaded.eot_id) == (tok.vocab_size, tok.eot_id)
     assert np.array_equal(loaded.encode(TEXT), ids) and loaded.decode(ids) == TEXT
-    with pytest.raises(ValueError, match="at least 257"):
+    with pytest.raises(ValueError, match=r"at least 257"):
         BPETokenizer.train(corpus, vocab_size=100)
 
 
 def test_load_tokenizer_errors(tmp_path):
     assert isinstance(load_tokenizer(tmp_path, "byte"), ByteTokenizer)
-    with pytest.raises(DataError, match="tokenizer.json is missing"):
+    with pytest.raises(DataError, match=r"tokenizer.json is missing"):
         load_tokenizer(tmp_path, "bpe")
-    with pytest.raises(DataError, match="unknown tokenizer 'gpt9'"):
+    with pytest.raises(DataError, match=r"unknown tokenizer 'gpt9'"):
         load_tokenizer(tmp_path, "gpt9")
 
 
@@ -95,7 +95,7 @@ def test_shard_round_trip_and_sample_layout(tmp_path):
             assert sample.dtype == np.int64 and list(sample) == list(range(start, start + 9))
         with pytest.raises(IndexError):
             shards.read_sample(10, 8)
-        with pytest.raises(DataError, match="too few for one sample of seq_len 100"):
+        with pytest.raises(DataError, match=r"too few for one sample of seq_len 100"):
             shards.num_samples(100)
 
 
@@ -117,35 +117,35 @@ def test_shard_dtype_follows_vocab(tmp_path, vocab_size, dtype):
 
 
 def test_open_shards_errors(tmp_path):
-    with pytest.raises(DataError, match="missing.*does not exist.*hpcllm.data.prepare"):
+    with pytest.raises(DataError, match=r"missing.*does not exist.*hpcllm.data.prepare"):
         open_shards(tmp_path / "missing", "train")
     write_unique_shards(tmp_path, [50], split="val")
-    with pytest.raises(DataError, match="no train shards"):
+    with pytest.raises(DataError, match=r"no train shards"):
         open_shards(tmp_path, "train")
 
     write_unique_shards(tmp_path, [100, 100])
     with h5py.File(tmp_path / "train-0001.h5", "r+") as f:
         f.attrs["num_tokens"] = 150
-    with pytest.raises(DataError, match="train-0001.h5 is truncated"):
+    with pytest.raises(DataError, match=r"train-0001.h5 is truncated"):
         open_shards(tmp_path, "train")
 
     write_unique_shards(tmp_path, [100, 100])
     write_shard(
         tmp_path / "train-0001.h5", np.arange(10), vocab_size=300, tokenizer="byte", eot_id=99_999
     )
-    with pytest.raises(DataError, match="vocab_size.*train-0000.h5.*train-0001.h5"):
+    with pytest.raises(DataError, match=r"vocab_size.*train-0000.h5.*train-0001.h5"):
         open_shards(tmp_path, "train")
 
     write_unique_shards(tmp_path, [100, 100])
     with h5py.File(tmp_path / "train-0000.h5", "r+") as f:
         f.attrs["format_version"] = 2
-    with pytest.raises(DataError, match="train-0000.h5 has format_version 2"):
+    with pytest.raises(DataError, match=r"train-0000.h5 has format_version 2"):
         open_shards(tmp_path, "train")
 
     write_unique_shards(tmp_path, [100_000])
     path = tmp_path / "train-0000.h5"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(DataError, match="train-0000.h5 is not a readable HDF5 file"):
+    with pytest.raises(DataError, match=r"train-0000.h5 is not a readable HDF5 file"):
         open_shards(tmp_path, "train")
 
 
@@ -187,8 +187,8 @@ def expected_streams(texts, val_fraction, eot):
     for text in texts:
         ids = list(text.encode("utf-8"))
         cut = len(ids) - int(len(ids) * val_fraction)
-        train += ids[:cut] + [eot]
-        val += ids[cut:] + [eot] if cut < len(ids) else []
+        train += [*ids[:cut], eot]
+        val += [*ids[cut:], eot] if cut < len(ids) else []
     return train, val
 
 
@@ -214,7 +214,7 @@ def test_prepare_byte_streams(corpus, tmp_path):
 def test_prepare_overwrite(corpus, tmp_path):
     out = tmp_path / "out"
     prepare([str(corpus)], str(out), shard_tokens=300)
-    with pytest.raises(DataError, match="already holds.*--overwrite"):
+    with pytest.raises(DataError, match=r"already holds.*--overwrite"):
         prepare([str(corpus)], str(out))
     summary = prepare([str(corpus / "a.py")], str(out), overwrite=True)
     assert (
@@ -224,11 +224,11 @@ def test_prepare_overwrite(corpus, tmp_path):
 
 
 def test_prepare_needs_text(corpus, tmp_path):
-    with pytest.raises(DataError, match="no text to train on.*1 skipped"):
+    with pytest.raises(DataError, match=r"no text to train on.*1 skipped"):
         prepare([str(corpus / "latin1.txt")], str(tmp_path / "out"))
     (tmp_path / "binaries").mkdir()
     (tmp_path / "binaries" / "model.bin").write_bytes(b"\0")
-    with pytest.raises(DataError, match="no text files .* under .*binaries"):
+    with pytest.raises(DataError, match=r"no text files .* under .*binaries"):
         prepare([str(tmp_path / "binaries")], str(tmp_path / "out"))
 
 
@@ -243,10 +243,13 @@ def test_prepare_bpe(corpus, tmp_path):
 
     def parts(stream):
         ends = [i for i, t in enumerate(stream) if t == tok.eot_id]
-        return [tok.decode(stream[a + 1 if a >= 0 else 0 : b]) for a, b in zip([-1] + ends, ends)]
+        return [
+            tok.decode(stream[a + 1 if a >= 0 else 0 : b])
+            for a, b in zip([-1, *ends], ends, strict=False)
+        ]
 
     texts = [DOCS[name] for name in sorted(DOCS, key=lambda n: str(corpus / n))]
-    assert [t + v for t, v in zip(parts(train), parts(val))] == texts
+    assert [t + v for t, v in zip(parts(train), parts(val), strict=True)] == texts
 
 
 def run_cli(*args):
@@ -328,12 +331,12 @@ def global_step(loaders, index_of):
         )
         step = loader.next_step()
         batches.append(step)
-        for micro, (x, y) in zip(positions, step):
+        for micro, (x, y) in zip(positions, step, strict=True):
             assert (
                 x.shape == y.shape == (loader.micro_batch_size, SEQ_LEN) and x.dtype == torch.int64
             )
             assert torch.equal(x[:, 1:], y[:, :-1])
-            by_position.update(zip(micro.tolist(), sample_ids(x, index_of)))
+            by_position.update(zip(micro.tolist(), sample_ids(x, index_of), strict=True))
     return by_position, batches
 
 
@@ -383,12 +386,12 @@ def test_loader_resume(shards, index_of):
 
     # Built with another seed: the checkpoint's seed wins, or the epoch in progress would reshuffle.
     resumed = make_loaders(shards, mb=2, accum=2, dp=2, seed=99)
-    for loader, state in zip(resumed, states):
+    for loader, state in zip(resumed, states, strict=True):
         loader.load_state_dict(state)
     for _, expected in steps[3:]:
         _, batches = global_step(resumed, index_of)
-        for rank_expected, rank_batches in zip(expected, batches):
-            for (x0, y0), (x1, y1) in zip(rank_expected, rank_batches):
+        for rank_expected, rank_batches in zip(expected, batches, strict=True):
+            for (x0, y0), (x1, y1) in zip(rank_expected, rank_batches, strict=True):
                 assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
     # Same global batch on four ranks without accumulation: the same samples follow.
@@ -409,7 +412,7 @@ def test_loader_seed(shards, index_of):
 
     assert order(1) == order(1)
     assert order(1) != order(2)
-    with pytest.raises(ValueError, match="dp_rank"):
+    with pytest.raises(ValueError, match=r"dp_rank"):
         Loader(
             shards, seq_len=8, micro_batch_size=1, grad_accum_steps=1, dp_rank=2, dp_size=2, seed=0
         )
@@ -424,7 +427,7 @@ def test_val_batches(shards, index_of):
         again = val_batches(
             shards, seq_len=SEQ_LEN, batch_size=5, num_batches=6, dp_rank=rank, dp_size=2
         )
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
         got[rank] = [sample_ids(x, index_of) for x, _ in batches]
     # Batch b holds samples 10b .. 10b+9 (mod 48): rank 0 the first five, rank 1 the rest.
     for b in range(6):

@@ -37,7 +37,7 @@ def test_prepare_two_ranks_matches_one_rank(comm, mpi_tmp_path, tokenizer):
     if comm.rank == 0:
         write_corpus(mpi_tmp_path / "corpus")
     comm.barrier()
-    kwargs = dict(tokenizer=tokenizer, vocab_size=300, val_fraction=0.1, shard_tokens=1500)
+    kwargs = {"tokenizer": tokenizer, "vocab_size": 300, "val_fraction": 0.1, "shard_tokens": 1500}
     summary = prepare(
         [str(mpi_tmp_path / "corpus")], str(mpi_tmp_path / "two"), comm=comm, **kwargs
     )
@@ -62,7 +62,7 @@ def test_prepare_two_ranks_matches_one_rank(comm, mpi_tmp_path, tokenizer):
 @pytest.mark.mpi(ranks=2, timeout=60)
 def test_prepare_error_fails_every_rank(comm, mpi_tmp_path):
     # The input check runs on rank 0 only; rank 1 must raise too instead of waiting forever.
-    with pytest.raises(DataError, match="no-such-input does not exist"):
+    with pytest.raises(DataError, match=r"no-such-input does not exist"):
         prepare([str(mpi_tmp_path / "no-such-input")], str(mpi_tmp_path / "out"), comm=comm)
 
 
@@ -71,7 +71,7 @@ def test_ranks_read_their_own_samples(comm, mpi_tmp_path):
     seq_len, sizes = 16, [16 * 30 + 1, 16 * 25 + 3]
     if comm.rank == 0:
         # Token values 0, 1, 2, ... across shards: a sample's first token identifies it.
-        for i, (start, n) in enumerate(zip(np.cumsum([0] + sizes), sizes)):
+        for i, (start, n) in enumerate(zip(np.cumsum([0, *sizes]), sizes, strict=False)):
             write_shard(
                 mpi_tmp_path / f"train-{i:04d}.h5",
                 np.arange(start, start + n),
@@ -108,7 +108,7 @@ def test_ranks_read_their_own_samples(comm, mpi_tmp_path):
                 dp_size=1,
                 seed=5,
             )
-            for step, (rank0, rank1) in enumerate(zip(*everyone)):
+            for step, (rank0, rank1) in enumerate(zip(*everyone, strict=True)):
                 expected = [index_of[int(t)] for x, _ in reference.next_step() for t in x[:, 0]]
                 assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1), step
                 assert sorted(rank0 + rank1) == sorted(expected), step

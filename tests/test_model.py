@@ -26,7 +26,7 @@ def test_logits_shape_and_initial_loss():
 
 
 def test_longer_than_context_is_an_error():
-    with pytest.raises(ValueError, match="longer than the model's context"):
+    with pytest.raises(ValueError, match=r"longer than the model's context"):
         GPT(CFG)(tokens(length=CFG.block_size + 1))
 
 
@@ -96,7 +96,7 @@ def test_tied_embeddings_share_storage():
     # The shared matrix appears once in the optimizer groups.
     grouped = [p for g in param_groups(model, 0.1) for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
-    with pytest.raises(ValueError, match="tie_embeddings"):
+    with pytest.raises(ValueError, match=r"tie_embeddings"):
         GPT(cfg, layers=range(1, 3), first=False, last=True)
 
 

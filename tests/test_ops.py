@@ -179,7 +179,7 @@ def finish(np: int, data_dir, run_dir: Path, steps: int = REF_STEPS, **more):
 
 
 def test_sigterm_to_one_rank_saves_everywhere_and_the_rerun_matches(data_dir, reference, tmp_path):
-    ref_dir, ref = reference
+    _ref_dir, ref = reference
     run_dir = tmp_path / "run"
     job = Job(2, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS}), tmp_path)
     job.wait_for_step(3)
@@ -229,7 +229,7 @@ def test_time_budget_saves_and_exits_0(data_dir, tmp_path):
 
 
 def test_kill_9_of_one_rank_ends_the_job_and_the_rerun_matches(data_dir, reference, tmp_path):
-    ref_dir, ref = reference
+    _ref_dir, ref = reference
     run_dir = tmp_path / "run"
     job = Job(
         2,
@@ -310,7 +310,7 @@ def test_watchdog_spares_a_slow_first_step_and_a_slow_save(data_dir, tmp_path):
 
 
 def test_incomplete_checkpoint_is_ignored_with_a_warning(data_dir, reference, tmp_path):
-    ref_dir, ref = reference
+    _ref_dir, ref = reference
     run_dir = tmp_path / "run"
     finish(2, data_dir, run_dir, steps=4)
     # A save of step 8 killed half-way: its temporary folder with a truncated model file, no meta.json.

@@ -26,7 +26,8 @@ from hpcllm.parallel.pipeline import ActivationMeter, PipelineStage, Schedule, s
 from hpcllm.topology import Grid
 from hpcllm.train import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 
-from helpers import read_metrics, train as launch_train, write_corpus, prepare_data
+from helpers import prepare_data, read_metrics, write_corpus
+from helpers import train as launch_train
 
 VOCAB, SEQ_LEN, D_MODEL, N_LAYER, N_HEAD = 64, 16, 32, 4, 2
 GPT_CFG = GPTConfig(
@@ -43,7 +44,7 @@ CPU = torch.device("cpu")
 # fp32 throughout: a correct pipeline changes only the order of a few sums (the gradient
 # norm is summed per stage), data parallelism also the sums over samples, so results
 # differ from the single rank's by rounding only.
-TOL = dict(atol=1e-6, rtol=1e-5)
+TOL = {"atol": 1e-6, "rtol": 1e-5}
 # AdamW's default eps (1e-8, as hpcllm.train uses) turns a gradient that is zero in exact
 # arithmetic but ~1e-11 of rounding noise in practice (the attention key bias: softmax
 # ignores a shift common to all keys) into steps of ~lr/1000 in the noise's direction,
@@ -100,7 +101,7 @@ def test_unknown_schedule_is_refused():
         device=CPU,
     )
     with pytest.raises(
-        ValueError, match="parallel.schedule must be one of 1f1b, gpipe, got 'zigzag'"
+        ValueError, match=r"parallel.schedule must be one of 1f1b, gpipe, got 'zigzag'"
     ):
         Schedule(stage, "zigzag")
 
@@ -278,8 +279,9 @@ def differences(label: str, got: dict, ref: dict) -> list[str]:
             set(ref["params"]) - set(got["params"]),
             set(got["params"]) - set(ref["params"]),
         )
-        return problems + [
-            f"{label}: parameter names differ: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"
+        return [
+            *problems,
+            f"{label}: parameter names differ: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}",
         ]
     pairs = [
         (
@@ -425,7 +427,7 @@ SETTINGS = {
 
 # hpcllm.train's AdamW has eps 1e-8 (see ADAM_EPS): over 6 steps, weights whose exact gradient
 # is zero may drift apart by a few lr/1000 between layouts; a real fault moves them by ~lr.
-E2E_PARAM_TOL = dict(atol=2e-5, rtol=1e-5)
+E2E_PARAM_TOL = {"atol": 2e-5, "rtol": 1e-5}
 
 
 def check_ok(result) -> None:

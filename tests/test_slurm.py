@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, TINY, losses, overrides, prepare_data, subprocess_env, train
-from slurm_cluster import slurm  # noqa: F401 - the session fixture
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
 CONSTANT_LR = {

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-from helpers import run
 from hpcllm.topology import (
     AXES,
     LayoutError,
@@ -15,6 +14,8 @@ from hpcllm.topology import (
     rank_of,
     resolve_dims,
 )
+
+from helpers import run
 
 WORLD_SIZES = [1, 2, 4, 6, 12, 16, 64, 1024]
 

@@ -15,8 +15,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from helpers import losses, prepare_data, read_metrics, run, train
 from hpcllm.config import Config, load_toml
+
+from helpers import losses, prepare_data, read_metrics, run, train
 
 STEPS = 20
 
@@ -100,7 +101,7 @@ def test_dp2_gradient_equals_one_rank_on_the_concatenated_batch(comm):
 
         total = TensorComm(comm).allreduce_(loss_sum.reshape(1).clone()).item() / (2 * accum)
         assert total == pytest.approx(ref_loss.item(), rel=1e-6, abs=1e-7), step
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(
                 p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=f"step {step} {name}"
             )
@@ -109,7 +110,7 @@ def test_dp2_gradient_equals_one_rank_on_the_concatenated_batch(comm):
 
         optimizer.step()
         ref_optimizer.step()
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"after step {step}: {name}")
     grid.free()
 
@@ -118,7 +119,7 @@ def test_dp2_gradient_equals_one_rank_on_the_concatenated_batch(comm):
 
 
 def test_reference_run_writes_metrics_config_checkpoints_and_sample(dp2_run):
-    run_dir, args, result = dp2_run
+    run_dir, _args, result = dp2_run
     train_records, val_records = read_metrics(run_dir)
     assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train_records)

@@ -26,6 +26,10 @@ def step_positions(consumed_samples: int, *, micro_batch_size: int, grad_accum_s
     return [first + k * stride + np.arange(micro_batch_size, dtype=np.int64) for k in range(grad_accum_steps)]
 
 
+# Inputs and targets of one micro-batch; (None, None) on a pipeline stage that needs neither.
+MicroBatch = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
 def _to_xy(samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     # samples: (B, T + 1) -> inputs and next-token targets, each (B, T)
     t = torch.from_numpy(samples)
@@ -65,9 +69,10 @@ class Loader:
             # Only the current epoch's order is kept: positions only move forward in training.
             self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
             self._epoch = epoch
+        assert self._perm is not None
         return int(self._perm[offset])
 
-    def next_step(self, read: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next_step(self, read: bool = True) -> list[MicroBatch]:
         """This rank's `grad_accum_steps` micro-batches (x, y), each (micro_batch, seq_len) int64.
 
         With `read=False` (a middle pipeline stage, which needs neither inputs nor targets)
@@ -76,7 +81,7 @@ class Loader:
         positions = step_positions(self.consumed_samples, micro_batch_size=self.micro_batch_size,
                                    grad_accum_steps=self.grad_accum_steps, dp_rank=self.dp_rank,
                                    dp_size=self.dp_size)
-        batches = []
+        batches: list[MicroBatch] = []
         for micro in positions if read else ():
             samples = np.stack([self.shards.read_sample(self.sample_index(p), self.seq_len) for p in micro])
             batches.append(_to_xy(samples))

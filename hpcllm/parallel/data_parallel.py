@@ -106,6 +106,7 @@ class DataParallel:
         self._launch_ready(force=True)
         start = time.perf_counter()
         for bucket in self.buckets:
+            assert bucket.work is not None  # every bucket was launched just above
             bucket.work.wait()
         waited = time.perf_counter() - start
         self.wait_seconds += waited

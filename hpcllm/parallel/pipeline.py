@@ -19,7 +19,7 @@ With one stage both verbs pairs do nothing and 1f1b is plain gradient accumulati
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -54,7 +54,7 @@ def split_layers(n_layer: int, pp: int, explicit: str = "") -> list[range]:
         base, extra = divmod(n_layer, pp)
         counts = [base + (1 if s < extra else 0) for s in range(pp)]
     starts = [sum(counts[:s]) for s in range(pp)]
-    return [range(start, start + count) for start, count in zip(starts, counts)]
+    return [range(start, start + count) for start, count in zip(starts, counts, strict=True)]
 
 
 class ActivationMeter:
@@ -72,7 +72,7 @@ class ActivationMeter:
         return _Saved(self, tensor)
 
     @staticmethod
-    def _unpack(saved: "_Saved") -> torch.Tensor:
+    def _unpack(saved: _Saved) -> torch.Tensor:
         return saved.tensor
 
     def hooks(self):
@@ -80,7 +80,7 @@ class ActivationMeter:
 
 
 class _Saved:
-    __slots__ = ("meter", "tensor", "nbytes")
+    __slots__ = ("meter", "nbytes", "tensor")
 
     def __init__(self, meter: ActivationMeter, tensor: torch.Tensor):
         self.meter, self.tensor = meter, tensor
@@ -159,6 +159,7 @@ class PipelineStage:
 
     def send_backward(self, grad: torch.Tensor | None) -> None:
         if not self.is_first:
+            assert grad is not None, "a stage after the first receives its input's gradient"
             self._sends.append(self.comm.isend(grad.contiguous(), self.stage - 1, BACKWARD_TAG))
 
     def finish_sends(self) -> None:
