@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,24 +254,92 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
     return cfg, options
 
 
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The values a numeric setting accepts: from `low` up to `high` (None: no limit), each
+    end included unless marked open; never NaN or infinity."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        left = "(" if self.low_open else "["
+        right = ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+    def check(self, key: str, value: float) -> None:
+        """Raise ConfigError naming `key` unless `value` is finite and in range."""
+        low_ok = value > self.low if self.low_open else value >= self.low
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (math.isfinite(value) and low_ok and high_ok):
+            raise ConfigError(f"{key} = {value} is out of range: it must be {self}")
+
+
+COUNT = Range(1)  # a size or count: at least one
+NON_NEGATIVE = Range(0)  # for a count, 0 often switches it off or means "derive it"
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)
+
+# The allowed values of every numeric setting, in one place: validate() checks each field
+# against its entry, and a numeric field without one is a bug (tests/test_config.py checks).
+RANGES: dict[str, Range] = {
+    "model.n_layer": COUNT,
+    "model.n_head": COUNT,
+    "model.d_model": COUNT,
+    "model.vocab_size": NON_NEGATIVE,
+    "model.block_size": NON_NEGATIVE,
+    "model.dropout": FRACTION,
+    "parallel.dp": NON_NEGATIVE,
+    "parallel.pp": COUNT,
+    "parallel.tp": COUNT,
+    "parallel.bucket_mb": POSITIVE,
+    "train.max_steps": COUNT,
+    "train.micro_batch_size": COUNT,
+    "train.grad_accum_steps": COUNT,
+    "train.seq_len": COUNT,
+    "train.seed": NON_NEGATIVE,  # numpy's generators take no negative seeds
+    "train.threads": NON_NEGATIVE,
+    "train.log_every": COUNT,
+    "train.eval_every": NON_NEGATIVE,
+    "train.eval_batches": COUNT,  # 0 would average no batches: a NaN val_loss
+    "optim.lr": POSITIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.beta1": FRACTION,
+    "optim.beta2": FRACTION,
+    "optim.grad_clip": NON_NEGATIVE,  # 0 disables clipping
+    "run.sample_tokens": NON_NEGATIVE,
+    "run.time_limit_s": NON_NEGATIVE,
+    "run.watchdog_s": NON_NEGATIVE,
+    "run.watchdog_first_step_s": NON_NEGATIVE,
+    "checkpoint.every": NON_NEGATIVE,
+    "checkpoint.keep": NON_NEGATIVE,  # 0 keeps every checkpoint
+}
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no data and no MPI; each error names its key."""
-    m, t, p = cfg.model, cfg.train, cfg.parallel
-    positive = {
-        "model.n_layer": m.n_layer,
-        "model.n_head": m.n_head,
-        "model.d_model": m.d_model,
-        "train.max_steps": t.max_steps,
-        "train.micro_batch_size": t.micro_batch_size,
-        "train.grad_accum_steps": t.grad_accum_steps,
-        "train.seq_len": t.seq_len,
-        "parallel.pp": p.pp,
-        "parallel.tp": p.tp,
-        "parallel.bucket_mb": p.bucket_mb,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                key = f"{section.name}.{f.name}"
+                assert key in RANGES, f"numeric setting {key} has no entry in config.RANGES"
+                RANGES[key].check(key, value)
+    m, t, p, o = cfg.model, cfg.train, cfg.parallel, cfg.optim
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+    if cfg.run.sample_tokens and not cfg.run.prompt:
+        raise ConfigError(
+            "run.prompt is empty but run.sample_tokens is not 0: give a prompt for the "
+            "end-of-training sample, or set run.sample_tokens 0"
+        )
     if m.d_model % m.n_head:
         raise ConfigError(
             f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})"
@@ -295,6 +364,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device must be cpu or cuda, got '{t.device}'")
     if t.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.dtype must be float32 or bfloat16, got '{t.dtype}'")
+
+
+def check_device(cfg: Config) -> None:
+    """Check the config against this machine. Not part of validate(): a dry run may plan a
+    GPU job on a login node that has none."""
+    if cfg.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "train.device = cuda but this process sees no GPU (torch.cuda.is_available() "
+                "is False); run on a GPU node (check CUDA_VISIBLE_DEVICES) or use --train.device cpu"
+            )
 
 
 def to_toml(cfg: Config) -> str:

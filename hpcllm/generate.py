@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from hpcllm import checkpoint
-from hpcllm.config import from_dict
+from hpcllm.config import COUNT, NON_NEGATIVE, POSITIVE, ConfigError, from_dict
 from hpcllm.data.shards import open_shards
 from hpcllm.data.tokenizer import load_tokenizer
 from hpcllm.model import GPT, GPTConfig
@@ -66,6 +66,20 @@ def sample(
     return tokenizer.decode(out[0].tolist())
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse sampling options that cannot give sensible text, naming the option."""
+    for option, value, allowed in (
+        ("--tokens", args.tokens, COUNT),
+        ("--temperature", args.temperature, POSITIVE),
+        ("--top-k", args.top_k, NON_NEGATIVE),
+        ("--num-samples", args.num_samples, COUNT),
+        ("--seed", args.seed, NON_NEGATIVE),
+    ):
+        allowed.check(option, value)
+    if not args.prompt:
+        raise ConfigError("--prompt is empty: the model needs at least one token to continue")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hpcllm.generate", description=__doc__.splitlines()[0]
@@ -81,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="def ")
     parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument(
+        "--top-k", type=int, default=40, help="sample from the k likeliest (0: all)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
     args = parser.parse_args(argv)
 
     try:
+        check_options(args)
         if args.checkpoint:
             path: Path | None = Path(args.checkpoint)
             if not (Path(args.checkpoint) / "meta.json").is_file():

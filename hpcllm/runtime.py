@@ -78,8 +78,9 @@ def spmd_main(fn: Callable[[], int | None]) -> None:
             raise
         _abort(world, rank, size, f"exited with {e!r}", 1)
     except BaseException as e:
-        detail = str(e) if isinstance(e, USER_ERRORS) else traceback.format_exc()
-        _abort(world, rank, size, f"{type(e).__name__}: {e}\n{detail}".rstrip(), 1)
+        # A user error (e.g. a damaged shard found mid-run) is one line; a bug gets its traceback.
+        detail = "" if isinstance(e, USER_ERRORS) else f"\n{traceback.format_exc()}"
+        _abort(world, rank, size, f"{type(e).__name__}: {e}{detail}".rstrip(), 1)
     else:
         sys.exit(code)
 

@@ -24,9 +24,9 @@ import torch
 
 from hpcllm import checkpoint
 from hpcllm.comm import TensorComm, detect_cuda_aware
-from hpcllm.config import Config, parse_args, to_toml
+from hpcllm.config import Config, check_device, parse_args, to_toml
 from hpcllm.data.loader import Loader, MicroBatch, val_batches
-from hpcllm.data.shards import ShardSet, open_shards
+from hpcllm.data.shards import ShardSet, open_splits
 from hpcllm.generate import load_model, load_run_tokenizer, sample
 from hpcllm.model import GPT, GPTConfig, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
@@ -111,7 +111,7 @@ def resolve_data(cfg: Config, world) -> tuple[ShardSet, ShardSet]:
         print0(f"preparing the default corpus (Python's standard library) in {path} ...")
         agree(world, lambda: prepare(None, path, comm=world))
     cfg.data.path = path
-    return agree(world, lambda: (open_shards(path, "train"), open_shards(path, "val")))
+    return agree(world, lambda: open_splits(path))
 
 
 def check_model_fits_data(cfg: Config, shards) -> None:
@@ -194,6 +194,7 @@ def setup(cfg: Config, world) -> Trainer:
     cfg.parallel.dp = grid.size("dp")
     local_rank, local_size = node_local(world)
     threads = setup_threads(cfg.train.threads, local_size)
+    agree(world, lambda: check_device(cfg))
     if cfg.train.device == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

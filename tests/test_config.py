@@ -1,8 +1,21 @@
 """Configuration: defaults < TOML file < command line, and errors that name the key."""
 
+import dataclasses
+import math
+
 import pytest
 
-from hpcllm.config import Config, ConfigError, from_dict, load_toml, parse_args, to_toml
+from hpcllm.config import (
+    RANGES,
+    Config,
+    ConfigError,
+    check_device,
+    from_dict,
+    load_toml,
+    parse_args,
+    to_toml,
+    validate,
+)
 
 
 def write(path, text):
@@ -169,7 +182,7 @@ def test_unreadable_config_files(tmp_path):
             ["--model.block_size", "16", "--train.seq_len", "32"],
             "train.seq_len (32) is longer than the model's context model.block_size (16)",
         ),
-        (["--train.micro_batch_size", "0"], "train.micro_batch_size must be positive, got 0"),
+        (["--train.micro_batch_size", "0"], "train.micro_batch_size = 0 is out of range"),
         (["--parallel.tp", "2"], "parallel.tp = 2"),
         (["--train.dtype", "fp8"], "train.dtype must be float32 or bfloat16"),
         (["--parallel.cuda_aware", "maybe"], "parallel.cuda_aware must be auto, yes or no"),
@@ -179,3 +192,79 @@ def test_validate_names_the_key(args, message):
     with pytest.raises(ConfigError) as e:
         parse_args(args)
     assert message in str(e.value)
+
+
+def numeric_keys(cfg: Config) -> list[str]:
+    return [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, section.name))
+        if f.type in ("int", "float", int, float)
+    ]
+
+
+def test_every_numeric_setting_has_a_range():
+    keys = numeric_keys(Config())
+    assert len(keys) > 25 and sorted(keys) == sorted(RANGES)
+    validate(Config())  # the defaults are in range
+
+
+def out_of_range_values(key: str) -> list:
+    """Values just outside the key's range, and the non-finite ones for a float."""
+    r = RANGES[key]
+    values = [r.low if r.low_open else r.low - 1]
+    if r.high is not None:
+        values.append(r.high if r.high_open else r.high + 1)
+    if isinstance(getattr(getattr(Config(), key.split(".")[0]), key.split(".")[1]), float):
+        values += [math.nan, math.inf, -math.inf]
+    return values
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_out_of_range_values_name_the_key_value_and_range(key):
+    for value in out_of_range_values(key):
+        text = str(value).lower()
+        with pytest.raises(ConfigError) as e:
+            parse_args([f"--{key}", text])
+        assert f"{key} = {value}" in str(e.value) and str(RANGES[key]) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--train.eval_batches", "0"], "train.eval_batches = 0 is out of range: it must be >= 1"),
+        (["--model.dropout", "1"], "model.dropout = 1.0 is out of range: it must be in [0, 1)"),
+        (["--optim.beta2", "1.0"], "optim.beta2 = 1.0 is out of range: it must be in [0, 1)"),
+        (["--optim.lr", "0"], "optim.lr = 0.0 is out of range: it must be > 0"),
+        (["--optim.lr", "nan"], "optim.lr = nan is out of range: it must be > 0"),
+        (["--checkpoint.keep", "-1"], "checkpoint.keep = -1 is out of range: it must be >= 0"),
+        (["--optim.lr", "1e-4", "--optim.min_lr", "1e-3"], "optim.min_lr (0.001) must not exceed"),
+        (["--run.prompt", ""], "run.prompt is empty but run.sample_tokens is not 0"),
+    ],
+)
+def test_range_messages(args, message):
+    with pytest.raises(ConfigError) as e:
+        parse_args(args)
+    assert message in str(e.value)
+
+
+def test_zero_means_off_where_documented():
+    cfg, _ = parse_args(
+        [
+            *("--train.eval_every", "0", "--checkpoint.every", "0", "--checkpoint.keep", "0"),
+            *("--optim.grad_clip", "0", "--run.watchdog_s", "0", "--run.sample_tokens", "0"),
+            *("--run.prompt", "", "--optim.min_lr", "0", "--model.dropout", "0.99"),
+        ]
+    )
+    assert cfg.run.prompt == "" and cfg.optim.grad_clip == 0
+
+
+def test_check_device_without_a_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, _ = parse_args(["--train.device", "cuda"])  # a dry run may plan a GPU job anywhere
+    with pytest.raises(ConfigError, match=r"train.device = cuda but this process sees no GPU"):
+        check_device(cfg)
+    cfg.train.device = "cpu"
+    check_device(cfg)

@@ -1,8 +1,10 @@
 """Single-process tests of hpcllm.data: tokenizers, the shard format, prepare, and the loader."""
 
 import os
+import random
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -11,8 +13,13 @@ import torch
 
 from hpcllm.data.loader import Loader, step_positions, val_batches
 from hpcllm.data.prepare import SKIP_DIRS, default_corpus_files, prepare
-from hpcllm.data.shards import DataError, open_shards, write_shard
-from hpcllm.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from hpcllm.data.shards import DataError, open_shards, open_splits, write_shard
+from hpcllm.data.tokenizer import (
+    MAX_PRETOKEN_BYTES,
+    BPETokenizer,
+    ByteTokenizer,
+    load_tokenizer,
+)
 
 TEXT = "def héllo():\n    return 'wörld ✓'  # <|endoftext|> stays text\n"
 
@@ -26,7 +33,7 @@ def write_unique_shards(data_dir, sizes, split="train"):
             os.path.join(data_dir, f"{split}-{i:04d}.h5"),
             np.arange(start, start + n),
             vocab_size=100_000,
-            tokenizer="byte",
+            tokenizer="bpe",
             eot_id=99_999,
         )
         start += n
@@ -73,6 +80,21 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path, "gpt9")
 
 
+def test_bpe_on_a_long_run_without_whitespace_is_fast():
+    # One 400 KB "word" (think DNA or base64) used to be one pre-token, which BPE training
+    # rescans for every merge: minutes. Pre-tokens are now capped, so time is linear.
+    dna = "".join(random.Random(0).choice("ACGT") for _ in range(400_000))
+    start = time.perf_counter()
+    tok = BPETokenizer.train([dna], vocab_size=1024)
+    ids = tok.encode(dna)
+    assert time.perf_counter() - start < 60  # about 1 s here; quadratic took over a minute
+    assert tok.decode(ids) == dna and len(ids) < len(dna) / 3
+    pieces = tok._tokenizer.pre_tokenizer.pre_tokenize_str(dna[:1000])
+    assert {len(p) for p, _ in pieces} == {MAX_PRETOKEN_BYTES, 1000 % MAX_PRETOKEN_BYTES}
+    longest = max(len(t.encode()) for t in tok._tokenizer.get_vocab())
+    assert longest <= MAX_PRETOKEN_BYTES
+
+
 # ---------------------------------------------------------------- shards
 
 
@@ -85,7 +107,7 @@ def test_shard_round_trip_and_sample_layout(tmp_path):
         assert [os.path.basename(p) for p in shards.paths] == [
             f"train-{i:04d}.h5" for i in range(5)
         ]
-        assert (shards.vocab_size, shards.tokenizer, shards.eot_id) == (100_000, "byte", 99_999)
+        assert (shards.vocab_size, shards.tokenizer, shards.eot_id) == (100_000, "bpe", 99_999)
         assert shards.num_tokens == sum(sizes)
         assert shards.num_samples(8) == 5 + 3 + 2
         assert shards.num_samples(1) == sum(max(n - 1, 0) for n in sizes)
@@ -131,7 +153,7 @@ def test_open_shards_errors(tmp_path):
 
     write_unique_shards(tmp_path, [100, 100])
     write_shard(
-        tmp_path / "train-0001.h5", np.arange(10), vocab_size=300, tokenizer="byte", eot_id=99_999
+        tmp_path / "train-0001.h5", np.arange(10), vocab_size=300, tokenizer="bpe", eot_id=299
     )
     with pytest.raises(DataError, match=r"vocab_size.*train-0000.h5.*train-0001.h5"):
         open_shards(tmp_path, "train")
@@ -147,6 +169,84 @@ def test_open_shards_errors(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DataError, match=r"train-0000.h5 is not a readable HDF5 file"):
         open_shards(tmp_path, "train")
+
+
+def write_tokens(path, tokens, **attrs):
+    """A shard with an arbitrary 'tokens' dataset, as a foreign or damaged writer might leave it."""
+    meta = {"vocab_size": 300, "tokenizer": "bpe", "eot_id": 299, **attrs}
+    with h5py.File(path, "w") as f:
+        f.create_dataset("tokens", data=tokens)
+        f.attrs.update(format="hpcllm-tokens", format_version=1, num_tokens=len(tokens), **meta)
+
+
+@pytest.mark.parametrize(
+    "tokens, attrs, message",
+    [
+        (np.arange(100, dtype=np.float32), {}, "dtype float32"),
+        (np.arange(100, dtype=np.int32), {}, "dtype int32"),
+        (np.arange(100, dtype=np.uint8), {}, "dtype uint8.*holds vocab_size 300.*uint16"),
+        (np.arange(100, dtype=np.uint16), {"tokenizer": "byte"}, "vocab_size 300 and eot_id 299"),
+        (np.arange(100, dtype=np.uint16), {"eot_id": 300}, "eot_id 300.*\\[0, vocab_size\\)"),
+        (np.arange(100, dtype=np.uint16), {"tokenizer": "gpt9"}, "tokenizer 'gpt9'"),
+    ],
+)
+def test_shards_that_cannot_be_right_are_refused(tmp_path, tokens, attrs, message):
+    write_tokens(tmp_path / "train-0000.h5", tokens, **attrs)
+    with pytest.raises(DataError, match=f"train-0000.h5.*{message}"):
+        open_shards(tmp_path, "train")
+
+
+def test_out_of_vocabulary_id_names_shard_offset_and_id(tmp_path):
+    tokens = np.arange(200, dtype=np.uint16) % 256
+    tokens[150] = 4000  # inside the second sample of seq_len 100... of the second shard
+    write_tokens(tmp_path / "train-0000.h5", np.zeros(101, dtype=np.uint16))
+    write_tokens(tmp_path / "train-0001.h5", tokens)
+    with open_shards(tmp_path, "train") as shards:
+        assert list(shards.read_sample(0, 10)) == [0] * 11
+        shards.read_sample(5, 10)  # tokens 40..50 of the second shard: clean
+        with pytest.raises(DataError) as e:
+            shards.read_sample(24, 10)  # tokens 140..150 of the second shard
+    assert str(e.value).startswith(str(tmp_path / "train-0001.h5"))
+    assert "token id 4000 at token offset 150" in str(e.value) and "[0, 300)" in str(e.value)
+
+
+def test_open_splits_refuses_mismatched_splits(tmp_path):
+    tokens = np.arange(100, dtype=np.uint16)
+    write_tokens(tmp_path / "train-0000.h5", tokens)
+    write_tokens(tmp_path / "val-0000.h5", tokens)
+    with pytest.raises(DataError, match=r"tokenizer.json is missing"):
+        open_splits(tmp_path)  # a BPE data folder needs its tokenizer
+    tok = BPETokenizer.train(["abc abd " * 50], vocab_size=300)  # runs out of merges early
+    tok.save(tmp_path / "tokenizer.json")
+    assert tok.vocab_size < 300
+    with pytest.raises(DataError, match=rf"tokenizer.json has vocab_size {tok.vocab_size} but "):
+        open_splits(tmp_path)
+
+    vocab = {"vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    write_tokens(tmp_path / "train-0000.h5", tokens, **vocab)
+    write_tokens(tmp_path / "val-0000.h5", tokens, **vocab)
+    train, val = open_splits(tmp_path)
+    assert train.vocab_size == val.vocab_size == tok.vocab_size
+    train.close()
+    val.close()
+    write_tokens(tmp_path / "val-0000.h5", tokens, **{**vocab, "vocab_size": 400})
+    with pytest.raises(DataError, match=r"val-0000.h5 has vocab_size 400 but .*train-0000.h5 has"):
+        open_splits(tmp_path)
+
+
+def test_open_splits_byte(tmp_path):
+    write_shard(
+        tmp_path / "train-0.h5", np.arange(256), vocab_size=257, tokenizer="byte", eot_id=256
+    )
+    write_shard(tmp_path / "val-0.h5", np.arange(256), vocab_size=257, tokenizer="byte", eot_id=256)
+    train, val = open_splits(tmp_path)
+    train.close()
+    val.close()
+    write_tokens(tmp_path / "val-0.h5", np.arange(100, dtype=np.uint16))  # a BPE val split
+    with pytest.raises(
+        DataError, match=r"val-0.h5 has tokenizer 'bpe' but .*train-0.h5 has 'byte'"
+    ):
+        open_splits(tmp_path)
 
 
 # ---------------------------------------------------------------- prepare
@@ -250,6 +350,25 @@ def test_prepare_bpe(corpus, tmp_path):
 
     texts = [DOCS[name] for name in sorted(DOCS, key=lambda n: str(corpus / n))]
     assert [t + v for t, v in zip(parts(train), parts(val), strict=True)] == texts
+
+
+def test_prepare_reports_progress(corpus, tmp_path, capsys):
+    prepare([str(corpus)], str(tmp_path / "quiet"))
+    assert capsys.readouterr().err == ""  # small inputs finish before the first report is due
+    prepare([str(corpus)], str(tmp_path / "out"), tokenizer="bpe", vocab_size=300, progress_s=0)
+    err = capsys.readouterr().err
+    assert "prepare: learning BPE merges (vocab 300) from 5 of 5 files" in err
+    assert "prepare: reading text for BPE: 1/5 files" in err
+    assert "prepare: tokenizing: 5/5 files" in err and "(100%)" in err and "MB/s" in err
+
+
+def test_prepare_checks_vocab_size_before_removing_old_shards(corpus, tmp_path):
+    out = tmp_path / "out"
+    prepare([str(corpus)], str(out))
+    before = sorted(os.listdir(out))
+    with pytest.raises(ValueError, match=r"at least 257"):
+        prepare([str(corpus)], str(out), tokenizer="bpe", vocab_size=100, overwrite=True)
+    assert sorted(os.listdir(out)) == before
 
 
 def run_cli(*args):

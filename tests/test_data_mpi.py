@@ -76,7 +76,7 @@ def test_ranks_read_their_own_samples(comm, mpi_tmp_path):
                 mpi_tmp_path / f"train-{i:04d}.h5",
                 np.arange(start, start + n),
                 vocab_size=100_000,
-                tokenizer="byte",
+                tokenizer="bpe",
                 eot_id=99_999,
             )
     comm.barrier()

@@ -20,6 +20,7 @@ import glob
 import os
 import sys
 import sysconfig
+import time
 import traceback
 
 import numpy as np
@@ -167,19 +168,62 @@ def _plan(inputs, out: str, overwrite: bool, size: int) -> tuple[list[str], list
     return files, _assign_ranks(sizes, size)
 
 
-def _train_bpe(files: list[str], vocab_size: int, out: str) -> None:
+class _Progress:
+    """Files and bytes done, as a line on stderr every `every_s` seconds (None: silent)."""
+
+    def __init__(self, what: str, files: list[str], every_s: float | None):
+        self.what, self.every_s = what, every_s
+        self.sizes = {f: os.path.getsize(f) for f in files} if every_s is not None else {}
+        self.total_bytes = sum(self.sizes.values())
+        self.files = self.bytes = 0
+        self.start = self.last = time.monotonic()
+
+    def say(self, message: str) -> None:
+        if self.every_s is not None:
+            print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+    def done(self, path: str) -> None:
+        """Count `path` as done; print a line if the last one is `every_s` old."""
+        if self.every_s is None:
+            return
+        self.files += 1
+        self.bytes += self.sizes[path]
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            mb = 2**20
+            self.say(f"{self.what}: {self.files}/{len(self.sizes)} files, {self.bytes / mb:.1f}/"
+                     f"{self.total_bytes / mb:.1f} MB ({100 * self.bytes / max(1, self.total_bytes):.0f}%), "
+                     f"{self.bytes / mb / (now - self.start):.1f} MB/s")
+
+
+def _train_bpe(files: list[str], vocab_size: int, out: str, progress_s: float | None) -> None:
     total = sum(os.path.getsize(f) for f in files)
     stride = max(1, -(-total // BPE_TRAIN_BYTES))  # every stride-th file keeps the sample spread out
-    texts = (t for t in map(_read_text, files[::stride]) if t)
-    BPETokenizer.train(texts, vocab_size).save(os.path.join(out, TOKENIZER_FILE))
+    sample = files[::stride]
+    progress = _Progress("reading text for BPE", sample, progress_s)
+    progress.say(f"learning BPE merges (vocab {vocab_size}) from {len(sample)} of {len(files)} "
+                 f"files, {progress.total_bytes / 2**20:.1f} MB")
+
+    def texts():
+        for path in sample:
+            text = _read_text(path)
+            progress.done(path)
+            if text:
+                yield text
+
+    BPETokenizer.train(texts(), vocab_size).save(os.path.join(out, TOKENIZER_FILE))
+    progress.say(f"learned BPE merges in {time.monotonic() - progress.start:.0f} s")
 
 
-def _tokenize(files: list[str], tok, out: str, rank: int, val_fraction: float, shard_tokens: int) -> dict:
+def _tokenize(files: list[str], tok, out: str, rank: int, val_fraction: float, shard_tokens: int,
+              progress: _Progress) -> dict:
     """Encode this rank's files and write its shards; returns its counts."""
     writers = {split: _ShardWriter(out, split, rank, shard_tokens, tok) for split in ("train", "val")}
     used = skipped = 0
     for path in files:
         text = _read_text(path)
+        progress.done(path)
         if text is None:
             skipped += 1
             continue
@@ -198,12 +242,15 @@ def _tokenize(files: list[str], tok, out: str, rank: int, val_fraction: float, s
 
 def prepare(inputs: list[str] | None, out: str, *, tokenizer: str = "byte", vocab_size: int = 4096,
             val_fraction: float = 0.05, shard_tokens: int = 50_000_000, overwrite: bool = False,
-            comm=None) -> dict:
+            comm=None, progress_s: float | None = 5.0) -> dict:
     """Tokenize `inputs` (files or folders; None = the standard library) into shards in `out`.
 
     With an MPI communicator of several ranks the files are shared out and each rank writes
     its own shards. Every rank returns the same summary: files, skipped, train_tokens,
     val_tokens, shards (file names), tokenizer, vocab_size, eot_id, ranks.
+
+    Rank 0 reports its progress on stderr every `progress_s` seconds (None: never); the
+    ranks' shares hold about the same number of bytes.
     """
     if tokenizer not in ("byte", "bpe"):
         raise ValueError(f"tokenizer must be 'byte' or 'bpe', got '{tokenizer}'")
@@ -211,19 +258,25 @@ def prepare(inputs: list[str] | None, out: str, *, tokenizer: str = "byte", voca
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    # Checked here, not when BPE training would fail: by then --overwrite has removed the old shards.
+    if tokenizer == "bpe" and vocab_size < 257:
+        raise ValueError(f"BPE vocab_size must be at least 257 (256 bytes + EOT), got {vocab_size}")
     comm = comm if comm is not None else _SingleRank()
     out = os.fspath(out)
 
     files, owners = _on_root(comm, lambda: _plan(inputs, out, overwrite, comm.size))
     if tokenizer == "bpe":
         # One tokenizer for all ranks: rank 0 learns it from the whole corpus, the others wait.
-        _on_root(comm, lambda: _train_bpe(files, vocab_size, out))
+        _on_root(comm, lambda: _train_bpe(files, vocab_size, out, progress_s))
         tok = _on_all(comm, lambda: BPETokenizer.load(os.path.join(out, TOKENIZER_FILE)))
     else:
         tok = ByteTokenizer()
 
     mine = [f for f, owner in zip(files, owners) if owner == comm.rank]
-    counts = _on_all(comm, lambda: _tokenize(mine, tok, out, comm.rank, val_fraction, shard_tokens))
+    progress = _Progress("tokenizing" if comm.size == 1 else f"rank 0 of {comm.size} tokenizing its share",
+                         mine, progress_s if comm.rank == 0 else None)
+    counts = _on_all(comm, lambda: _tokenize(mine, tok, out, comm.rank, val_fraction, shard_tokens,
+                                             progress))
     per_rank = comm.allgather(counts)
     totals = ("files", "skipped", "train_tokens", "val_tokens")
     summary = {key: sum(c[key] for c in per_rank) for key in totals}

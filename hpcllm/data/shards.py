@@ -94,10 +94,68 @@ def _open_checked(path: str) -> tuple[h5py.File, dict]:
         if len(tokens) != meta["num_tokens"]:
             raise DataError(f"{path} is truncated: attribute num_tokens is {meta['num_tokens']} but the "
                             f"'tokens' dataset holds {len(tokens)}; prepare the data again")
+        _check_meta(path, meta, tokens.dtype)
     except BaseException:
         f.close()
         raise
     return f, meta
+
+
+# The vocabulary each tokenizer implies, where it is fixed (None: learned, any size).
+TOKENIZER_VOCAB = {"byte": (257, 256), "bpe": None}  # name -> (vocab_size, eot_id)
+
+
+def _check_meta(path: str, meta: dict, dtype: np.dtype) -> None:
+    """Refuse metadata that cannot describe real token data, before anything trains on it."""
+    vocab_size, tokenizer, eot_id = meta["vocab_size"], meta["tokenizer"], meta["eot_id"]
+    again = "prepare the data again with python -m hpcllm.data.prepare"
+    if tokenizer not in TOKENIZER_VOCAB:
+        raise DataError(f"{path} has tokenizer '{tokenizer}', expected one of "
+                        f"{', '.join(TOKENIZER_VOCAB)}; {again}")
+    fixed = TOKENIZER_VOCAB[tokenizer]
+    if fixed is not None and (vocab_size, eot_id) != fixed:
+        raise DataError(f"{path} says tokenizer '{tokenizer}' with vocab_size {vocab_size} and "
+                        f"eot_id {eot_id}, but that tokenizer has vocab_size {fixed[0]} and eot_id "
+                        f"{fixed[1]}; {again}")
+    if vocab_size < 1 or not 0 <= eot_id < vocab_size:
+        raise DataError(f"{path} has vocab_size {vocab_size} and eot_id {eot_id}; the EOT id must lie "
+                        f"in [0, vocab_size); {again}")
+    # A float or signed dataset would be cast to ids silently (2.7 -> 2, -1 -> a huge id).
+    if dtype.kind != "u" or np.iinfo(dtype).max < vocab_size - 1:
+        raise DataError(f"{path}: the 'tokens' dataset has dtype {dtype}, but token ids need an "
+                        f"unsigned integer dtype that holds vocab_size {vocab_size} (e.g. "
+                        f"{np.dtype(token_dtype(vocab_size))}); {again}")
+
+
+def open_splits(data_dir) -> "tuple[ShardSet, ShardSet]":
+    """The train and val shards of `data_dir`, checked to share one tokenizer and vocabulary,
+    and for BPE to match the tokenizer.json beside them, so that a mismatch stops the run
+    at start-up rather than at the first validation or the final sample."""
+    from hpcllm.data.tokenizer import TOKENIZER_FILE, load_tokenizer  # it imports this module
+
+    train = open_shards(data_dir, "train")
+    val = None
+    try:
+        val = open_shards(data_dir, "val")
+        tok = load_tokenizer(data_dir, train.tokenizer)
+        expected = _identity(train.tokenizer, train)
+        for where, found in ((val.paths[0], _identity(val.tokenizer, val)),
+                             (os.path.join(os.fspath(data_dir), TOKENIZER_FILE), _identity(tok.name, tok))):
+            for key, value in found.items():
+                if value != expected[key]:
+                    raise DataError(f"{where} has {key} {value!r} but {train.paths[0]} has "
+                                    f"{expected[key]!r}; they come from different prepare runs, "
+                                    f"prepare the data again into an empty folder")
+    except BaseException:
+        train.close()
+        if val is not None:
+            val.close()
+        raise
+    return train, val
+
+
+def _identity(name: str, source) -> dict:
+    return {"tokenizer": name, "vocab_size": source.vocab_size, "eot_id": source.eot_id}
 
 
 class ShardSet:
@@ -156,7 +214,14 @@ class ShardSet:
         shard = int(np.searchsorted(cumulative, index, side="right"))
         local = index - (int(cumulative[shard - 1]) if shard else 0)
         start = local * seq_len
-        return self._tokens[shard][start:start + seq_len + 1].astype(np.int64)
+        sample = self._tokens[shard][start:start + seq_len + 1].astype(np.int64)
+        # One max per sample: a damaged id would otherwise fail deep inside the embedding.
+        if sample.max() >= self.vocab_size:
+            bad = int(np.argmax(sample >= self.vocab_size))
+            raise DataError(f"{self.paths[shard]}: token id {int(sample[bad])} at token offset "
+                            f"{start + bad} is outside the vocabulary [0, {self.vocab_size}); the "
+                            f"shard is damaged, prepare the data again")
+        return sample
 
     def close(self) -> None:
         """Close the HDF5 files; the set cannot read afterwards."""

@@ -14,6 +14,10 @@ from hpcllm.data.shards import PREPARE_HINT, DataError
 
 EOT_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+# Longest pre-token (in bytes) BPE learns merges within. A run without whitespace or
+# punctuation (minified code, base64, DNA) is otherwise one pre-token, and BPE training
+# rescans a word for every merge it learns in it: quadratic in the run's length.
+MAX_PRETOKEN_BYTES = 64
 
 
 def _as_array(ids) -> np.ndarray:
@@ -54,13 +58,22 @@ class BPETokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
         """Learn merges from `texts` up to `vocab_size` ids (fewer if the corpus runs out of pairs)."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
         # 256 byte symbols + EOT must fit before any merge is learned.
         if vocab_size < 257:
             raise ValueError(f"BPE vocab_size must be at least 257 (256 bytes + EOT), got {vocab_size}")
         tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+                # Cut what ByteLevel left (one character per byte) into pieces of at most
+                # MAX_PRETOKEN_BYTES; a token never spans two pieces.
+                pre_tokenizers.Split(
+                    Regex(f".{{1,{MAX_PRETOKEN_BYTES}}}"), behavior="isolated"
+                ),
+            ]
+        )
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
