@@ -10,6 +10,7 @@ positions starting at consumed_samples, cut as
 so each step trains on the same G samples whatever the split between data-parallel ranks and
 gradient accumulation, and resuming needs only `consumed_samples` (and the seed).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,12 +19,21 @@ import torch
 from hpcllm.data.shards import ShardSet
 
 
-def step_positions(consumed_samples: int, *, micro_batch_size: int, grad_accum_steps: int,
-                   dp_rank: int, dp_size: int) -> list[np.ndarray]:
+def step_positions(
+    consumed_samples: int,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    dp_rank: int,
+    dp_size: int,
+) -> list[np.ndarray]:
     """Stream positions of one rank's micro-batches for the global step starting at `consumed_samples`."""
     first = consumed_samples + dp_rank * micro_batch_size
     stride = dp_size * micro_batch_size
-    return [first + k * stride + np.arange(micro_batch_size, dtype=np.int64) for k in range(grad_accum_steps)]
+    return [
+        first + k * stride + np.arange(micro_batch_size, dtype=np.int64)
+        for k in range(grad_accum_steps)
+    ]
 
 
 # Inputs and targets of one micro-batch; (None, None) on a pipeline stage that needs neither.
@@ -39,10 +49,23 @@ def _to_xy(samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 class Loader:
     """Yields this rank's micro-batches of each global step from a `ShardSet`."""
 
-    def __init__(self, shards: ShardSet, *, seq_len: int, micro_batch_size: int, grad_accum_steps: int,
-                 dp_rank: int, dp_size: int, seed: int):
-        for key, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
-                           ("grad_accum_steps", grad_accum_steps), ("dp_size", dp_size)):
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        seq_len: int,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+    ):
+        for key, value in (
+            ("seq_len", seq_len),
+            ("micro_batch_size", micro_batch_size),
+            ("grad_accum_steps", grad_accum_steps),
+            ("dp_size", dp_size),
+        ):
             if value < 1:
                 raise ValueError(f"{key} must be positive, got {value}")
         if not 0 <= dp_rank < dp_size:
@@ -78,12 +101,18 @@ class Loader:
         With `read=False` (a middle pipeline stage, which needs neither inputs nor targets)
         nothing is read and every micro-batch is (None, None); the stream still advances.
         """
-        positions = step_positions(self.consumed_samples, micro_batch_size=self.micro_batch_size,
-                                   grad_accum_steps=self.grad_accum_steps, dp_rank=self.dp_rank,
-                                   dp_size=self.dp_size)
+        positions = step_positions(
+            self.consumed_samples,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum_steps=self.grad_accum_steps,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+        )
         batches: list[MicroBatch] = []
         for micro in positions if read else ():
-            samples = np.stack([self.shards.read_sample(self.sample_index(p), self.seq_len) for p in micro])
+            samples = np.stack(
+                [self.shards.read_sample(self.sample_index(p), self.seq_len) for p in micro]
+            )
             batches.append(_to_xy(samples))
         self.consumed_samples += self.global_batch_size
         return batches if read else [(None, None)] * self.grad_accum_steps
@@ -103,8 +132,9 @@ class Loader:
             self._epoch, self._perm = -1, None
 
 
-def val_batches(shards: ShardSet, *, seq_len: int, batch_size: int, num_batches: int,
-                dp_rank: int, dp_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def val_batches(
+    shards: ShardSet, *, seq_len: int, batch_size: int, num_batches: int, dp_rank: int, dp_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed validation set: the first num_batches * batch_size * dp_size samples, in order.
 
     Batch b spans samples [b * batch_size * dp_size, (b + 1) * batch_size * dp_size); rank

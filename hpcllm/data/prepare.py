@@ -13,6 +13,7 @@ does not depend on the number of ranks. Under MPI the sorted file list is cut in
 contiguous, size-balanced ranges; rank r writes `{split}-{r:04d}-{k:04d}.h5`, so reading
 the shards in name order gives the same token stream as a single-rank run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,13 +53,18 @@ def find_text_files(inputs: list[str]) -> list[str]:
         elif os.path.isdir(given):
             for root, dirs, names in os.walk(given):
                 dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
-                files.update(os.path.normpath(os.path.join(root, n)) for n in names
-                             if not n.startswith(".") and os.path.splitext(n)[1] in TEXT_SUFFIXES)
+                files.update(
+                    os.path.normpath(os.path.join(root, n))
+                    for n in names
+                    if not n.startswith(".") and os.path.splitext(n)[1] in TEXT_SUFFIXES
+                )
         else:
             raise DataError(f"input {given} does not exist")
     if not files:
-        raise DataError(f"no text files ({' '.join(s or 'no extension' for s in TEXT_SUFFIXES)}) "
-                        f"under {' '.join(inputs)}")
+        raise DataError(
+            f"no text files ({' '.join(s or 'no extension' for s in TEXT_SUFFIXES)}) "
+            f"under {' '.join(inputs)}"
+        )
     return sorted(files)
 
 
@@ -87,7 +93,13 @@ class _ShardWriter:
     """One rank's tokens of one split, written out a shard at a time as they fill up."""
 
     def __init__(self, out: str, split: str, rank: int, shard_tokens: int, tok):
-        self.out, self.split, self.rank, self.shard_tokens, self.tok = out, split, rank, shard_tokens, tok
+        self.out, self.split, self.rank, self.shard_tokens, self.tok = (
+            out,
+            split,
+            rank,
+            shard_tokens,
+            tok,
+        )
         self.parts: list[np.ndarray] = []
         self.buffered = 0
         self.num_tokens = 0
@@ -107,8 +119,13 @@ class _ShardWriter:
         tokens = np.concatenate(self.parts)
         self.parts, self.buffered = [tokens[n:]], len(tokens) - n
         name = f"{self.split}-{self.rank:04d}-{len(self.names):04d}.h5"
-        write_shard(os.path.join(self.out, name), tokens[:n], vocab_size=self.tok.vocab_size,
-                    tokenizer=self.tok.name, eot_id=self.tok.eot_id)
+        write_shard(
+            os.path.join(self.out, name),
+            tokens[:n],
+            vocab_size=self.tok.vocab_size,
+            tokenizer=self.tok.name,
+            eot_id=self.tok.eot_id,
+        )
         self.names.append(name)
         self.num_tokens += n
 
@@ -155,11 +172,15 @@ def _plan(inputs, out: str, overwrite: bool, size: int) -> tuple[list[str], list
     """Rank 0's look at the filesystem: the corpus files, their owner ranks, and a clean --out."""
     files = default_corpus_files() if inputs is None else find_text_files(inputs)
     os.makedirs(out, exist_ok=True)
-    shards = sorted(glob.glob(os.path.join(glob.escape(out), "train-*.h5")) +
-                    glob.glob(os.path.join(glob.escape(out), "val-*.h5")))
+    shards = sorted(
+        glob.glob(os.path.join(glob.escape(out), "train-*.h5"))
+        + glob.glob(os.path.join(glob.escape(out), "val-*.h5"))
+    )
     if shards and not overwrite:
-        raise DataError(f"{out} already holds {len(shards)} shard(s) (e.g. {shards[0]}); "
-                        f"pass --overwrite to replace them or choose another --out")
+        raise DataError(
+            f"{out} already holds {len(shards)} shard(s) (e.g. {shards[0]}); "
+            f"pass --overwrite to replace them or choose another --out"
+        )
     # Old shards, a stale tokenizer and leftovers of an interrupted run must not mix with the new data.
     for pattern in ("train-*.h5*", "val-*.h5*", TOKENIZER_FILE + "*"):
         for path in glob.glob(os.path.join(glob.escape(out), pattern)):
@@ -192,18 +213,24 @@ class _Progress:
         if now - self.last >= self.every_s:
             self.last = now
             mb = 2**20
-            self.say(f"{self.what}: {self.files}/{len(self.sizes)} files, {self.bytes / mb:.1f}/"
-                     f"{self.total_bytes / mb:.1f} MB ({100 * self.bytes / max(1, self.total_bytes):.0f}%), "
-                     f"{self.bytes / mb / (now - self.start):.1f} MB/s")
+            self.say(
+                f"{self.what}: {self.files}/{len(self.sizes)} files, {self.bytes / mb:.1f}/"
+                f"{self.total_bytes / mb:.1f} MB ({100 * self.bytes / max(1, self.total_bytes):.0f}%), "
+                f"{self.bytes / mb / (now - self.start):.1f} MB/s"
+            )
 
 
 def _train_bpe(files: list[str], vocab_size: int, out: str, progress_s: float | None) -> None:
     total = sum(os.path.getsize(f) for f in files)
-    stride = max(1, -(-total // BPE_TRAIN_BYTES))  # every stride-th file keeps the sample spread out
+    stride = max(
+        1, -(-total // BPE_TRAIN_BYTES)
+    )  # every stride-th file keeps the sample spread out
     sample = files[::stride]
     progress = _Progress("reading text for BPE", sample, progress_s)
-    progress.say(f"learning BPE merges (vocab {vocab_size}) from {len(sample)} of {len(files)} "
-                 f"files, {progress.total_bytes / 2**20:.1f} MB")
+    progress.say(
+        f"learning BPE merges (vocab {vocab_size}) from {len(sample)} of {len(files)} "
+        f"files, {progress.total_bytes / 2**20:.1f} MB"
+    )
 
     def texts():
         for path in sample:
@@ -216,10 +243,19 @@ def _train_bpe(files: list[str], vocab_size: int, out: str, progress_s: float | 
     progress.say(f"learned BPE merges in {time.monotonic() - progress.start:.0f} s")
 
 
-def _tokenize(files: list[str], tok, out: str, rank: int, val_fraction: float, shard_tokens: int,
-              progress: _Progress) -> dict:
+def _tokenize(
+    files: list[str],
+    tok,
+    out: str,
+    rank: int,
+    val_fraction: float,
+    shard_tokens: int,
+    progress: _Progress,
+) -> dict:
     """Encode this rank's files and write its shards; returns its counts."""
-    writers = {split: _ShardWriter(out, split, rank, shard_tokens, tok) for split in ("train", "val")}
+    writers = {
+        split: _ShardWriter(out, split, rank, shard_tokens, tok) for split in ("train", "val")
+    }
     used = skipped = 0
     for path in files:
         text = _read_text(path)
@@ -235,14 +271,26 @@ def _tokenize(files: list[str], tok, out: str, rank: int, val_fraction: float, s
                 writers[split].add(np.append(part, tok.eot_id))
     for writer in writers.values():
         writer.close()
-    return {"files": used, "skipped": skipped,
-            **{f"{split}_tokens": w.num_tokens for split, w in writers.items()},
-            "shards": writers["train"].names + writers["val"].names}
+    return {
+        "files": used,
+        "skipped": skipped,
+        **{f"{split}_tokens": w.num_tokens for split, w in writers.items()},
+        "shards": writers["train"].names + writers["val"].names,
+    }
 
 
-def prepare(inputs: list[str] | None, out: str, *, tokenizer: str = "byte", vocab_size: int = 4096,
-            val_fraction: float = 0.05, shard_tokens: int = 50_000_000, overwrite: bool = False,
-            comm=None, progress_s: float | None = 5.0) -> dict:
+def prepare(
+    inputs: list[str] | None,
+    out: str,
+    *,
+    tokenizer: str = "byte",
+    vocab_size: int = 4096,
+    val_fraction: float = 0.05,
+    shard_tokens: int = 50_000_000,
+    overwrite: bool = False,
+    comm=None,
+    progress_s: float | None = 5.0,
+) -> dict:
     """Tokenize `inputs` (files or folders; None = the standard library) into shards in `out`.
 
     With an MPI communicator of several ranks the files are shared out and each rank writes
@@ -273,18 +321,29 @@ def prepare(inputs: list[str] | None, out: str, *, tokenizer: str = "byte", voca
         tok = ByteTokenizer()
 
     mine = [f for f, owner in zip(files, owners) if owner == comm.rank]
-    progress = _Progress("tokenizing" if comm.size == 1 else f"rank 0 of {comm.size} tokenizing its share",
-                         mine, progress_s if comm.rank == 0 else None)
-    counts = _on_all(comm, lambda: _tokenize(mine, tok, out, comm.rank, val_fraction, shard_tokens,
-                                             progress))
+    progress = _Progress(
+        "tokenizing" if comm.size == 1 else f"rank 0 of {comm.size} tokenizing its share",
+        mine,
+        progress_s if comm.rank == 0 else None,
+    )
+    counts = _on_all(
+        comm, lambda: _tokenize(mine, tok, out, comm.rank, val_fraction, shard_tokens, progress)
+    )
     per_rank = comm.allgather(counts)
     totals = ("files", "skipped", "train_tokens", "val_tokens")
     summary = {key: sum(c[key] for c in per_rank) for key in totals}
     if summary["train_tokens"] == 0:  # every rank sees the same totals, so all raise together
-        raise DataError(f"no text to train on in {inputs or 'the standard library'}: {summary['files']} "
-                        f"file(s) read, {summary['skipped']} skipped as unreadable or not UTF-8")
-    summary.update(shards=sorted(name for c in per_rank for name in c["shards"]), tokenizer=tok.name,
-                   vocab_size=tok.vocab_size, eot_id=tok.eot_id, ranks=comm.size)
+        raise DataError(
+            f"no text to train on in {inputs or 'the standard library'}: {summary['files']} "
+            f"file(s) read, {summary['skipped']} skipped as unreadable or not UTF-8"
+        )
+    summary.update(
+        shards=sorted(name for c in per_rank for name in c["shards"]),
+        tokenizer=tok.name,
+        vocab_size=tok.vocab_size,
+        eot_id=tok.eot_id,
+        ranks=comm.size,
+    )
     return summary
 
 
@@ -298,26 +357,47 @@ def _world_comm():
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hpcllm.data.prepare",
-                                     description="Tokenize text files into HDF5 token shards.")
-    parser.add_argument("--input", nargs="+", metavar="PATH",
-                        help="text files or folders (walked for .py .txt .md .rst and extension-less "
-                             "files); default: this Python's standard library")
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcllm.data.prepare",
+        description="Tokenize text files into HDF5 token shards.",
+    )
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="text files or folders (walked for .py .txt .md .rst and extension-less "
+        "files); default: this Python's standard library",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the shards")
     parser.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
-    parser.add_argument("--val-fraction", type=float, default=0.05,
-                        help="last fraction of each document kept for validation (default 0.05)")
-    parser.add_argument("--shard-tokens", type=int, default=50_000_000, help="maximum tokens per shard")
+    parser.add_argument(
+        "--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)"
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="last fraction of each document kept for validation (default 0.05)",
+    )
+    parser.add_argument(
+        "--shard-tokens", type=int, default=50_000_000, help="maximum tokens per shard"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     args = parser.parse_args(argv)
 
     comm = _world_comm()
     rank = 0 if comm is None else comm.rank
     try:
-        summary = prepare(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                          val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                          overwrite=args.overwrite, comm=comm)
+        summary = prepare(
+            args.input,
+            args.out,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction,
+            shard_tokens=args.shard_tokens,
+            overwrite=args.overwrite,
+            comm=comm,
+        )
     except ValueError as e:  # DataError included; raised on every rank alike, so all exit together
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -330,15 +410,21 @@ def main(argv: list[str] | None = None) -> None:
             comm.Abort(1)
         raise
     if rank == 0:
-        num_shards = {split: sum(name.startswith(split) for name in summary["shards"])
-                      for split in ("train", "val")}
+        num_shards = {
+            split: sum(name.startswith(split) for name in summary["shards"])
+            for split in ("train", "val")
+        }
         if summary["skipped"]:
-            print(f"warning: skipped {summary['skipped']} file(s) that are unreadable or not UTF-8 text",
-                  file=sys.stderr)
-        print(f"prepared {summary['files']} files with the {summary['tokenizer']} tokenizer "
-              f"(vocab {summary['vocab_size']}) on {summary['ranks']} rank(s) into {args.out}: "
-              f"train {summary['train_tokens']:,} tokens in {num_shards['train']} shard(s), "
-              f"val {summary['val_tokens']:,} tokens in {num_shards['val']} shard(s)")
+            print(
+                f"warning: skipped {summary['skipped']} file(s) that are unreadable or not UTF-8 text",
+                file=sys.stderr,
+            )
+        print(
+            f"prepared {summary['files']} files with the {summary['tokenizer']} tokenizer "
+            f"(vocab {summary['vocab_size']}) on {summary['ranks']} rank(s) into {args.out}: "
+            f"train {summary['train_tokens']:,} tokens in {num_shards['train']} shard(s), "
+            f"val {summary['val_tokens']:,} tokens in {num_shards['val']} shard(s)"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ A training sample is a window of seq_len + 1 tokens (inputs and shifted targets)
 stride seq_len inside one shard; windows never cross shard boundaries, so a shard of n
 tokens holds (n - 1) // seq_len samples.
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,15 +40,22 @@ def write_shard(path, tokens: np.ndarray, *, vocab_size: int, tokenizer: str, eo
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), "
-                         f"got [{tokens.min()}, {tokens.max()}]")
+        raise ValueError(
+            f"{path}: token ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]"
+        )
     tmp = path + ".tmp"
     # Locking off: some cluster filesystems (Lustre, NFS) have no flock and HDF5 fails on it.
     with h5py.File(tmp, "w", locking=False) as f:
         # Contiguous layout: a sample read is then one plain read at a computed offset.
         f.create_dataset("tokens", data=tokens.astype(token_dtype(vocab_size)))
-        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, vocab_size=int(vocab_size),
-                       tokenizer=str(tokenizer), eot_id=int(eot_id), num_tokens=int(tokens.size))
+        f.attrs.update(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            vocab_size=int(vocab_size),
+            tokenizer=str(tokenizer),
+            eot_id=int(eot_id),
+            num_tokens=int(tokens.size),
+        )
     os.replace(tmp, path)
 
 
@@ -65,8 +73,10 @@ def open_shards(data_dir, split: str) -> "ShardSet":
 
 def _read_attr(f: h5py.File, path: str, key: str):
     if key not in f.attrs:
-        raise DataError(f"{path} has no attribute '{key}'; it was not written by "
-                        f"hpcllm.data.prepare or is damaged, prepare the data again")
+        raise DataError(
+            f"{path} has no attribute '{key}'; it was not written by "
+            f"hpcllm.data.prepare or is damaged, prepare the data again"
+        )
     value = f.attrs[key]
     return value.decode() if isinstance(value, bytes) else value
 
@@ -76,24 +86,34 @@ def _open_checked(path: str) -> tuple[h5py.File, dict]:
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
-        raise DataError(f"{path} is not a readable HDF5 file (truncated or not a shard?): {e}") from e
+        raise DataError(
+            f"{path} is not a readable HDF5 file (truncated or not a shard?): {e}"
+        ) from e
     try:
         fmt = _read_attr(f, path, "format")
         if fmt != FORMAT:
-            raise DataError(f"{path} has format '{fmt}', expected '{FORMAT}'; "
-                            f"it is not an hpcllm token shard")
+            raise DataError(
+                f"{path} has format '{fmt}', expected '{FORMAT}'; it is not an hpcllm token shard"
+            )
         version = int(_read_attr(f, path, "format_version"))
         if version != FORMAT_VERSION:
-            raise DataError(f"{path} has format_version {version} but this hpcllm reads version "
-                            f"{FORMAT_VERSION}; prepare the data again with this version")
-        meta = {key: _read_attr(f, path, key) for key in ("vocab_size", "tokenizer", "eot_id", "num_tokens")}
+            raise DataError(
+                f"{path} has format_version {version} but this hpcllm reads version "
+                f"{FORMAT_VERSION}; prepare the data again with this version"
+            )
+        meta = {
+            key: _read_attr(f, path, key)
+            for key in ("vocab_size", "tokenizer", "eot_id", "num_tokens")
+        }
         meta = {key: (str(v) if key == "tokenizer" else int(v)) for key, v in meta.items()}
         tokens = f.get("tokens")
         if not isinstance(tokens, h5py.Dataset) or tokens.ndim != 1:
             raise DataError(f"{path} has no 1-D 'tokens' dataset; prepare the data again")
         if len(tokens) != meta["num_tokens"]:
-            raise DataError(f"{path} is truncated: attribute num_tokens is {meta['num_tokens']} but the "
-                            f"'tokens' dataset holds {len(tokens)}; prepare the data again")
+            raise DataError(
+                f"{path} is truncated: attribute num_tokens is {meta['num_tokens']} but the "
+                f"'tokens' dataset holds {len(tokens)}; prepare the data again"
+            )
         _check_meta(path, meta, tokens.dtype)
     except BaseException:
         f.close()
@@ -110,21 +130,29 @@ def _check_meta(path: str, meta: dict, dtype: np.dtype) -> None:
     vocab_size, tokenizer, eot_id = meta["vocab_size"], meta["tokenizer"], meta["eot_id"]
     again = "prepare the data again with python -m hpcllm.data.prepare"
     if tokenizer not in TOKENIZER_VOCAB:
-        raise DataError(f"{path} has tokenizer '{tokenizer}', expected one of "
-                        f"{', '.join(TOKENIZER_VOCAB)}; {again}")
+        raise DataError(
+            f"{path} has tokenizer '{tokenizer}', expected one of "
+            f"{', '.join(TOKENIZER_VOCAB)}; {again}"
+        )
     fixed = TOKENIZER_VOCAB[tokenizer]
     if fixed is not None and (vocab_size, eot_id) != fixed:
-        raise DataError(f"{path} says tokenizer '{tokenizer}' with vocab_size {vocab_size} and "
-                        f"eot_id {eot_id}, but that tokenizer has vocab_size {fixed[0]} and eot_id "
-                        f"{fixed[1]}; {again}")
+        raise DataError(
+            f"{path} says tokenizer '{tokenizer}' with vocab_size {vocab_size} and "
+            f"eot_id {eot_id}, but that tokenizer has vocab_size {fixed[0]} and eot_id "
+            f"{fixed[1]}; {again}"
+        )
     if vocab_size < 1 or not 0 <= eot_id < vocab_size:
-        raise DataError(f"{path} has vocab_size {vocab_size} and eot_id {eot_id}; the EOT id must lie "
-                        f"in [0, vocab_size); {again}")
+        raise DataError(
+            f"{path} has vocab_size {vocab_size} and eot_id {eot_id}; the EOT id must lie "
+            f"in [0, vocab_size); {again}"
+        )
     # A float or signed dataset would be cast to ids silently (2.7 -> 2, -1 -> a huge id).
     if dtype.kind != "u" or np.iinfo(dtype).max < vocab_size - 1:
-        raise DataError(f"{path}: the 'tokens' dataset has dtype {dtype}, but token ids need an "
-                        f"unsigned integer dtype that holds vocab_size {vocab_size} (e.g. "
-                        f"{np.dtype(token_dtype(vocab_size))}); {again}")
+        raise DataError(
+            f"{path}: the 'tokens' dataset has dtype {dtype}, but token ids need an "
+            f"unsigned integer dtype that holds vocab_size {vocab_size} (e.g. "
+            f"{np.dtype(token_dtype(vocab_size))}); {again}"
+        )
 
 
 def open_splits(data_dir) -> "tuple[ShardSet, ShardSet]":
@@ -139,13 +167,17 @@ def open_splits(data_dir) -> "tuple[ShardSet, ShardSet]":
         val = open_shards(data_dir, "val")
         tok = load_tokenizer(data_dir, train.tokenizer)
         expected = _identity(train.tokenizer, train)
-        for where, found in ((val.paths[0], _identity(val.tokenizer, val)),
-                             (os.path.join(os.fspath(data_dir), TOKENIZER_FILE), _identity(tok.name, tok))):
+        for where, found in (
+            (val.paths[0], _identity(val.tokenizer, val)),
+            (os.path.join(os.fspath(data_dir), TOKENIZER_FILE), _identity(tok.name, tok)),
+        ):
             for key, value in found.items():
                 if value != expected[key]:
-                    raise DataError(f"{where} has {key} {value!r} but {train.paths[0]} has "
-                                    f"{expected[key]!r}; they come from different prepare runs, "
-                                    f"prepare the data again into an empty folder")
+                    raise DataError(
+                        f"{where} has {key} {value!r} but {train.paths[0]} has "
+                        f"{expected[key]!r}; they come from different prepare runs, "
+                        f"prepare the data again into an empty folder"
+                    )
     except BaseException:
         train.close()
         if val is not None:
@@ -175,9 +207,11 @@ class ShardSet:
                 metas.append(meta)
                 for key in ("vocab_size", "tokenizer", "eot_id"):
                     if meta[key] != metas[0][key]:
-                        raise DataError(f"shards disagree on {key}: {self.paths[0]} has {metas[0][key]!r} "
-                                        f"but {path} has {meta[key]!r}; they come from different prepare "
-                                        f"runs, remove the stale ones and prepare again")
+                        raise DataError(
+                            f"shards disagree on {key}: {self.paths[0]} has {metas[0][key]!r} "
+                            f"but {path} has {meta[key]!r}; they come from different prepare "
+                            f"runs, remove the stale ones and prepare again"
+                        )
         except BaseException:
             self.close()
             raise
@@ -187,7 +221,9 @@ class ShardSet:
         self.tokenizer = metas[0]["tokenizer"]
         self.eot_id = metas[0]["eot_id"]
         self.num_tokens = int(self._shard_tokens.sum())
-        self._cumulative: dict[int, np.ndarray] = {}  # seq_len -> samples up to and including shard i
+        self._cumulative: dict[
+            int, np.ndarray
+        ] = {}  # seq_len -> samples up to and including shard i
 
     def _cumulative_samples(self, seq_len: int) -> np.ndarray:
         if seq_len not in self._cumulative:
@@ -201,26 +237,32 @@ class ShardSet:
         """How many windows of seq_len + 1 tokens the shards hold; DataError if none."""
         total = int(self._cumulative_samples(seq_len)[-1])
         if total == 0:
-            raise DataError(f"the {len(self.paths)} shard(s) starting with {self.paths[0]} hold "
-                            f"{self.num_tokens} tokens, too few for one sample of seq_len {seq_len} "
-                            f"(a shard needs at least {seq_len + 1}); use a shorter seq_len or more data")
+            raise DataError(
+                f"the {len(self.paths)} shard(s) starting with {self.paths[0]} hold "
+                f"{self.num_tokens} tokens, too few for one sample of seq_len {seq_len} "
+                f"(a shard needs at least {seq_len + 1}); use a shorter seq_len or more data"
+            )
         return total
 
     def read_sample(self, index: int, seq_len: int) -> np.ndarray:
         """Sample `index` (counted over all shards in order) as int64 tokens of length seq_len + 1."""
         cumulative = self._cumulative_samples(seq_len)
         if not 0 <= index < cumulative[-1]:
-            raise IndexError(f"sample {index} out of range [0, {cumulative[-1]}) for seq_len {seq_len}")
+            raise IndexError(
+                f"sample {index} out of range [0, {cumulative[-1]}) for seq_len {seq_len}"
+            )
         shard = int(np.searchsorted(cumulative, index, side="right"))
         local = index - (int(cumulative[shard - 1]) if shard else 0)
         start = local * seq_len
-        sample = self._tokens[shard][start:start + seq_len + 1].astype(np.int64)
+        sample = self._tokens[shard][start : start + seq_len + 1].astype(np.int64)
         # One max per sample: a damaged id would otherwise fail deep inside the embedding.
         if sample.max() >= self.vocab_size:
             bad = int(np.argmax(sample >= self.vocab_size))
-            raise DataError(f"{self.paths[shard]}: token id {int(sample[bad])} at token offset "
-                            f"{start + bad} is outside the vocabulary [0, {self.vocab_size}); the "
-                            f"shard is damaged, prepare the data again")
+            raise DataError(
+                f"{self.paths[shard]}: token id {int(sample[bad])} at token offset "
+                f"{start + bad} is outside the vocabulary [0, {self.vocab_size}); the "
+                f"shard is damaged, prepare the data again"
+            )
         return sample
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 Both expose `name` (stored in each shard's `tokenizer` attribute), `vocab_size`, `eot_id`,
 `encode(text) -> np.ndarray` of int64 ids without an EOT, and `decode(ids) -> str`.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,21 +63,25 @@ class BPETokenizer:
 
         # 256 byte symbols + EOT must fit before any merge is learned.
         if vocab_size < 257:
-            raise ValueError(f"BPE vocab_size must be at least 257 (256 bytes + EOT), got {vocab_size}")
+            raise ValueError(
+                f"BPE vocab_size must be at least 257 (256 bytes + EOT), got {vocab_size}"
+            )
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.ByteLevel(add_prefix_space=False),
                 # Cut what ByteLevel left (one character per byte) into pieces of at most
                 # MAX_PRETOKEN_BYTES; a token never spans two pieces.
-                pre_tokenizers.Split(
-                    Regex(f".{{1,{MAX_PRETOKEN_BYTES}}}"), behavior="isolated"
-                ),
+                pre_tokenizers.Split(Regex(f".{{1,{MAX_PRETOKEN_BYTES}}}"), behavior="isolated"),
             ]
         )
         tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT_TOKEN],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tokenizer.train_from_iterator(texts, trainer)
         return cls(tokenizer)
 
@@ -106,7 +111,11 @@ def load_tokenizer(data_dir, name: str) -> ByteTokenizer | BPETokenizer:
     if name == BPETokenizer.name:
         path = os.path.join(os.fspath(data_dir), TOKENIZER_FILE)
         if not os.path.isfile(path):
-            raise DataError(f"{path} is missing but the shards in {data_dir} were written with the BPE "
-                            f"tokenizer; {PREPARE_HINT.format(data_dir)} --tokenizer bpe --overwrite")
+            raise DataError(
+                f"{path} is missing but the shards in {data_dir} were written with the BPE "
+                f"tokenizer; {PREPARE_HINT.format(data_dir)} --tokenizer bpe --overwrite"
+            )
         return BPETokenizer.load(path)
-    raise DataError(f"unknown tokenizer '{name}' for the shards in {data_dir} (expected 'byte' or 'bpe')")
+    raise DataError(
+        f"unknown tokenizer '{name}' for the shards in {data_dir} (expected 'byte' or 'bpe')"
+    )
