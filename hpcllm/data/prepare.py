@@ -320,7 +320,7 @@ def prepare(
     else:
         tok = ByteTokenizer()
 
-    mine = [f for f, owner in zip(files, owners) if owner == comm.rank]
+    mine = [f for f, owner in zip(files, owners, strict=True) if owner == comm.rank]
     progress = _Progress(
         "tokenizing" if comm.size == 1 else f"rank 0 of {comm.size} tokenizing its share",
         mine,

@@ -59,7 +59,7 @@ def write_shard(path, tokens: np.ndarray, *, vocab_size: int, tokenizer: str, eo
     os.replace(tmp, path)
 
 
-def open_shards(data_dir, split: str) -> "ShardSet":
+def open_shards(data_dir, split: str) -> ShardSet:
     """Open every `{split}-*.h5` shard in `data_dir`, in name order, after checking them."""
     data_dir = os.fspath(data_dir)
     hint = PREPARE_HINT.format(data_dir)
@@ -155,7 +155,7 @@ def _check_meta(path: str, meta: dict, dtype: np.dtype) -> None:
         )
 
 
-def open_splits(data_dir) -> "tuple[ShardSet, ShardSet]":
+def open_splits(data_dir) -> tuple[ShardSet, ShardSet]:
     """The train and val shards of `data_dir`, checked to share one tokenizer and vocabulary,
     and for BPE to match the tokenizer.json beside them, so that a mismatch stops the run
     at start-up rather than at the first validation or the final sample."""
@@ -271,7 +271,7 @@ class ShardSet:
             f.close()
         self._files = []
 
-    def __enter__(self) -> "ShardSet":
+    def __enter__(self) -> ShardSet:
         return self
 
     def __exit__(self, *exc) -> None:

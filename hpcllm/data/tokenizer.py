@@ -7,7 +7,7 @@ Both expose `name` (stored in each shard's `tokenizer` attribute), `vocab_size`,
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -57,7 +57,7 @@ class BPETokenizer:
         self.eot_id = tokenizer.token_to_id(EOT_TOKEN)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Learn merges from `texts` up to `vocab_size` ids (fewer if the corpus runs out of pairs)."""
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -92,7 +92,7 @@ class BPETokenizer:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path) -> "BPETokenizer":
+    def load(cls, path) -> BPETokenizer:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_file(os.fspath(path)))
