@@ -349,10 +349,15 @@ def _netns_names(x: int) -> list[str]:
 
 
 def _pids_in_netns(holder_or_name: int | str) -> list[int]:
-    if isinstance(holder_or_name, int):
-        target = os.stat(f"/proc/{holder_or_name}/ns/net").st_ino
-    else:
-        target = os.stat(f"/run/netns/{holder_or_name}").st_ino
+    path = (
+        f"/proc/{holder_or_name}/ns/net"
+        if isinstance(holder_or_name, int)
+        else f"/run/netns/{holder_or_name}"
+    )
+    try:
+        target = os.stat(path).st_ino
+    except FileNotFoundError:  # already torn down (e.g. by `down` from another process)
+        return []
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -457,6 +462,7 @@ def bench_failure(fault: str, keepalive: bool, data: Path) -> str:
         return (
             f"{fault}{'' if keepalive else ' (default keepalive)'}: job ended {ended:.1f} s after "
             f"the fault, mpirun exit {proc.returncode}, host named: {named}"
+            + ("" if named else f"\n{tail[-2000:]}")
         )
 
 
