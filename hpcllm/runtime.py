@@ -99,6 +99,27 @@ def _abort(world: MPI.Comm, rank: int, size: int, message: str, code: int) -> No
     world.Abort(code)
 
 
+def rank_hosts(world: MPI.Comm) -> str:
+    """Which ranks run on which host (collective), e.g. "hosts: n1 (ranks 0-3), n2 (ranks 4-7)".
+
+    Printed at start-up so that when a launcher reports a lost host (mpirun names the host, not
+    the ranks), the log says which ranks went with it.
+    """
+    ranks_by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(world.allgather(socket.gethostname())):
+        ranks_by_host.setdefault(host, []).append(rank)
+    parts = []
+    for host, ranks in ranks_by_host.items():
+        contiguous = ranks == list(range(ranks[0], ranks[-1] + 1))
+        span = (
+            f"{ranks[0]}-{ranks[-1]}"
+            if contiguous and len(ranks) > 1
+            else ",".join(map(str, ranks))
+        )
+        parts.append(f"{host} (rank{'s' if len(ranks) > 1 else ''} {span})")
+    return "hosts: " + ", ".join(parts)
+
+
 def node_local(world: MPI.Comm) -> tuple[int, int]:
     """(local rank, ranks on this node), from a shared-memory split of the world."""
     local = world.Split_type(MPI.COMM_TYPE_SHARED)

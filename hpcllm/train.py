@@ -31,7 +31,7 @@ from hpcllm.generate import load_model, load_run_tokenizer, sample
 from hpcllm.model import GPT, GPTConfig, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import PipelineStage, Schedule, split_layers
-from hpcllm.runtime import agree, node_local, print0, setup_threads, spmd_main
+from hpcllm.runtime import agree, node_local, print0, rank_hosts, setup_threads, spmd_main
 from hpcllm.stop import StopRequest
 from hpcllm.topology import Grid, describe, resolve_dims
 from hpcllm.watchdog import WATCHDOG
@@ -283,10 +283,11 @@ def setup(cfg: Config, world) -> Trainer:
     n_params = world.allreduce(
         sum(p.numel() for p in model.parameters()) if grid.rank("dp") == 0 else 0
     )
+    hosts = rank_hosts(world)
     if world.Get_rank() == 0:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.dir) / "config.toml").write_text(to_toml(cfg))
-        print(f"{describe(grid.dims)}\nconfig:\n{to_toml(cfg)}", flush=True)
+        print(f"{describe(grid.dims)}\n{hosts}\nconfig:\n{to_toml(cfg)}", flush=True)
     print0(
         f"model: {n_params / 1e6:.2f}M parameters | {threads} thread(s) per rank | device {device} | "
         f"global batch {loader.global_batch_size} x {t.seq_len} tokens | schedule {cfg.parallel.schedule}"
