@@ -176,13 +176,13 @@ class Trainer:
         return self.ddp.wait_seconds + self.pp_comm.wait_seconds + self.dp_comm.wait_seconds
 
     def save(self) -> Path:
-        # Writes are slow but progress; the other ranks wait for them in a barrier.
         tokenizer = None
         if self.grid.world.Get_rank() == 0:
             tokenizer = checkpoint.tokenizer_record(
                 load_run_tokenizer(self.cfg.data.path), self.cfg.data.path
             )
         since_step, since_sample = self.samples_since
+        # Writes are slow but progress; the other ranks wait for them in a barrier.
         with WATCHDOG.paused():
             return checkpoint.save(
                 self.cfg.run.dir,

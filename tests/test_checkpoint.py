@@ -314,6 +314,21 @@ def test_a_run_with_a_damaged_newest_checkpoint_resumes_from_the_previous(
     checkpoint.read_meta(ckpts / "step_000004")
 
 
+def test_a_resume_with_another_global_batch_keeps_later_checkpoints_valid(damaged_run, data_dir):
+    """The step is checked against the loader position from where the batch size changed."""
+    ckpts = damaged_run / "checkpoints"
+    shutil.rmtree(ckpts / "step_000004")
+    bigger = {"train.micro_batch_size": 4, "checkpoint.keep": 1}
+    result = train(None, run_settings(data_dir, damaged_run, **bigger, **{"train.max_steps": 4}))
+    assert result.returncode == 0 and "at step 2 (sample 4)" in result.stdout, result
+    meta = checkpoint.read_meta(ckpts / "step_000004")
+    assert meta["loader"]["consumed_samples"] == 4 + 2 * 4
+    assert meta["samples"] == {"global_batch_size": 4, "since_step": 2, "since_sample": 4}
+    result = train(None, run_settings(data_dir, damaged_run, **bigger))
+    assert result.returncode == 0 and "warning" not in result.stdout, result
+    assert f"resumed from {ckpts / 'step_000004'} at step 4 (sample 12)" in result.stdout, result
+
+
 def test_a_run_with_no_usable_checkpoint_exits_2_with_the_reasons(damaged_run, data_dir):
     ckpts = damaged_run / "checkpoints"
     for folder in ("step_000002", "step_000004"):
