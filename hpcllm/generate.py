@@ -3,7 +3,8 @@
     python -m hpcllm.generate --run-dir runs/default --prompt "def " --tokens 300
     python -m hpcllm.generate --checkpoint runs/default/checkpoints/step_000300
 
-Works with checkpoints of any parallel layout: the stage files are merged by name.
+Works with checkpoints of any parallel layout: the shards are merged through meta.json's
+index. Refuses a damaged checkpoint or a tokenizer other than the one it was trained with.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from hpcllm.model import GPT, GPTConfig
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """The whole model from checkpoint folder `path`, and its meta.json."""
+    """The whole model from checkpoint folder `path` (every stage's shards merged), and its
+    meta.json. Raises checkpoint.CheckpointError (a ValueError) naming a damaged file."""
     meta = checkpoint.read_meta(path)
     m = from_dict(meta["config"]).model
     model = GPT(
@@ -35,10 +37,13 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dic
             tie_embeddings=m.tie_embeddings,
         )
     )
-    weights = {}
-    for f in sorted(path.glob("model-pp*.pt")):
-        weights.update(torch.load(f, map_location=device, weights_only=True))
-    model.load_state_dict(weights)
+    # strict=False: a tied LM head is stored once, as the token embedding.
+    missing, unexpected = model.load_state_dict(checkpoint.read_model(path, meta), strict=False)
+    if unexpected or [k for k in missing if not (m.tie_embeddings and k == "lm_head.weight")]:
+        raise checkpoint.CheckpointError(
+            f"{path / checkpoint.META}: the index does not match the model of its config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.to(device).eval(), meta
 
 
@@ -113,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         if path is None:
             raise ValueError(f"no complete checkpoint under {args.run_dir}/checkpoints")
         model, meta = load_model(path)
-        tokenizer = load_run_tokenizer(args.data or meta["config"]["data"]["path"])
+        data_path = args.data or meta["config"]["data"]["path"]
+        tokenizer = load_run_tokenizer(data_path)
+        checkpoint.check_tokenizer(meta["tokenizer"], tokenizer, data_path, path)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

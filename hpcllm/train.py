@@ -167,12 +167,21 @@ class Trainer:
     autocast: object
     reads_data: bool
     step: int = 0
+    # (step, samples consumed) where the current global batch size took over: (0, 0), or a
+    # resume that changed it.
+    samples_since: tuple[int, int] = (0, 0)
 
     def comm_seconds(self) -> float:
         """Time blocked on MPI so far: gradient all-reduce, pipeline receives, loss reductions."""
         return self.ddp.wait_seconds + self.pp_comm.wait_seconds + self.dp_comm.wait_seconds
 
     def save(self) -> Path:
+        tokenizer = None
+        if self.grid.world.Get_rank() == 0:
+            tokenizer = checkpoint.tokenizer_record(
+                load_run_tokenizer(self.cfg.data.path), self.cfg.data.path
+            )
+        since_step, since_sample = self.samples_since
         # Writes are slow but progress; the other ranks wait for them in a barrier.
         with WATCHDOG.paused():
             return checkpoint.save(
@@ -182,7 +191,17 @@ class Trainer:
                 model=self.model,
                 optimizer=self.optimizer,
                 keep=self.cfg.checkpoint.keep,
-                extra={"loader": self.loader.state_dict(), "config": self.cfg.to_dict()},
+                extra={
+                    "loader": self.loader.state_dict(),
+                    # Lets a load check the step against the loader position.
+                    "samples": {
+                        "global_batch_size": self.loader.global_batch_size,
+                        "since_step": since_step,
+                        "since_sample": since_sample,
+                    },
+                    "config": self.cfg.to_dict(),
+                    "tokenizer": tokenizer,
+                },
             )
 
 
@@ -296,7 +315,7 @@ def setup(cfg: Config, world) -> Trainer:
 
 
 def resume(trainer: Trainer, world) -> None:
-    """Continue from the newest complete checkpoint in run.dir, if there is one."""
+    """Continue from the newest undamaged checkpoint in run.dir, if there is one."""
     cfg = trainer.cfg
     latest, partial = checkpoint.find_latest(cfg.run.dir)
     for p in partial:
@@ -304,26 +323,27 @@ def resume(trainer: Trainer, world) -> None:
             f"warning: ignoring incomplete checkpoint {p} (its save was interrupted); "
             f"resuming from {latest or 'scratch'}"
         )
-    if latest is None:
-        return
-    meta = agree(world, lambda: checkpoint.read_meta(latest))
-    agree(world, lambda: check_same_model(meta["config"]["model"], cfg, latest))
-    same_layout = meta["grid"] == trainer.grid.dims
-    agree(
-        world,
-        lambda: checkpoint.load(
-            latest,
-            model=trainer.model,
-            optimizer=trainer.optimizer,
-            world_rank=world.Get_rank(),
-            same_layout=same_layout,
-        ),
+    found = checkpoint.load_newest(
+        cfg.run.dir,
+        grid=trainer.grid,
+        model=trainer.model,
+        optimizer=trainer.optimizer,
+        check=lambda meta, path: check_same_model(meta["config"]["model"], cfg, path),
     )
+    if found is None:
+        return
+    path, meta = found
     trainer.loader.load_state_dict(meta["loader"])
     trainer.step = meta["step"]
+    saved = meta["samples"]
+    if saved["global_batch_size"] == trainer.loader.global_batch_size:
+        trainer.samples_since = (saved["since_step"], saved["since_sample"])
+    else:
+        trainer.samples_since = (meta["step"], meta["loader"]["consumed_samples"])
+    same_layout = meta["grid"] == trainer.grid.dims
     moved = "" if same_layout else f", layout {meta['grid']} -> {trainer.grid.dims}"
     print0(
-        f"resumed from {latest} at step {trainer.step} (sample {trainer.loader.consumed_samples}{moved})"
+        f"resumed from {path} at step {trainer.step} (sample {trainer.loader.consumed_samples}{moved})"
     )
 
 
@@ -436,13 +456,13 @@ def main(argv: list[str] | None = None) -> int:
             {"state": state, "step": tr.step, "max_steps": t.max_steps, "reason": stopped},
         )
         if state == "complete" and cfg.run.sample_tokens > 0:
-            # The final checkpoint holds every stage, so rank 0 can sample whatever the layout.
+            # The final checkpoint holds every stage: rank 0 merges the shards into one model.
             final, _ = checkpoint.find_latest(cfg.run.dir)
             assert final is not None  # saved just above
-            full_model, _ = load_model(final, tr.device)
-            text = sample(
-                full_model, load_run_tokenizer(cfg.data.path), cfg.run.prompt, cfg.run.sample_tokens
-            )
+            full_model, meta = load_model(final, tr.device)
+            tokenizer = load_run_tokenizer(cfg.data.path)
+            checkpoint.check_tokenizer(meta["tokenizer"], tokenizer, cfg.data.path, final)
+            text = sample(full_model, tokenizer, cfg.run.prompt, cfg.run.sample_tokens)
             print(f"sample:\n{text}", flush=True)
     world.Barrier()
     return 0

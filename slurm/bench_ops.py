@@ -188,6 +188,22 @@ def bench_stop(args) -> dict:
     return results
 
 
+def bench_meta(step: int, cfg, args) -> dict:
+    """The run records meta.json must hold (a loader at one sequence per step, byte tokenizer)."""
+    from dataclasses import asdict
+
+    from hpcllm.config import Config
+
+    config = Config().to_dict()
+    config["model"].update({k: v for k, v in asdict(cfg).items() if k in config["model"]})
+    return {
+        "loader": {"consumed_samples": step, "seed": 0},
+        "samples": {"global_batch_size": 1, "since_step": 0, "since_sample": 0},
+        "config": config,
+        "tokenizer": {"name": "byte", "vocab_size": args.vocab, "sha256": None},
+    }
+
+
 def bench_checkpoint(args) -> dict:
     import torch
     from mpi4py import MPI
@@ -225,7 +241,7 @@ def bench_checkpoint(args) -> dict:
                 grid=grid,
                 model=model,
                 optimizer=optimizer,
-                extra={"loader": {}, "config": {}},
+                extra=bench_meta(rep + 1, cfg, args),
                 keep=1,
             )
             saves.append(time.perf_counter() - start)
@@ -233,9 +249,7 @@ def bench_checkpoint(args) -> dict:
             fresh_model, fresh_optimizer = model_and_optimizer()
             os.system("sync")
             start = time.perf_counter()
-            checkpoint.load(
-                path, model=fresh_model, optimizer=fresh_optimizer, world_rank=0, same_layout=True
-            )
+            checkpoint.load_newest(tmp, grid=grid, model=fresh_model, optimizer=fresh_optimizer)
             loads.append(time.perf_counter() - start)
             del fresh_model, fresh_optimizer
     result = {

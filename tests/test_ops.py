@@ -317,8 +317,8 @@ def test_incomplete_checkpoint_is_ignored_with_a_warning(data_dir, reference, tm
     ckpts = run_dir / "checkpoints"
     partial = ckpts / ".tmp-step_000008"
     partial.mkdir()
-    (partial / "model-pp0.pt").write_bytes(
-        (ckpts / "step_000004" / "model-pp0.pt").read_bytes()[:1000]
+    (partial / "model-pp0-dp0-tp0.safetensors").write_bytes(
+        (ckpts / "step_000004" / "model-pp0-dp0-tp0.safetensors").read_bytes()[:1000]
     )
     result = finish(2, data_dir, run_dir, steps=8)
     assert f"warning: ignoring incomplete checkpoint {partial}" in result.stdout, result

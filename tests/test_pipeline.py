@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from mpi4py import MPI
 
+from hpcllm import checkpoint
 from hpcllm.comm import TensorComm
 from hpcllm.data.loader import step_positions
 from hpcllm.model import GPT, GPTConfig, param_groups
@@ -439,10 +440,7 @@ def loss_by_step(run_dir) -> dict[int, float]:
 
 
 def merged_params(checkpoint_dir) -> dict[str, torch.Tensor]:
-    params = {}
-    for f in sorted(checkpoint_dir.glob("model-pp*.pt")):
-        params.update(torch.load(f, weights_only=True))
-    return params
+    return checkpoint.read_model(checkpoint_dir, checkpoint.read_meta(checkpoint_dir))
 
 
 def assert_close_dicts(got: dict, ref: dict, **tol) -> None:
@@ -506,10 +504,10 @@ def test_train_pp2_matches_pp1_losses_validation_and_sample(runs):
         merged_params(root / "pp1/checkpoints/step_000006"),
         **E2E_PARAM_TOL,
     )
-    # The end-of-run sample loads every stage's file of the final checkpoint on rank 0.
-    assert sorted(p.name for p in (root / "pp2/checkpoints/step_000006").glob("model-pp*.pt")) == [
-        "model-pp0.pt",
-        "model-pp1.pt",
+    # Each stage wrote its own shard; the end-of-run sample merges them on rank 0.
+    assert sorted(p.name for p in (root / "pp2/checkpoints/step_000006").glob("model-*")) == [
+        "model-pp0-dp0-tp0.safetensors",
+        "model-pp1-dp0-tp0.safetensors",
     ]
     out = runs["pp2"].stdout
     assert out.count("sample:\n") == 1, out[-2000:]

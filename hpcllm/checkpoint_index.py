@@ -1,0 +1,173 @@
+"""The tensor index of a sharded checkpoint: which file holds which region of which tensor.
+
+meta.json's "tensors" maps each global tensor name to an entry
+
+    {"shape": [257, 128], "dtype": "float32", "pieces": [piece, ...]}
+
+and each piece names the safetensors file and key that hold one region of the tensor:
+
+    {"file": "model-pp0-dp0-tp0.safetensors", "key": "model/wte.weight",
+     "offset": [0, 0], "length": [257, 128]}        a box: per dim, where it starts and how long
+    {"file": ..., "key": ..., "flat": [0, 16448]}   elements [start, stop) of the tensor
+                                                     flattened in row-major order
+
+A box piece is stored with shape `length`, a flat piece as a 1-D tensor. Today each piece is
+a whole tensor (a box at offset 0). Tensor parallelism will write boxes cut along one dim and
+ZeRO-1 flat ranges of optimizer state; `read` assembles any requested region from whichever
+pieces overlap it, so neither needs a format change, and a rank reads only what overlaps
+the region it asks for (safetensors reads a slice without loading the rest of the file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+
+@dataclass(frozen=True)
+class Box:
+    """`length[d]` elements from `offset[d]` along every dim d."""
+
+    offset: tuple[int, ...]
+    length: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Flat:
+    """Elements [start, stop) of the row-major flattened tensor."""
+
+    start: int
+    stop: int
+
+
+Region = Box | Flat
+# (file, key) -> something indexable with a tuple of slices: safetensors' get_slice(), or a tensor.
+GetSlice = Callable[[str, str], object]
+
+
+def whole(shape: Sequence[int]) -> Box:
+    """The box covering a tensor of `shape`."""
+    return Box((0,) * len(shape), tuple(shape))
+
+
+def entry(tensor: torch.Tensor, pieces: list[dict]) -> dict:
+    """The index entry of a tensor (global shape and dtype taken from `tensor`)."""
+    return {
+        "shape": list(tensor.shape),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "pieces": pieces,
+    }
+
+
+def piece(file: str, key: str, region: Region) -> dict:
+    """One index piece: `file`'s tensor `key` holds `region` of the global tensor."""
+    if isinstance(region, Flat):
+        return {"file": file, "key": key, "flat": [region.start, region.stop]}
+    return {"file": file, "key": key, "offset": list(region.offset), "length": list(region.length)}
+
+
+def files_of(entry: dict, region: Region) -> set[str]:
+    """The files holding some part of `region` of the tensor described by `entry`."""
+    shape = tuple(entry["shape"])
+    box, flat = _as_box(shape, region), _as_flat(shape, region)
+    span = Box((flat.start,), (flat.stop - flat.start,))
+    return {
+        p["file"]
+        for p in entry["pieces"]
+        if (_box_overlap(_as_1d(p), span) if "flat" in p else _box_overlap(p, box)) is not None
+    }
+
+
+def read(entry: dict, region: Region, get: GetSlice) -> torch.Tensor:
+    """`region` of the tensor described by `entry`, read from the pieces that overlap it.
+
+    A box comes back with shape `region.length`, a flat range as a 1-D tensor. Mixed
+    requests (a box from flat pieces, or a flat range from boxes) go through the smallest
+    run of whole rows along dim 0 that contains the request, which is both a box and a
+    contiguous flat range.
+    """
+    shape, dtype = tuple(entry["shape"]), getattr(torch, entry["dtype"])
+    pieces = entry["pieces"]
+    if isinstance(region, Box) and not any("flat" in p for p in pieces):
+        return _box_from_boxes(shape, dtype, pieces, region, get)
+    if isinstance(region, Flat) and all("flat" in p for p in pieces):
+        return _flat_from_flats(shape, dtype, pieces, region, get)
+    rows = _rows_around(shape, region)
+    span = _as_flat(shape, rows)
+    if isinstance(region, Box):
+        inner = tuple(
+            slice(o - r, o - r + n)
+            for o, r, n in zip(region.offset, rows.offset, region.length, strict=True)
+        )
+        return _flat_from_flats(shape, dtype, pieces, span, get).reshape(rows.length)[inner]
+    block = _box_from_boxes(shape, dtype, pieces, rows, get).reshape(-1)
+    return block[region.start - span.start : region.stop - span.start]
+
+
+def _rows_around(shape: tuple[int, ...], region: Region) -> Box:
+    """The whole rows (along dim 0) that contain `region`."""
+    if not shape:
+        return whole(shape)
+    if isinstance(region, Box):
+        first, stop = region.offset[0], region.offset[0] + region.length[0]
+    else:
+        row = prod(shape[1:])
+        first, stop = region.start // row, -(-region.stop // row)
+    return Box((first, *(0,) * (len(shape) - 1)), (stop - first, *shape[1:]))
+
+
+def _as_box(shape: tuple[int, ...], region: Region) -> Box:
+    return region if isinstance(region, Box) else _rows_around(shape, region)
+
+
+def _as_flat(shape: tuple[int, ...], region: Region) -> Flat:
+    if isinstance(region, Flat):
+        return region
+    rows = _rows_around(shape, region)
+    start = rows.offset[0] * prod(shape[1:]) if shape else 0
+    return Flat(start, start + prod(rows.length))
+
+
+def _box_overlap(p: dict, box: Box) -> tuple[list[int], list[int]] | None:
+    lo = [max(a, b) for a, b in zip(box.offset, p["offset"], strict=True)]
+    hi = [
+        min(a + n, b + m)
+        for a, n, b, m in zip(box.offset, box.length, p["offset"], p["length"], strict=True)
+    ]
+    return None if any(h <= low for low, h in zip(lo, hi, strict=True)) else (lo, hi)
+
+
+def _as_1d(p: dict) -> dict:
+    """A flat piece as a box piece of the flattened tensor, so one routine reads both."""
+    start, stop = p["flat"]
+    return {**p, "offset": [start], "length": [stop - start]}
+
+
+def _box_from_boxes(shape, dtype, pieces, box: Box, get: GetSlice) -> torch.Tensor:
+    out = torch.empty(box.length, dtype=dtype)
+    covered = 0
+    for p in pieces:
+        overlap = _box_overlap(p, box)
+        if overlap is None:
+            continue
+        lo, hi = overlap
+        src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, p["offset"], strict=True))
+        dst = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, box.offset, strict=True))
+        out[dst] = get(p["file"], p["key"])[src]  # type: ignore[index]  # a slice or a tensor
+        covered += prod(b - a for a, b in zip(lo, hi, strict=True))
+    # Pieces never overlap (one writer per region), so counting elements is enough.
+    if covered != prod(box.length):
+        files = sorted({p["file"] for p in pieces})
+        raise ValueError(
+            f"the index's pieces in {files} cover {covered} of the {prod(box.length)} elements "
+            f"of {box} (the tensor's shape is {list(shape)})"
+        )
+    return out
+
+
+def _flat_from_flats(shape, dtype, pieces, flat: Flat, get: GetSlice) -> torch.Tensor:
+    span = Box((flat.start,), (flat.stop - flat.start,))
+    return _box_from_boxes(shape, dtype, [_as_1d(p) for p in pieces], span, get)
