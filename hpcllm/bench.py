@@ -20,6 +20,7 @@ quiet runs. Every subcommand prints a table on rank 0, and `--json PATH` saves t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -39,7 +40,7 @@ from mpi4py import MPI
 
 from hpcllm import bench_pipeline
 from hpcllm.comm import TensorComm
-from hpcllm.model import GPT, GPTConfig, param_groups
+from hpcllm.model import GPT, ModelConfig, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.runtime import print0, spmd_main
@@ -131,7 +132,7 @@ class _ClockedRequest:
 
 def gradient_model(mb: float) -> GPT:
     """A GPT (d_model 512, vocab 4096) with the number of blocks that brings it nearest `mb` MiB."""
-    cfg = GPTConfig(vocab_size=4096, block_size=128, n_layer=1, n_head=8, d_model=512)
+    cfg = ModelConfig(vocab_size=4096, block_size=128, n_layer=1, n_head=8, d_model=512)
     d = cfg.d_model
     fixed = 4 * (
         2 * cfg.vocab_size * d + cfg.block_size * d + 2 * d
@@ -242,7 +243,7 @@ def bench_allreduce(args, world: MPI.Comm) -> dict:
 # -- train ----------------------------------------------------------------------------------
 
 
-def hpcllm_stepper(cfg: GPTConfig, comm: TensorComm, bucket_mb: float, x_shape: tuple[int, int]):
+def hpcllm_stepper(cfg: ModelConfig, comm: TensorComm, bucket_mb: float, x_shape: tuple[int, int]):
     """One optimizer step as hpcllm.train takes it (pp = 1): train_step, clip, AdamW."""
     model = GPT(cfg)
     dp = DataParallel(model, comm, bucket_mb)
@@ -269,7 +270,7 @@ def hpcllm_stepper(cfg: GPTConfig, comm: TensorComm, bucket_mb: float, x_shape: 
     return step, dp
 
 
-def torch_stepper(cfg: GPTConfig, bucket_mb: float, ddp: bool):
+def torch_stepper(cfg: ModelConfig, bucket_mb: float, ddp: bool):
     """The same step in plain PyTorch: with DDP over gloo (its gradients bucket views like
     hpcllm's), or without any gradient exchange, the bound on scaling ('local')."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -296,7 +297,7 @@ def bench_train(args, world: MPI.Comm) -> dict:
 
     rank, size = world.Get_rank(), world.Get_size()
     torch.set_num_threads(args.threads)
-    cfg = GPTConfig(
+    cfg = ModelConfig(
         vocab_size=args.vocab,
         block_size=args.seq_len,
         n_layer=args.n_layer,
@@ -370,7 +371,7 @@ def bench_train(args, world: MPI.Comm) -> dict:
         "benchmark": "train",
         "ranks": size,
         "threads_per_rank": args.threads,
-        "model": vars(cfg),
+        "model": dataclasses.asdict(cfg),
         "params": n_params,
         "micro_batch": args.micro_batch,
         "seq_len": args.seq_len,

@@ -22,7 +22,7 @@ import torch
 from mpi4py import MPI
 
 from hpcllm.comm import TensorComm
-from hpcllm.model import GPT, GPTConfig
+from hpcllm.model import GPT, ModelConfig
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.runtime import print0
 
@@ -44,7 +44,7 @@ def _stage(args, world: MPI.Comm, schedule: str) -> Schedule:
     """This rank's stage of a GPT cut into world-size stages, blocks balanced."""
     p, rank = world.Get_size(), world.Get_rank()
     per = args.layers_per_stage
-    cfg = GPTConfig(
+    cfg = ModelConfig(
         vocab_size=args.vocab,
         block_size=args.seq_len,
         n_layer=per * p,

@@ -18,23 +18,13 @@ from hpcllm import checkpoint
 from hpcllm.config import from_dict
 from hpcllm.data.shards import open_shards
 from hpcllm.data.tokenizer import load_tokenizer
-from hpcllm.model import GPT, GPTConfig
+from hpcllm.model import GPT
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The whole model from checkpoint folder `path`, and its meta.json."""
     meta = checkpoint.read_meta(path)
-    m = from_dict(meta["config"]).model
-    model = GPT(
-        GPTConfig(
-            vocab_size=m.vocab_size,
-            block_size=m.block_size,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            d_model=m.d_model,
-            tie_embeddings=m.tie_embeddings,
-        )
-    )
+    model = GPT(from_dict(meta["config"]).model)
     weights = {}
     for f in sorted(path.glob("model-pp*.pt")):
         weights.update(torch.load(f, map_location=device, weights_only=True))

@@ -28,7 +28,7 @@ from hpcllm.config import Config, parse_args, to_toml
 from hpcllm.data.loader import Loader, MicroBatch, val_batches
 from hpcllm.data.shards import ShardSet, open_shards
 from hpcllm.generate import load_model, load_run_tokenizer, sample
-from hpcllm.model import GPT, GPTConfig, param_groups
+from hpcllm.model import GPT, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import PipelineStage, Schedule, split_layers
 from hpcllm.runtime import agree, node_local, print0, setup_threads, spmd_main
@@ -134,19 +134,14 @@ def check_model_fits_data(cfg: Config, shards) -> None:
 
 def build_stage(cfg: Config, grid: Grid, device) -> GPT:
     """This rank's pipeline stage of the GPT (the whole model when pp = 1)."""
-    m = cfg.model
-    gpt = GPTConfig(
-        vocab_size=m.vocab_size,
-        block_size=m.block_size,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        d_model=m.d_model,
-        dropout=m.dropout,
-        tie_embeddings=m.tie_embeddings,
+    layers = split_layers(cfg.model.n_layer, grid.size("pp"), cfg.parallel.stage_layers)
+    return GPT(
+        cfg.model,
+        layers=layers[grid.rank("pp")],
+        first=grid.is_first_stage,
+        last=grid.is_last_stage,
         init_seed=cfg.train.seed,
-    )
-    layers = split_layers(m.n_layer, grid.size("pp"), cfg.parallel.stage_layers)[grid.rank("pp")]
-    return GPT(gpt, layers=layers, first=grid.is_first_stage, last=grid.is_last_stage).to(device)
+    ).to(device)
 
 
 @dataclass

@@ -193,10 +193,10 @@ def bench_checkpoint(args) -> dict:
     from mpi4py import MPI
 
     from hpcllm import checkpoint
-    from hpcllm.model import GPT, GPTConfig, param_groups
+    from hpcllm.model import GPT, ModelConfig, param_groups
     from hpcllm.topology import Grid
 
-    cfg = GPTConfig(
+    cfg = ModelConfig(
         vocab_size=args.vocab,
         block_size=args.block,
         n_layer=args.n_layer,

@@ -20,7 +20,7 @@ from mpi4py import MPI
 
 from hpcllm.comm import TensorComm
 from hpcllm.data.loader import step_positions
-from hpcllm.model import GPT, GPTConfig, param_groups
+from hpcllm.model import GPT, ModelConfig, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import ActivationMeter, PipelineStage, Schedule, split_layers
 from hpcllm.topology import Grid
@@ -30,14 +30,14 @@ from helpers import prepare_data, read_metrics, write_corpus
 from helpers import train as launch_train
 
 VOCAB, SEQ_LEN, D_MODEL, N_LAYER, N_HEAD = 64, 16, 32, 4, 2
-GPT_CFG = GPTConfig(
+GPT_CFG = ModelConfig(
     vocab_size=VOCAB,
     block_size=SEQ_LEN,
     n_layer=N_LAYER,
     n_head=N_HEAD,
     d_model=D_MODEL,
-    init_seed=7,
 )
+INIT_SEED = 7
 STEPS, VAL_BATCHES, VAL_SEED = 10, 3, 10_000
 LR, GRAD_CLIP = 3e-3, 0.5
 CPU = torch.device("cpu")
@@ -170,7 +170,13 @@ def run_layout(
     grid = Grid.build(comm, dp=dp, pp=pp)
     pp_comm, dp_comm = TensorComm(grid.comm("pp")), TensorComm(grid.comm("dp"))
     layers = split_layers(N_LAYER, pp, stage_layers)[grid.rank("pp")]
-    model = GPT(GPT_CFG, layers=layers, first=grid.is_first_stage, last=grid.is_last_stage)
+    model = GPT(
+        GPT_CFG,
+        layers=layers,
+        first=grid.is_first_stage,
+        last=grid.is_last_stage,
+        init_seed=INIT_SEED,
+    )
     ddp = DataParallel(model, dp_comm)
     stage = PipelineStage(
         model,
@@ -234,7 +240,7 @@ def run_layout(
 
 def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STEPS) -> dict:
     """The same training in plain PyTorch: the whole GPT, no MPI and nothing of hpcllm.parallel."""
-    model = GPT(GPT_CFG)
+    model = GPT(GPT_CFG, init_seed=INIT_SEED)
     optimizer = torch.optim.AdamW(
         param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS, foreach=False
     )
@@ -365,7 +371,7 @@ def test_pipeline_layouts_match_single_rank(comm):
     ref = reference[8]
     assert max(ref["losses"]) - min(ref["losses"]) > 1e-3
     assert max(ref["grad_norms"]) > GRAD_CLIP
-    start = GPT(GPT_CFG).state_dict()
+    start = GPT(GPT_CFG, init_seed=INIT_SEED).state_dict()
     assert min((ref["params"][n] - start[n]).abs().max().item() for n in start) > 1e-3
 
 
