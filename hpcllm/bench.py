@@ -40,7 +40,7 @@ from mpi4py import MPI
 
 from hpcllm import bench_pipeline
 from hpcllm.comm import TensorComm
-from hpcllm.model import GPT, ModelConfig, param_groups
+from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.runtime import print0, spmd_main
@@ -283,7 +283,7 @@ def torch_stepper(cfg: ModelConfig, bucket_mb: float, ddp: bool):
 
     def step(x, y) -> float:
         optimizer.zero_grad(set_to_none=False)
-        loss = run(x, y)
+        loss = cross_entropy(run(x), y)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -81,14 +81,17 @@ def _batches(args, stage: PipelineStage, m: int) -> list:
 def micro_batch_compute(args, world: MPI.Comm) -> float:
     """Forward + backward of one micro-batch on the slowest stage, no communication: the t
     of the ideal step time (m + p - 1) t."""
-    stage = _stage(args, world, "1f1b").stage
+    schedule = _stage(args, world, "1f1b")
+    stage = schedule.stage
     x, y = _batches(args, stage, 1)[0]
     act = torch.randn(args.micro_batch, args.seq_len, args.d_model)
     grad = torch.randn_like(act)
 
     def one():
         inp = x if stage.is_first else act.clone().requires_grad_()
-        out = stage.module(inp, y) if stage.is_last else stage.module(inp)
+        out = stage.module(inp)
+        if stage.is_last:
+            out = schedule.loss_fn(out, y)
         torch.autograd.backward(out, None if stage.is_last else grad)
 
     for _ in range(args.warmup):

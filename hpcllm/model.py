@@ -150,11 +150,12 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """First stage: x is token ids (B, T); otherwise hidden states (B, T, C).
 
-        The last stage returns the mean cross-entropy if `targets` are given, else
-        logits (B, T, vocab); other stages return hidden states (B, T, C).
+        The last stage returns logits (B, T, vocab), other stages hidden states (B, T, C).
+        The loss is not part of the model: the pipeline schedule applies a loss function to
+        the last stage's output, so that a vocab-parallel loss can replace `cross_entropy`.
         """
         if self.first:
             T = x.shape[1]
@@ -170,10 +171,7 @@ class GPT(nn.Module):
             x = block(x)
         if not self.last:
             return x
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
     @torch.no_grad()
     def generate(
@@ -195,6 +193,11 @@ class GPT(nn.Module):
             next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, next_id], dim=1)
         return idx
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (B, T, vocab) against token ids (B, T), in fp32."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

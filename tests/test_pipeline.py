@@ -20,7 +20,7 @@ from mpi4py import MPI
 
 from hpcllm.comm import TensorComm
 from hpcllm.data.loader import step_positions
-from hpcllm.model import GPT, ModelConfig, param_groups
+from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import ActivationMeter, PipelineStage, Schedule, split_layers
 from hpcllm.topology import Grid
@@ -104,6 +104,37 @@ def test_unknown_schedule_is_refused():
         ValueError, match=r"parallel.schedule must be one of 1f1b, gpipe, got 'zigzag'"
     ):
         Schedule(stage, "zigzag")
+
+
+def test_schedule_applies_its_loss_function_to_the_last_stage_output():
+    """The model returns logits; the loss is whatever function the schedule is given."""
+    model = GPT(GPT_CFG, init_seed=INIT_SEED)
+    stage = PipelineStage(
+        model,
+        TensorComm(MPI.COMM_SELF),
+        stage=0,
+        num_stages=1,
+        act_shape=(2, SEQ_LEN, D_MODEL),
+        device=CPU,
+    )
+    seen = []
+
+    def squared_logits(logits, targets):
+        seen.append((logits.shape, targets))
+        return logits.float().pow(2).mean()
+
+    schedule = Schedule(stage, "1f1b", loss_fn=squared_logits)
+    batches = step_batches(0, num_micro=2, micro_batch=2, dp_rank=0, dp_size=1)
+    loss_sum = schedule.run(batches, nullcontext(), lambda i: None)
+    assert [shape for shape, _ in seen] == [(2, SEQ_LEN, VOCAB)] * 2
+    assert all(t is y for (_, t), (_, y) in zip(seen, batches, strict=True))
+    reference = GPT(GPT_CFG, init_seed=INIT_SEED)
+    expected = [squared_logits(reference(x), y) for x, y in batches]
+    torch.testing.assert_close(loss_sum, sum(e.detach() for e in expected))
+    (sum(expected) / 2).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    torch.testing.assert_close(schedule.forward_only(batches, nullcontext()), loss_sum)
 
 
 # ---------------------------------------------------------------- ActivationMeter
@@ -251,7 +282,7 @@ def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STE
         for x, y in step_batches(
             step, num_micro=num_micro, micro_batch=micro_batch, dp_rank=0, dp_size=1
         ):
-            loss = model(x, y)
+            loss = cross_entropy(model(x), y)
             (loss / num_micro).backward()  # the step's gradient is the mean over micro-batches
             total += loss.item()
         grad_norms.append(nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP).item())
@@ -260,7 +291,7 @@ def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STE
     model.eval()
     with torch.no_grad():
         val = [
-            model(x, y).item()
+            cross_entropy(model(x), y).item()
             for x, y in step_batches(
                 VAL_SEED, num_micro=VAL_BATCHES, micro_batch=micro_batch, dp_rank=0, dp_size=1
             )
