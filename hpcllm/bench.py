@@ -7,7 +7,7 @@
 
 allreduce  DataParallel's bucketed gradient all-reduce, driven through its hooks by a real
            backward as in training, against one MPI Allreduce of the same bytes.
-train      training tokens/s of hpcllm (TensorComm + DataParallel + AdamW, hpcllm.train's
+train      training tokens/s of hpcllm (TensorComm + DataParallel + AdamW, hpcllm.parallel.steps'
            train_step) against PyTorch DDP over gloo: same model, batch, ranks and threads,
            in alternating rounds (hpcllm, DDP, hpcllm, ...).
 scaling    weak-scaling efficiency np 1 -> np 2 of both, from two `train` runs.
@@ -43,8 +43,8 @@ from hpcllm.comm import TensorComm
 from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
+from hpcllm.parallel.steps import clip_grad_norm, train_step
 from hpcllm.runtime import print0, spmd_main
-from hpcllm.train import clip_grad_norm, train_step
 
 # What `scaling` sets for its mpirun children: Open MPI as root, more ranks than cores, 1 thread.
 MPI_ENV = {

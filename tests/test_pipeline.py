@@ -23,8 +23,8 @@ from hpcllm.data.loader import step_positions
 from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import ActivationMeter, PipelineStage, Schedule, split_layers
+from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.topology import Grid
-from hpcllm.train import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 
 from helpers import prepare_data, read_metrics, write_corpus
 from helpers import train as launch_train

@@ -59,8 +59,8 @@ def test_dp2_gradient_equals_one_rank_on_the_concatenated_batch(comm):
     from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
     from hpcllm.parallel.data_parallel import DataParallel
     from hpcllm.parallel.pipeline import PipelineStage, Schedule
+    from hpcllm.parallel.steps import clip_grad_norm, train_step
     from hpcllm.topology import Grid
-    from hpcllm.train import clip_grad_norm, train_step
 
     cfg = ModelConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, d_model=32)
     grid = Grid.build(comm)
