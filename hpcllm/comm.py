@@ -143,6 +143,59 @@ class TensorComm:
             self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op), copy_back, f"all-reduce on {self.name}"
         )
 
+    def allgather(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every rank's `tensor` concatenated along dim 0 in rank order, shape (size * n, ...).
+
+        Written into `out` if given (size times `tensor`'s elements, same dtype). Any dtype:
+        nothing is reduced, so bf16/fp16 travel as their raw bits.
+        """
+        if out is None:
+            out = tensor.new_empty((self.size * tensor.shape[0], *tensor.shape[1:]))
+        self._check_chunks("all-gather", whole=out, chunk=tensor)
+        send, _ = self._buffer(tensor, reduce=False, incoming=False)
+        recv, copy_back = self._buffer(out, reduce=False, incoming=True)
+        start = time.perf_counter()
+        with WATCHDOG.watch(f"all-gather on {self.name}"):
+            self.comm.Allgather(send, recv)
+        self.wait_seconds += time.perf_counter() - start
+        if copy_back:
+            copy_back()
+        return out
+
+    def reduce_scatter(
+        self, tensor: torch.Tensor, out: torch.Tensor | None = None, op: MPI.Op = MPI.SUM
+    ) -> torch.Tensor:
+        """`tensor` (size * n, ...) reduced over the ranks; rank r gets the r-th n rows.
+
+        Written into `out` if given. The rows must divide evenly between the ranks: pad a
+        flat buffer to a multiple of `size` first. bf16/fp16 are reduced in fp32 and rounded
+        once, as in allreduce_.
+        """
+        if tensor.dim() == 0 or tensor.shape[0] % self.size:
+            raise ValueError(
+                f"reduce-scatter on {self.name}: dim 0 of the input (shape {tuple(tensor.shape)}) "
+                f"must be a multiple of the {self.size} ranks; pad it"
+            )
+        if out is None:
+            out = tensor.new_empty((tensor.shape[0] // self.size, *tensor.shape[1:]))
+        self._check_chunks("reduce-scatter", whole=tensor, chunk=out)
+        send, _ = self._buffer(tensor, reduce=True, incoming=False)
+        recv, copy_back = self._buffer(out, reduce=True, incoming=True)
+        start = time.perf_counter()
+        with WATCHDOG.watch(f"reduce-scatter on {self.name}"):
+            self.comm.Reduce_scatter_block(send, recv, op=op)
+        self.wait_seconds += time.perf_counter() - start
+        if copy_back:
+            copy_back()
+        return out
+
+    def _check_chunks(self, what: str, *, whole: torch.Tensor, chunk: torch.Tensor) -> None:
+        if whole.numel() != self.size * chunk.numel() or whole.dtype != chunk.dtype:
+            raise ValueError(
+                f"{what} on {self.name}: the whole buffer ({whole.numel()} x {whole.dtype}) must "
+                f"hold {self.size} ranks' chunks ({chunk.numel()} x {chunk.dtype})"
+            )
+
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         buf, copy_back = self._buffer(tensor, reduce=False, incoming=self.rank != root)
         with WATCHDOG.watch(f"broadcast on {self.name}"):

@@ -187,6 +187,61 @@ def check_tensor_collectives(comm, device="cpu", cuda_aware=False):
         tc.allreduce_(torch.zeros(4, 4, device=device).t())
 
 
+def check_allgather_reduce_scatter(comm, device="cpu", cuda_aware=False):
+    """Against raw MPI Allgather / Reduce_scatter_block on NumPy buffers of the same values."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from hpcllm.comm import TensorComm
+
+    tc = TensorComm(comm, cuda_aware)
+    rank, size = comm.rank, comm.size
+    chunk = (6, 3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        g = torch.Generator().manual_seed(rank)
+        mine = (torch.randn(size * chunk[0], chunk[1], generator=g) * 100).to(dtype)
+
+        # Reduce-scatter: bf16/fp16 summed in fp32 (their values are exact in fp32), rounded once.
+        raw = np.empty(chunk, dtype=np.float32)
+        comm.Reduce_scatter_block(mine.float().numpy(), raw, op=MPI.SUM)
+        expected = torch.from_numpy(raw).to(dtype)
+        got = tc.reduce_scatter(mine.clone().to(device))
+        assert got.dtype == dtype and got.device.type == device and got.shape == chunk
+        assert torch.equal(got.cpu(), expected), dtype
+        out = torch.full(chunk, float("nan"), dtype=dtype, device=device)
+        assert tc.reduce_scatter(mine.clone().to(device), out=out) is out
+        assert torch.equal(out.cpu(), expected), dtype
+        # All-gather: raw bits, rank order, along dim 0.
+        part = mine[:2].contiguous()
+        raw_bits = np.empty(
+            (size, *part.shape), dtype=np.int16 if dtype != torch.float32 else np.float32
+        )
+        send = part.view(torch.int16) if dtype != torch.float32 else part
+        comm.Allgather(send.numpy(), raw_bits)
+        expected = torch.from_numpy(raw_bits).reshape(size * 2, chunk[1])
+        if dtype != torch.float32:
+            expected = expected.view(dtype)
+        got = tc.allgather(part.to(device))
+        assert got.shape == (size * 2, chunk[1]) and got.dtype == dtype
+        assert torch.equal(got.cpu(), expected), dtype
+        out = torch.empty(size * 2, chunk[1], dtype=dtype, device=device)
+        assert tc.allgather(part.to(device), out=out) is out and torch.equal(out.cpu(), expected)
+
+    # An uneven flat buffer (a gradient bucket of 13 elements) padded to a multiple of the
+    # ranks: reduce-scatter then all-gather of the shards is the all-reduce of the buffer.
+    bucket = torch.randn(13, generator=torch.Generator().manual_seed(100 + rank)).to(device)
+    with pytest.raises(ValueError, match=r"must be a multiple of the \d+ ranks; pad it"):
+        tc.reduce_scatter(bucket)
+    padded = torch.zeros(-(-13 // size) * size, device=device)
+    padded[:13] = bucket
+    shard = tc.reduce_scatter(padded)
+    assert shard.numel() == padded.numel() // size
+    whole = tc.allgather(shard)[:13]
+    torch.testing.assert_close(whole, tc.allreduce_(bucket.clone()), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"must hold \d+ ranks' chunks"):
+        tc.allgather(shard, out=torch.empty(3, device=device))
+
+
 def check_point_to_point(comm, device="cpu", cuda_aware=False):
     from hpcllm.comm import TensorComm
 
@@ -224,6 +279,11 @@ def test_tensor_collectives_and_point_to_point(comm):
     check_point_to_point(comm)
 
 
+@pytest.mark.mpi(ranks=[2, 4], timeout=120)
+def test_allgather_and_reduce_scatter_equal_raw_mpi(comm):
+    check_allgather_reduce_scatter(comm)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 
@@ -253,6 +313,7 @@ def cuda_setup(comm, path, monkeypatch):
 def test_cuda_collectives_and_point_to_point(comm, path, monkeypatch):
     cuda_aware = cuda_setup(comm, path, monkeypatch)
     check_tensor_collectives(comm, device="cuda", cuda_aware=cuda_aware)
+    check_allgather_reduce_scatter(comm, device="cuda", cuda_aware=cuda_aware)
     check_point_to_point(comm, device="cuda", cuda_aware=cuda_aware)
 
 
