@@ -284,6 +284,62 @@ def test_allgather_and_reduce_scatter_equal_raw_mpi(comm):
     check_allgather_reduce_scatter(comm)
 
 
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_autograd_collectives_give_the_unsharded_gradients(comm):
+    """A Megatron MLP split over 2 ranks (fc by output columns, proj by input rows) between
+    copy_to_parallel and reduce_from_parallel, and a scatter/gather round trip: the outputs
+    and gradients are those of the unsharded computation on one rank."""
+    import torch.nn.functional as F
+
+    from hpcllm.comm import (
+        TensorComm,
+        copy_to_parallel,
+        gather_from_parallel,
+        reduce_from_parallel,
+        scatter_to_parallel,
+    )
+
+    tc = TensorComm(comm, name="tp")
+    rank, size = comm.rank, comm.size
+    g = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+    d, hidden = 8, 32
+    x = torch.randn(3, 5, d, generator=g, dtype=torch.float64)
+    w1, b1 = torch.randn(hidden, d, generator=g), torch.randn(hidden, generator=g)
+    w2, b2 = torch.randn(d, hidden, generator=g), torch.randn(d, generator=g)
+    w1, b1, w2, b2 = (t.double().requires_grad_() for t in (w1, b1, w2, b2))
+    upstream = torch.randn(3, 5, d, generator=g, dtype=torch.float64)
+
+    x_full = x.clone().requires_grad_()
+    y_full = F.linear(F.gelu(F.linear(x_full, w1, b1)), w2, b2)
+    (y_full * upstream).sum().backward()
+
+    cols = slice(rank * hidden // size, (rank + 1) * hidden // size)
+    w1_r, b1_r = (
+        w1[cols].detach().clone().requires_grad_(),
+        b1[cols].detach().clone().requires_grad_(),
+    )
+    w2_r = w2[:, cols].detach().clone().requires_grad_()
+    x_tp = x.clone().requires_grad_()
+    partial = F.linear(F.gelu(F.linear(copy_to_parallel(x_tp, tc), w1_r, b1_r)), w2_r)
+    y_tp = reduce_from_parallel(partial, tc) + b2.detach()
+    (y_tp * upstream).sum().backward()
+
+    torch.testing.assert_close(y_tp, y_full.detach())
+    torch.testing.assert_close(x_tp.grad, x_full.grad)  # needs copy_to_parallel's all-reduce
+    torch.testing.assert_close(w1_r.grad, w1.grad[cols])
+    torch.testing.assert_close(b1_r.grad, b1.grad[cols])
+    torch.testing.assert_close(w2_r.grad, w2.grad[:, cols])
+
+    # Scatter to shards, scale each rank's shard differently, gather: rank r's columns are
+    # multiplied by r + 1, in the forward and in the gradient.
+    x_sg = x.clone().requires_grad_()
+    z = gather_from_parallel(scatter_to_parallel(x_sg, tc) * (rank + 1), tc)
+    scale = torch.cat([torch.full((d // size,), r + 1.0, dtype=torch.float64) for r in range(size)])
+    torch.testing.assert_close(z, x * scale)
+    (z * upstream).sum().backward()
+    torch.testing.assert_close(x_sg.grad, upstream * scale)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 
