@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcllm.bench.common import slowest, table, timed
 from hpcllm.comm import TensorComm
 from hpcllm.model import GPT, ModelConfig
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
@@ -106,9 +107,7 @@ def micro_batch_compute(args, world: MPI.Comm) -> float:
     return float(t[0])
 
 
-def bench_pipeline(args, world: MPI.Comm) -> dict:
-    from hpcllm.bench import slowest, table, timed
-
+def run(args, world: MPI.Comm) -> dict:
     p = world.Get_size()
     if p < 2:
         raise ValueError("the pipeline benchmark needs at least 2 ranks (one per stage)")
