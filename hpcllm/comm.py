@@ -10,6 +10,9 @@ MPI sees tensors through views that share their memory, never through pickles:
 Reductions of bfloat16/float16 run in float32: bf16 has no MPI datatype, and
 Open MPI would otherwise sum its raw bytes as integers without complaint.
 Point-to-point traffic of bf16 is plain bytes, so it goes as int16 unchanged.
+
+At the end, the collectives that autograd sees (copy_to_parallel, reduce_from_parallel,
+gather_from_parallel, scatter_to_parallel): the forward and backward of parallel layers.
 """
 
 from __future__ import annotations
@@ -143,6 +146,59 @@ class TensorComm:
             self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op), copy_back, f"all-reduce on {self.name}"
         )
 
+    def allgather(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every rank's `tensor` concatenated along dim 0 in rank order, shape (size * n, ...).
+
+        Written into `out` if given (size times `tensor`'s elements, same dtype). Any dtype:
+        nothing is reduced, so bf16/fp16 travel as their raw bits.
+        """
+        if out is None:
+            out = tensor.new_empty((self.size * tensor.shape[0], *tensor.shape[1:]))
+        self._check_chunks("all-gather", whole=out, chunk=tensor)
+        send, _ = self._buffer(tensor, reduce=False, incoming=False)
+        recv, copy_back = self._buffer(out, reduce=False, incoming=True)
+        start = time.perf_counter()
+        with WATCHDOG.watch(f"all-gather on {self.name}"):
+            self.comm.Allgather(send, recv)
+        self.wait_seconds += time.perf_counter() - start
+        if copy_back:
+            copy_back()
+        return out
+
+    def reduce_scatter(
+        self, tensor: torch.Tensor, out: torch.Tensor | None = None, op: MPI.Op = MPI.SUM
+    ) -> torch.Tensor:
+        """`tensor` (size * n, ...) reduced over the ranks; rank r gets the r-th n rows.
+
+        Written into `out` if given. The rows must divide evenly between the ranks: pad a
+        flat buffer to a multiple of `size` first. bf16/fp16 are reduced in fp32 and rounded
+        once, as in allreduce_.
+        """
+        if tensor.dim() == 0 or tensor.shape[0] % self.size:
+            raise ValueError(
+                f"reduce-scatter on {self.name}: dim 0 of the input (shape {tuple(tensor.shape)}) "
+                f"must be a multiple of the {self.size} ranks; pad it"
+            )
+        if out is None:
+            out = tensor.new_empty((tensor.shape[0] // self.size, *tensor.shape[1:]))
+        self._check_chunks("reduce-scatter", whole=tensor, chunk=out)
+        send, _ = self._buffer(tensor, reduce=True, incoming=False)
+        recv, copy_back = self._buffer(out, reduce=True, incoming=True)
+        start = time.perf_counter()
+        with WATCHDOG.watch(f"reduce-scatter on {self.name}"):
+            self.comm.Reduce_scatter_block(send, recv, op=op)
+        self.wait_seconds += time.perf_counter() - start
+        if copy_back:
+            copy_back()
+        return out
+
+    def _check_chunks(self, what: str, *, whole: torch.Tensor, chunk: torch.Tensor) -> None:
+        if whole.numel() != self.size * chunk.numel() or whole.dtype != chunk.dtype:
+            raise ValueError(
+                f"{what} on {self.name}: the whole buffer ({whole.numel()} x {whole.dtype}) must "
+                f"hold {self.size} ranks' chunks ({chunk.numel()} x {chunk.dtype})"
+            )
+
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         buf, copy_back = self._buffer(tensor, reduce=False, incoming=self.rank != root)
         with WATCHDOG.watch(f"broadcast on {self.name}"):
@@ -175,3 +231,88 @@ class TensorComm:
         start = time.perf_counter()
         work.wait()
         self.wait_seconds += time.perf_counter() - start
+
+
+# -- collectives inside autograd ---------------------------------------------------------
+# The four mappings of a tensor-parallel layer (Megatron's mappings.py). A region of tp ranks
+# holds either a full tensor replicated on every rank, or one shard per rank of its last dim.
+
+
+class _CopyToParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.comm.allreduce_(grad.contiguous().clone()), None
+
+
+class _ReduceFromParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+        return comm.allreduce_(x.contiguous().clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def _gather_last_dim(x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+    stacked = comm.allgather(x.contiguous().unsqueeze(0))  # (size, *x.shape)
+    return torch.cat(stacked.unbind(0), dim=-1)
+
+
+def _my_shard_last_dim(x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+    if x.shape[-1] % comm.size:
+        raise ValueError(
+            f"last dim {x.shape[-1]} does not split evenly between the {comm.size} ranks of {comm.name}"
+        )
+    return x.chunk(comm.size, dim=-1)[comm.rank].contiguous()
+
+
+class _GatherFromParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+        ctx.comm = comm
+        return _gather_last_dim(x, comm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _my_shard_last_dim(grad, ctx.comm), None
+
+
+class _ScatterToParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+        ctx.comm = comm
+        return _my_shard_last_dim(x, comm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _gather_last_dim(grad, ctx.comm), None
+
+
+def copy_to_parallel(x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+    """Identity forward, all-reduce backward: a replicated input entering a parallel region
+    (before a column-parallel linear), whose gradient is the sum of every rank's part."""
+    return x if comm.size == 1 else _CopyToParallel.apply(x, comm)
+
+
+def reduce_from_parallel(x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+    """All-reduce forward, identity backward: partial sums leaving a parallel region (after a
+    row-parallel linear); the replicated output's gradient goes to every rank unchanged."""
+    return x if comm.size == 1 else _ReduceFromParallel.apply(x, comm)
+
+
+def gather_from_parallel(x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+    """All-gather of last-dim shards forward (rank order), this rank's shard of the gradient
+    backward: e.g. the full logits from a column-parallel LM head."""
+    return x if comm.size == 1 else _GatherFromParallel.apply(x, comm)
+
+
+def scatter_to_parallel(x: torch.Tensor, comm: TensorComm) -> torch.Tensor:
+    """This rank's last-dim shard of a replicated tensor forward, all-gather of the gradient
+    backward: the mirror of gather_from_parallel."""
+    return x if comm.size == 1 else _ScatterToParallel.apply(x, comm)

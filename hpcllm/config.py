@@ -16,6 +16,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+# The [model] section is the model's own config class: one definition of the model's shape,
+# owned by model.py so that the model file stays standalone (torch only, no MPI, nothing
+# else of hpcllm).
+from hpcllm.model import ModelConfig
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -24,24 +29,6 @@ else:  # pragma: no cover
 
 class ConfigError(ValueError):
     """A configuration file, key or value the user must fix."""
-
-
-@dataclass(kw_only=True, slots=True)
-class ModelConfig:
-    n_layer: int = 4
-    """Number of transformer blocks."""
-    n_head: int = 4
-    """Attention heads per block; must divide d_model."""
-    d_model: int = 128
-    """Width of the residual stream."""
-    vocab_size: int = 0
-    """Vocabulary size; 0 takes it from the data shards."""
-    block_size: int = 0
-    """Longest context the model accepts (position embeddings); 0 means train.seq_len."""
-    tie_embeddings: bool = False
-    """Share the token embedding matrix with the LM head."""
-    dropout: float = 0.0
-    """Dropout probability on attention, MLP and embeddings."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -19,7 +19,7 @@ from hpcllm import checkpoint
 from hpcllm.config import COUNT, NON_NEGATIVE, POSITIVE, ConfigError, from_dict
 from hpcllm.data.shards import open_shards
 from hpcllm.data.tokenizer import load_tokenizer
-from hpcllm.model import GPT, GPTConfig
+from hpcllm.model import GPT
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
@@ -27,16 +27,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dic
     meta.json. Raises checkpoint.CheckpointError (a ValueError) naming a damaged file."""
     meta = checkpoint.read_meta(path)
     m = from_dict(meta["config"]).model
-    model = GPT(
-        GPTConfig(
-            vocab_size=m.vocab_size,
-            block_size=m.block_size,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            d_model=m.d_model,
-            tie_embeddings=m.tie_embeddings,
-        )
-    )
+    model = GPT(m)
     # strict=False: a tied LM head is stored once, as the token embedding.
     missing, unexpected = model.load_state_dict(checkpoint.read_model(path, meta), strict=False)
     if unexpected or [k for k in missing if not (m.tie_embeddings and k == "lm_head.weight")]:

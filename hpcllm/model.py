@@ -16,20 +16,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int
-    block_size: int
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The model's shape: the `[model]` section of hpcllm's configuration (config.py takes it
+    from here, so this file needs nothing else of hpcllm)."""
+
     n_layer: int = 4
+    """Number of transformer blocks."""
     n_head: int = 4
+    """Attention heads per block; must divide d_model."""
     d_model: int = 128
-    dropout: float = 0.0
+    """Width of the residual stream."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the data shards."""
+    block_size: int = 0
+    """Longest context the model accepts (position embeddings); 0 means train.seq_len."""
     tie_embeddings: bool = False
-    init_seed: int = 0
+    """Share the token embedding matrix with the LM head."""
+    dropout: float = 0.0
+    """Dropout probability on attention, MLP and embeddings."""
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
@@ -50,7 +59,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
@@ -63,7 +72,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
@@ -80,16 +89,29 @@ class GPT(nn.Module):
 
     `layers` selects which blocks this module holds (default: all); `first` and
     `last` say whether it holds the embeddings and the final norm + LM head.
+    `init_seed` seeds the initial weights (hpcllm.train passes train.seed).
     Parameter names are the full model's (`blocks.5.attn.qkv.weight` keeps that
     name on whichever stage holds block 5), so checkpoints do not depend on the
     pipeline layout.
     """
 
     def __init__(
-        self, cfg: GPTConfig, layers: range | None = None, first: bool = True, last: bool = True
+        self,
+        cfg: ModelConfig,
+        layers: range | None = None,
+        first: bool = True,
+        last: bool = True,
+        *,
+        init_seed: int = 0,
     ):
         super().__init__()
+        if cfg.vocab_size <= 0 or cfg.block_size <= 0:
+            raise ValueError(
+                f"model.vocab_size ({cfg.vocab_size}) and model.block_size ({cfg.block_size}) "
+                "must be set (positive) before the model is built"
+            )
         self.cfg = cfg
+        self.init_seed = init_seed
         self.layers = layers if layers is not None else range(cfg.n_layer)
         self.first, self.last = first, last
         if first:
@@ -120,7 +142,7 @@ class GPT(nn.Module):
             owner = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name
             if owner not in generators:
                 generators[owner] = torch.Generator().manual_seed(
-                    self.cfg.init_seed + zlib.crc32(owner.encode())
+                    self.init_seed + zlib.crc32(owner.encode())
                 )
             # GPT-2: residual projections scaled by depth so the stream's variance stays bounded.
             std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(".proj") else 0.02
@@ -128,11 +150,12 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """First stage: x is token ids (B, T); otherwise hidden states (B, T, C).
 
-        The last stage returns the mean cross-entropy if `targets` are given, else
-        logits (B, T, vocab); other stages return hidden states (B, T, C).
+        The last stage returns logits (B, T, vocab), other stages hidden states (B, T, C).
+        The loss is not part of the model: the pipeline schedule applies a loss function to
+        the last stage's output, so that a vocab-parallel loss can replace `cross_entropy`.
         """
         if self.first:
             T = x.shape[1]
@@ -148,10 +171,7 @@ class GPT(nn.Module):
             x = block(x)
         if not self.last:
             return x
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
     @torch.no_grad()
     def generate(
@@ -173,6 +193,11 @@ class GPT(nn.Module):
             next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, next_id], dim=1)
         return idx
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (B, T, vocab) against token ids (B, T), in fp32."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -25,12 +25,14 @@ import torch
 from hpcllm import checkpoint
 from hpcllm.comm import TensorComm, detect_cuda_aware
 from hpcllm.config import Config, check_device, parse_args, to_toml
-from hpcllm.data.loader import Loader, MicroBatch, val_batches
+from hpcllm.data.loader import Loader, val_batches
 from hpcllm.data.shards import ShardSet, open_splits
 from hpcllm.generate import load_model, load_run_tokenizer, sample
-from hpcllm.model import GPT, GPTConfig, param_groups
+from hpcllm.model import GPT, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.pipeline import PipelineStage, Schedule, split_layers
+from hpcllm.parallel.parallelize import build_stage
+from hpcllm.parallel.pipeline import PipelineStage, Schedule
+from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.runtime import agree, node_local, print0, rank_hosts, setup_threads, spmd_main
 from hpcllm.stop import StopRequest
 from hpcllm.topology import Grid, describe, resolve_dims
@@ -46,60 +48,6 @@ def lr_at(step: int, cfg: Config) -> float:
         return o.lr * step / max(1, o.warmup_steps)
     progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, model_comms: list[TensorComm]) -> float:
-    """Clip by the norm of the whole model's gradient.
-
-    After the dp all-reduce every replica holds the same gradients, so the squared
-    norms are summed only across the ranks that hold different parts of the
-    model (pipeline stages, later tensor shards).
-    """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
-    for c in model_comms:
-        if c.size > 1:
-            c.allreduce_(sq)
-    norm = sq.sqrt().item()
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for g in grads:
-            g.mul_(scale)
-    return norm
-
-
-def train_step(schedule: Schedule, ddp: DataParallel, micro_batches, autocast) -> torch.Tensor:
-    """Forward and backward of one step's micro-batches through this rank's pipeline stage,
-    then the dp gradient average. Returns the summed loss (non-zero on the last stage only)."""
-    ddp.zero_grad()
-
-    def before_backward(i: int) -> None:
-        # Gradients are reduced only during the last backward of the step; the
-        # earlier micro-batches just accumulate into the same buckets.
-        ddp.sync = i == len(micro_batches) - 1
-
-    loss_sum = schedule.run(micro_batches, autocast, before_backward)
-    ddp.finish()
-    return loss_sum
-
-
-def mean_over_grid(value: torch.Tensor, count: float, comms: list[TensorComm]) -> float:
-    """Sum (value, count) over the given communicators and return value / count."""
-    pair = torch.stack(
-        [value.detach().double().reshape(()), torch.tensor(float(count), dtype=torch.float64)]
-    )
-    for c in comms:
-        if c.size > 1:
-            c.allreduce_(pair)
-    return (pair[0] / pair[1]).item()
-
-
-def evaluate(schedule: Schedule, batches, comms: list[TensorComm], autocast) -> float:
-    schedule.stage.module.eval()
-    loss_sum = schedule.forward_only(batches, autocast)
-    schedule.stage.module.train()
-    # Only the last stage has losses; the others add zero to both sums.
-    return mean_over_grid(loss_sum, len(batches) if schedule.stage.is_last else 0, comms)
 
 
 def resolve_data(cfg: Config, world) -> tuple[ShardSet, ShardSet]:
@@ -130,23 +78,6 @@ def check_model_fits_data(cfg: Config, shards) -> None:
             f"train.seq_len ({cfg.train.seq_len}) is longer than the model's context "
             f"model.block_size ({m.block_size})"
         )
-
-
-def build_stage(cfg: Config, grid: Grid, device) -> GPT:
-    """This rank's pipeline stage of the GPT (the whole model when pp = 1)."""
-    m = cfg.model
-    gpt = GPTConfig(
-        vocab_size=m.vocab_size,
-        block_size=m.block_size,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        d_model=m.d_model,
-        dropout=m.dropout,
-        tie_embeddings=m.tie_embeddings,
-        init_seed=cfg.train.seed,
-    )
-    layers = split_layers(m.n_layer, grid.size("pp"), cfg.parallel.stage_layers)[grid.rank("pp")]
-    return GPT(gpt, layers=layers, first=grid.is_first_stage, last=grid.is_last_stage).to(device)
 
 
 @dataclass
@@ -509,15 +440,6 @@ def write_status(run_dir: str, status: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(status) + "\n")
     os.replace(tmp, path)
-
-
-def stage_inputs(batches, grid: Grid, device) -> list[MicroBatch]:
-    """Keep the inputs on the first stage and the targets on the last, on the device."""
-
-    def keep(t, needed: bool):
-        return t.to(device) if needed and t is not None else None
-
-    return [(keep(x, grid.is_first_stage), keep(y, grid.is_last_stage)) for x, y in batches]
 
 
 def _inject_fault(step: int, rank: int) -> None:

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hpcllm.model import GPT, GPTConfig
+from hpcllm.model import GPT, ModelConfig, cross_entropy
 
-CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=16, init_seed=1)
+CFG = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=16)
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA device: torch.cuda.is_available() is False (CUDA tests run on a GPU machine)"
 
@@ -20,15 +20,15 @@ class WithUnused(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.gpt = GPT(CFG)
+        self.gpt = GPT(CFG, init_seed=1)
         self.unused = nn.Parameter(torch.ones(7))
 
-    def forward(self, x, y):
-        return self.gpt(x, y)
+    def forward(self, x):
+        return self.gpt(x)
 
 
 def make_model(unused: bool, device="cpu") -> nn.Module:
-    return (WithUnused() if unused else GPT(CFG)).to(device)
+    return (WithUnused() if unused else GPT(CFG, init_seed=1)).to(device)
 
 
 def batch(*seed, device="cpu"):
@@ -93,7 +93,7 @@ def check_data_parallel(comm, device="cpu", cuda_aware=False):
             ddp.zero_grad()
             for k, (x, y) in enumerate(micro):
                 ddp.sync = k == len(micro) - 1
-                (model(x, y) / len(micro)).backward()
+                (cross_entropy(model(x), y) / len(micro)).backward()
                 if k == 0:
                     # Accumulation steps launch nothing.
                     assert ddp._next_launch == 0, what
@@ -106,7 +106,7 @@ def check_data_parallel(comm, device="cpu", cuda_aware=False):
             reference.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
             reference.zero_grad(set_to_none=True)
             for x, y in micro:
-                (reference(x.cpu(), y.cpu()) / len(micro)).backward()
+                (cross_entropy(reference(x.cpu()), y.cpu()) / len(micro)).backward()
             for p in reference.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -187,6 +187,61 @@ def check_tensor_collectives(comm, device="cpu", cuda_aware=False):
         tc.allreduce_(torch.zeros(4, 4, device=device).t())
 
 
+def check_allgather_reduce_scatter(comm, device="cpu", cuda_aware=False):
+    """Against raw MPI Allgather / Reduce_scatter_block on NumPy buffers of the same values."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from hpcllm.comm import TensorComm
+
+    tc = TensorComm(comm, cuda_aware)
+    rank, size = comm.rank, comm.size
+    chunk = (6, 3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        g = torch.Generator().manual_seed(rank)
+        mine = (torch.randn(size * chunk[0], chunk[1], generator=g) * 100).to(dtype)
+
+        # Reduce-scatter: bf16/fp16 summed in fp32 (their values are exact in fp32), rounded once.
+        raw = np.empty(chunk, dtype=np.float32)
+        comm.Reduce_scatter_block(mine.float().numpy(), raw, op=MPI.SUM)
+        expected = torch.from_numpy(raw).to(dtype)
+        got = tc.reduce_scatter(mine.clone().to(device))
+        assert got.dtype == dtype and got.device.type == device and got.shape == chunk
+        assert torch.equal(got.cpu(), expected), dtype
+        out = torch.full(chunk, float("nan"), dtype=dtype, device=device)
+        assert tc.reduce_scatter(mine.clone().to(device), out=out) is out
+        assert torch.equal(out.cpu(), expected), dtype
+        # All-gather: raw bits, rank order, along dim 0.
+        part = mine[:2].contiguous()
+        raw_bits = np.empty(
+            (size, *part.shape), dtype=np.int16 if dtype != torch.float32 else np.float32
+        )
+        send = part.view(torch.int16) if dtype != torch.float32 else part
+        comm.Allgather(send.numpy(), raw_bits)
+        expected = torch.from_numpy(raw_bits).reshape(size * 2, chunk[1])
+        if dtype != torch.float32:
+            expected = expected.view(dtype)
+        got = tc.allgather(part.to(device))
+        assert got.shape == (size * 2, chunk[1]) and got.dtype == dtype
+        assert torch.equal(got.cpu(), expected), dtype
+        out = torch.empty(size * 2, chunk[1], dtype=dtype, device=device)
+        assert tc.allgather(part.to(device), out=out) is out and torch.equal(out.cpu(), expected)
+
+    # An uneven flat buffer (a gradient bucket of 13 elements) padded to a multiple of the
+    # ranks: reduce-scatter then all-gather of the shards is the all-reduce of the buffer.
+    bucket = torch.randn(13, generator=torch.Generator().manual_seed(100 + rank)).to(device)
+    with pytest.raises(ValueError, match=r"must be a multiple of the \d+ ranks; pad it"):
+        tc.reduce_scatter(bucket)
+    padded = torch.zeros(-(-13 // size) * size, device=device)
+    padded[:13] = bucket
+    shard = tc.reduce_scatter(padded)
+    assert shard.numel() == padded.numel() // size
+    whole = tc.allgather(shard)[:13]
+    torch.testing.assert_close(whole, tc.allreduce_(bucket.clone()), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"must hold \d+ ranks' chunks"):
+        tc.allgather(shard, out=torch.empty(3, device=device))
+
+
 def check_point_to_point(comm, device="cpu", cuda_aware=False):
     from hpcllm.comm import TensorComm
 
@@ -224,6 +279,67 @@ def test_tensor_collectives_and_point_to_point(comm):
     check_point_to_point(comm)
 
 
+@pytest.mark.mpi(ranks=[2, 4], timeout=120)
+def test_allgather_and_reduce_scatter_equal_raw_mpi(comm):
+    check_allgather_reduce_scatter(comm)
+
+
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_autograd_collectives_give_the_unsharded_gradients(comm):
+    """A Megatron MLP split over 2 ranks (fc by output columns, proj by input rows) between
+    copy_to_parallel and reduce_from_parallel, and a scatter/gather round trip: the outputs
+    and gradients are those of the unsharded computation on one rank."""
+    import torch.nn.functional as F
+
+    from hpcllm.comm import (
+        TensorComm,
+        copy_to_parallel,
+        gather_from_parallel,
+        reduce_from_parallel,
+        scatter_to_parallel,
+    )
+
+    tc = TensorComm(comm, name="tp")
+    rank, size = comm.rank, comm.size
+    g = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+    d, hidden = 8, 32
+    x = torch.randn(3, 5, d, generator=g, dtype=torch.float64)
+    w1, b1 = torch.randn(hidden, d, generator=g), torch.randn(hidden, generator=g)
+    w2, b2 = torch.randn(d, hidden, generator=g), torch.randn(d, generator=g)
+    w1, b1, w2, b2 = (t.double().requires_grad_() for t in (w1, b1, w2, b2))
+    upstream = torch.randn(3, 5, d, generator=g, dtype=torch.float64)
+
+    x_full = x.clone().requires_grad_()
+    y_full = F.linear(F.gelu(F.linear(x_full, w1, b1)), w2, b2)
+    (y_full * upstream).sum().backward()
+
+    cols = slice(rank * hidden // size, (rank + 1) * hidden // size)
+    w1_r, b1_r = (
+        w1[cols].detach().clone().requires_grad_(),
+        b1[cols].detach().clone().requires_grad_(),
+    )
+    w2_r = w2[:, cols].detach().clone().requires_grad_()
+    x_tp = x.clone().requires_grad_()
+    partial = F.linear(F.gelu(F.linear(copy_to_parallel(x_tp, tc), w1_r, b1_r)), w2_r)
+    y_tp = reduce_from_parallel(partial, tc) + b2.detach()
+    (y_tp * upstream).sum().backward()
+
+    torch.testing.assert_close(y_tp, y_full.detach())
+    torch.testing.assert_close(x_tp.grad, x_full.grad)  # needs copy_to_parallel's all-reduce
+    torch.testing.assert_close(w1_r.grad, w1.grad[cols])
+    torch.testing.assert_close(b1_r.grad, b1.grad[cols])
+    torch.testing.assert_close(w2_r.grad, w2.grad[:, cols])
+
+    # Scatter to shards, scale each rank's shard differently, gather: rank r's columns are
+    # multiplied by r + 1, in the forward and in the gradient.
+    x_sg = x.clone().requires_grad_()
+    z = gather_from_parallel(scatter_to_parallel(x_sg, tc) * (rank + 1), tc)
+    scale = torch.cat([torch.full((d // size,), r + 1.0, dtype=torch.float64) for r in range(size)])
+    torch.testing.assert_close(z, x * scale)
+    (z * upstream).sum().backward()
+    torch.testing.assert_close(x_sg.grad, upstream * scale)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 
@@ -253,6 +369,7 @@ def cuda_setup(comm, path, monkeypatch):
 def test_cuda_collectives_and_point_to_point(comm, path, monkeypatch):
     cuda_aware = cuda_setup(comm, path, monkeypatch)
     check_tensor_collectives(comm, device="cuda", cuda_aware=cuda_aware)
+    check_allgather_reduce_scatter(comm, device="cuda", cuda_aware=cuda_aware)
     check_point_to_point(comm, device="cuda", cuda_aware=cuda_aware)
 
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from hpcllm import mfu
-from hpcllm.model import GPT, GPTConfig
+from hpcllm.model import GPT, ModelConfig
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_matmul_weights_count_blocks_and_head_once(tied):
-    cfg = GPTConfig(
+    cfg = ModelConfig(
         vocab_size=300, block_size=32, n_layer=3, n_head=4, d_model=64, tie_embeddings=tied
     )
     d = cfg.d_model

@@ -1,13 +1,15 @@
 """The GPT model on its own (no MPI): shapes, causality, pipeline stages, tied weights, sampling."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from hpcllm.model import GPT, GPTConfig, param_groups
+from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 
-CFG = GPTConfig(vocab_size=67, block_size=16, n_layer=3, n_head=4, d_model=32, init_seed=3)
+CFG = ModelConfig(vocab_size=67, block_size=16, n_layer=3, n_head=4, d_model=32)
+SEED = 3
 
 
 def tokens(batch=2, length=12, seed=0, vocab=CFG.vocab_size):
@@ -15,11 +17,11 @@ def tokens(batch=2, length=12, seed=0, vocab=CFG.vocab_size):
 
 
 def test_logits_shape_and_initial_loss():
-    model = GPT(CFG).eval()
+    model = GPT(CFG, init_seed=SEED).eval()
     x = tokens()
     logits = model(x)
     assert logits.shape == (2, 12, CFG.vocab_size)
-    loss = model(x, tokens(seed=1))
+    loss = cross_entropy(logits, tokens(seed=1))
     assert loss.dim() == 0
     # Small initial weights give near-uniform predictions: loss close to ln(vocab).
     assert abs(loss.item() - math.log(CFG.vocab_size)) < 0.1
@@ -27,11 +29,18 @@ def test_logits_shape_and_initial_loss():
 
 def test_longer_than_context_is_an_error():
     with pytest.raises(ValueError, match=r"longer than the model's context"):
-        GPT(CFG)(tokens(length=CFG.block_size + 1))
+        GPT(CFG, init_seed=SEED)(tokens(length=CFG.block_size + 1))
+
+
+def test_unresolved_vocab_or_context_is_an_error():
+    # The config's 0 means "take it from the data": the trainer resolves it before building.
+    for unresolved in ({"vocab_size": 0}, {"block_size": 0}):
+        with pytest.raises(ValueError, match=r"must be set \(positive\) before the model is built"):
+            GPT(dataclasses.replace(CFG, **unresolved))
 
 
 def test_causality():
-    model = GPT(CFG).eval()
+    model = GPT(CFG, init_seed=SEED).eval()
     x = tokens(batch=1, length=CFG.block_size)
     base = model(x)
     for t in (3, 9, CFG.block_size - 1):
@@ -44,17 +53,17 @@ def test_causality():
 
 
 def test_same_seed_same_weights_other_seed_differs():
-    a, b = GPT(CFG).state_dict(), GPT(CFG).state_dict()
+    a, b = GPT(CFG, init_seed=SEED).state_dict(), GPT(CFG, init_seed=SEED).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    other = GPT(GPTConfig(**{**CFG.__dict__, "init_seed": 4})).state_dict()
+    other = GPT(CFG, init_seed=SEED + 1).state_dict()
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
 
 
 @pytest.mark.parametrize("split", [1, 2])
 def test_pipeline_stages_equal_the_full_model(split):
-    full = GPT(CFG)
-    first = GPT(CFG, layers=range(0, split), first=True, last=False)
-    last = GPT(CFG, layers=range(split, CFG.n_layer), first=False, last=True)
+    full = GPT(CFG, init_seed=SEED)
+    first = GPT(CFG, layers=range(0, split), first=True, last=False, init_seed=SEED)
+    last = GPT(CFG, layers=range(split, CFG.n_layer), first=False, last=True, init_seed=SEED)
 
     # Same names, same initial values: a stage is exactly its slice of the full model.
     full_params = dict(full.named_parameters())
@@ -70,8 +79,8 @@ def test_pipeline_stages_equal_the_full_model(split):
     x, y = tokens(), tokens(seed=1)
     hidden = first(x)
     assert hidden.shape == (2, 12, CFG.d_model)
-    loss_staged = last(hidden, y)
-    loss_full = full(x, y)
+    loss_staged = cross_entropy(last(hidden), y)
+    loss_full = cross_entropy(full(x), y)
     torch.testing.assert_close(loss_staged, loss_full, rtol=0, atol=0)
 
     # Backward through the stages gives the full model's gradients.
@@ -82,11 +91,11 @@ def test_pipeline_stages_equal_the_full_model(split):
 
 
 def test_tied_embeddings_share_storage():
-    cfg = GPTConfig(**{**CFG.__dict__, "tie_embeddings": True})
-    model = GPT(cfg)
+    cfg = dataclasses.replace(CFG, tie_embeddings=True)
+    model = GPT(cfg, init_seed=SEED)
     assert model.lm_head.weight is model.wte.weight
     assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
-    untied = GPT(CFG)
+    untied = GPT(CFG, init_seed=SEED)
     n_tied = sum(p.numel() for p in model.parameters())
     n_untied = sum(p.numel() for p in untied.parameters())
     assert n_untied - n_tied == CFG.vocab_size * CFG.d_model
@@ -101,7 +110,7 @@ def test_tied_embeddings_share_storage():
 
 
 def test_param_groups_decay_only_matrices():
-    model = GPT(CFG)
+    model = GPT(CFG, init_seed=SEED)
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(
@@ -111,7 +120,7 @@ def test_param_groups_decay_only_matrices():
 
 
 def test_generate_length_and_determinism():
-    model = GPT(CFG).eval()
+    model = GPT(CFG, init_seed=SEED).eval()
     prompt = tokens(batch=1, length=5)
     out = model.generate(prompt, 30, top_k=10, generator=torch.Generator().manual_seed(0))
     # Longer than block_size: the context is cropped, the output still grows by one per step.

@@ -21,24 +21,24 @@ from mpi4py import MPI
 from hpcllm import checkpoint
 from hpcllm.comm import TensorComm
 from hpcllm.data.loader import step_positions
-from hpcllm.model import GPT, GPTConfig, param_groups
+from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import ActivationMeter, PipelineStage, Schedule, split_layers
+from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.topology import Grid
-from hpcllm.train import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 
 from helpers import prepare_data, read_metrics, write_corpus
 from helpers import train as launch_train
 
 VOCAB, SEQ_LEN, D_MODEL, N_LAYER, N_HEAD = 64, 16, 32, 4, 2
-GPT_CFG = GPTConfig(
+GPT_CFG = ModelConfig(
     vocab_size=VOCAB,
     block_size=SEQ_LEN,
     n_layer=N_LAYER,
     n_head=N_HEAD,
     d_model=D_MODEL,
-    init_seed=7,
 )
+INIT_SEED = 7
 STEPS, VAL_BATCHES, VAL_SEED = 10, 3, 10_000
 LR, GRAD_CLIP = 3e-3, 0.5
 CPU = torch.device("cpu")
@@ -107,6 +107,37 @@ def test_unknown_schedule_is_refused():
         Schedule(stage, "zigzag")
 
 
+def test_schedule_applies_its_loss_function_to_the_last_stage_output():
+    """The model returns logits; the loss is whatever function the schedule is given."""
+    model = GPT(GPT_CFG, init_seed=INIT_SEED)
+    stage = PipelineStage(
+        model,
+        TensorComm(MPI.COMM_SELF),
+        stage=0,
+        num_stages=1,
+        act_shape=(2, SEQ_LEN, D_MODEL),
+        device=CPU,
+    )
+    seen = []
+
+    def squared_logits(logits, targets):
+        seen.append((logits.shape, targets))
+        return logits.float().pow(2).mean()
+
+    schedule = Schedule(stage, "1f1b", loss_fn=squared_logits)
+    batches = step_batches(0, num_micro=2, micro_batch=2, dp_rank=0, dp_size=1)
+    loss_sum = schedule.run(batches, nullcontext(), lambda i: None)
+    assert [shape for shape, _ in seen] == [(2, SEQ_LEN, VOCAB)] * 2
+    assert all(t is y for (_, t), (_, y) in zip(seen, batches, strict=True))
+    reference = GPT(GPT_CFG, init_seed=INIT_SEED)
+    expected = [squared_logits(reference(x), y) for x, y in batches]
+    torch.testing.assert_close(loss_sum, sum(e.detach() for e in expected))
+    (sum(expected) / 2).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    torch.testing.assert_close(schedule.forward_only(batches, nullcontext()), loss_sum)
+
+
 # ---------------------------------------------------------------- ActivationMeter
 
 
@@ -171,7 +202,13 @@ def run_layout(
     grid = Grid.build(comm, dp=dp, pp=pp)
     pp_comm, dp_comm = TensorComm(grid.comm("pp")), TensorComm(grid.comm("dp"))
     layers = split_layers(N_LAYER, pp, stage_layers)[grid.rank("pp")]
-    model = GPT(GPT_CFG, layers=layers, first=grid.is_first_stage, last=grid.is_last_stage)
+    model = GPT(
+        GPT_CFG,
+        layers=layers,
+        first=grid.is_first_stage,
+        last=grid.is_last_stage,
+        init_seed=INIT_SEED,
+    )
     ddp = DataParallel(model, dp_comm)
     stage = PipelineStage(
         model,
@@ -235,7 +272,7 @@ def run_layout(
 
 def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STEPS) -> dict:
     """The same training in plain PyTorch: the whole GPT, no MPI and nothing of hpcllm.parallel."""
-    model = GPT(GPT_CFG)
+    model = GPT(GPT_CFG, init_seed=INIT_SEED)
     optimizer = torch.optim.AdamW(
         param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS, foreach=False
     )
@@ -246,7 +283,7 @@ def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STE
         for x, y in step_batches(
             step, num_micro=num_micro, micro_batch=micro_batch, dp_rank=0, dp_size=1
         ):
-            loss = model(x, y)
+            loss = cross_entropy(model(x), y)
             (loss / num_micro).backward()  # the step's gradient is the mean over micro-batches
             total += loss.item()
         grad_norms.append(nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP).item())
@@ -255,7 +292,7 @@ def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STE
     model.eval()
     with torch.no_grad():
         val = [
-            model(x, y).item()
+            cross_entropy(model(x), y).item()
             for x, y in step_batches(
                 VAL_SEED, num_micro=VAL_BATCHES, micro_batch=micro_batch, dp_rank=0, dp_size=1
             )
@@ -366,7 +403,7 @@ def test_pipeline_layouts_match_single_rank(comm):
     ref = reference[8]
     assert max(ref["losses"]) - min(ref["losses"]) > 1e-3
     assert max(ref["grad_norms"]) > GRAD_CLIP
-    start = GPT(GPT_CFG).state_dict()
+    start = GPT(GPT_CFG, init_seed=INIT_SEED).state_dict()
     assert min((ref["params"][n] - start[n]).abs().max().item() for n in start) > 1e-3
 
 

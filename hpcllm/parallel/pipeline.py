@@ -25,9 +25,13 @@ import torch
 import torch.nn as nn
 
 from hpcllm.comm import TensorComm, Work
+from hpcllm.model import cross_entropy
 
 FORWARD_TAG, BACKWARD_TAG = 0, 1
 SCHEDULES = ("1f1b", "gpipe")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""loss_fn(output of the last stage, targets) -> scalar mean loss of the micro-batch."""
 
 
 def split_layers(n_layer: int, pp: int, explicit: str = "") -> list[range]:
@@ -175,11 +179,17 @@ class Schedule:
     `micro_batches` holds (x, y) per micro-batch: x only on the first stage and y only
     on the last (None elsewhere). `before_backward(i)` is called before the backward
     of micro-batch i (data parallelism uses it to reduce only during the last one).
+    The last stage turns its module's output and y into a loss with `loss_fn` (Megatron's
+    loss_func: the model returns logits, and a vocab-parallel loss can take their shards).
     Returns the summed loss of the micro-batches on the last stage, 0 elsewhere.
     """
 
     def __init__(
-        self, stage: PipelineStage, kind: str = "1f1b", meter: ActivationMeter | None = None
+        self,
+        stage: PipelineStage,
+        kind: str = "1f1b",
+        meter: ActivationMeter | None = None,
+        loss_fn: LossFn = cross_entropy,
     ):
         if kind not in SCHEDULES:
             raise ValueError(
@@ -187,6 +197,7 @@ class Schedule:
             )
         self.stage, self.kind = stage, kind
         self.meter = meter or ActivationMeter()
+        self.loss_fn = loss_fn
 
     def run(
         self, micro_batches: list, autocast, before_backward: Callable[[int], None]
@@ -203,7 +214,9 @@ class Schedule:
             if received is not None:
                 x = received.requires_grad_()
             with self.meter.hooks(), autocast:
-                out = s.module(x, y) if s.is_last else s.module(x)
+                out = s.module(x)
+                if s.is_last:
+                    out = self.loss_fn(out, y)
             if s.is_last:
                 loss_sum = loss_sum + out.detach()
                 out = out / m  # the accumulated gradient is the mean over micro-batches
@@ -248,8 +261,9 @@ class Schedule:
         for i, (x, y) in enumerate(micro_batches):
             received = s.recv_forward(more_coming=i + 1 < m)
             with autocast:
-                # y is None except on the last stage, where the module returns the loss.
-                out = s.module(x if received is None else received, y)
+                out = s.module(x if received is None else received)
+                if s.is_last:
+                    out = self.loss_fn(out, y)
             if s.is_last:
                 loss_sum += out.float()
             else:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcllm.bench.common import slowest, table, timed
 from hpcllm.comm import TensorComm
-from hpcllm.model import GPT, GPTConfig
+from hpcllm.model import GPT, ModelConfig
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.runtime import print0
 
@@ -44,7 +45,7 @@ def _stage(args, world: MPI.Comm, schedule: str) -> Schedule:
     """This rank's stage of a GPT cut into world-size stages, blocks balanced."""
     p, rank = world.Get_size(), world.Get_rank()
     per = args.layers_per_stage
-    cfg = GPTConfig(
+    cfg = ModelConfig(
         vocab_size=args.vocab,
         block_size=args.seq_len,
         n_layer=per * p,
@@ -81,14 +82,17 @@ def _batches(args, stage: PipelineStage, m: int) -> list:
 def micro_batch_compute(args, world: MPI.Comm) -> float:
     """Forward + backward of one micro-batch on the slowest stage, no communication: the t
     of the ideal step time (m + p - 1) t."""
-    stage = _stage(args, world, "1f1b").stage
+    schedule = _stage(args, world, "1f1b")
+    stage = schedule.stage
     x, y = _batches(args, stage, 1)[0]
     act = torch.randn(args.micro_batch, args.seq_len, args.d_model)
     grad = torch.randn_like(act)
 
     def one():
         inp = x if stage.is_first else act.clone().requires_grad_()
-        out = stage.module(inp, y) if stage.is_last else stage.module(inp)
+        out = stage.module(inp)
+        if stage.is_last:
+            out = schedule.loss_fn(out, y)
         torch.autograd.backward(out, None if stage.is_last else grad)
 
     for _ in range(args.warmup):
@@ -103,9 +107,7 @@ def micro_batch_compute(args, world: MPI.Comm) -> float:
     return float(t[0])
 
 
-def bench_pipeline(args, world: MPI.Comm) -> dict:
-    from hpcllm.bench import slowest, table, timed
-
+def run(args, world: MPI.Comm) -> dict:
     p = world.Get_size()
     if p < 2:
         raise ValueError("the pipeline benchmark needs at least 2 ranks (one per stage)")

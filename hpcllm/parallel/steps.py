@@ -1,0 +1,82 @@
+"""The step functions the training loop, its tests and the benchmarks share.
+
+One training step of this rank (`train_step`: the schedule's forwards and backwards through
+its pipeline stage, then the dp gradient average), clipping by the whole model's norm,
+validation, and the reductions that turn per-stage sums into one number every rank knows.
+They take what `hpcllm.train` builds (schedule, DataParallel, communicators), so tests and
+benchmarks drive exactly the training loop's step without importing the entry point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpcllm.comm import TensorComm
+from hpcllm.data.loader import MicroBatch
+from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.pipeline import Schedule
+from hpcllm.topology import Grid
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, model_comms: list[TensorComm]) -> float:
+    """Clip by the norm of the whole model's gradient.
+
+    After the dp all-reduce every replica holds the same gradients, so the squared
+    norms are summed only across the ranks that hold different parts of the
+    model (pipeline stages, later tensor shards).
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
+    for c in model_comms:
+        if c.size > 1:
+            c.allreduce_(sq)
+    norm = sq.sqrt().item()
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+def train_step(schedule: Schedule, ddp: DataParallel, micro_batches, autocast) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches through this rank's pipeline stage,
+    then the dp gradient average. Returns the summed loss (non-zero on the last stage only)."""
+    ddp.zero_grad()
+
+    def before_backward(i: int) -> None:
+        # Gradients are reduced only during the last backward of the step; the
+        # earlier micro-batches just accumulate into the same buckets.
+        ddp.sync = i == len(micro_batches) - 1
+
+    loss_sum = schedule.run(micro_batches, autocast, before_backward)
+    ddp.finish()
+    return loss_sum
+
+
+def mean_over_grid(value: torch.Tensor, count: float, comms: list[TensorComm]) -> float:
+    """Sum (value, count) over the given communicators and return value / count."""
+    pair = torch.stack(
+        [value.detach().double().reshape(()), torch.tensor(float(count), dtype=torch.float64)]
+    )
+    for c in comms:
+        if c.size > 1:
+            c.allreduce_(pair)
+    return (pair[0] / pair[1]).item()
+
+
+def evaluate(schedule: Schedule, batches, comms: list[TensorComm], autocast) -> float:
+    """Mean validation loss over `batches` and the ranks of `comms`, forward only, in eval mode."""
+    schedule.stage.module.eval()
+    loss_sum = schedule.forward_only(batches, autocast)
+    schedule.stage.module.train()
+    # Only the last stage has losses; the others add zero to both sums.
+    return mean_over_grid(loss_sum, len(batches) if schedule.stage.is_last else 0, comms)
+
+
+def stage_inputs(batches, grid: Grid, device) -> list[MicroBatch]:
+    """Keep the inputs on the first stage and the targets on the last, on the device."""
+
+    def keep(t, needed: bool):
+        return t.to(device) if needed and t is not None else None
+
+    return [(keep(x, grid.is_first_stage), keep(y, grid.is_last_stage)) for x, y in batches]
