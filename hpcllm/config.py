@@ -77,8 +77,10 @@ class TrainConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
+    name: str = "adamw"
+    """adamw, or muon: Muon for the blocks' hidden matrices, AdamW for the rest."""
     lr: float = 1e-3
-    """Peak learning rate."""
+    """Peak learning rate (AdamW's, also under muon for the embeddings, head and vectors)."""
     min_lr: float = 1e-4
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 30
@@ -89,6 +91,10 @@ class OptimConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
+    muon_lr: float = 0.02
+    """Peak learning rate of Muon's matrices (optim.name muon)."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -300,6 +306,8 @@ RANGES: dict[str, Range] = {
     "optim.beta1": FRACTION,
     "optim.beta2": FRACTION,
     "optim.grad_clip": NON_NEGATIVE,  # 0 disables clipping
+    "optim.muon_lr": POSITIVE,
+    "optim.muon_momentum": FRACTION,
     "run.sample_tokens": NON_NEGATIVE,
     "run.time_limit_s": NON_NEGATIVE,
     "run.watchdog_s": NON_NEGATIVE,
@@ -338,6 +346,8 @@ def validate(cfg: Config) -> None:
         )
     if p.tp != 1:
         raise ConfigError(f"parallel.tp = {p.tp}: tensor parallelism is not implemented yet; use 1")
+    if o.name not in ("adamw", "muon"):
+        raise ConfigError(f"optim.name must be adamw or muon, got '{o.name}'")
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
     if p.pp > 1 and m.tie_embeddings:

@@ -130,8 +130,8 @@ class Muon(torch.optim.Optimizer):
         ]
         # One flat buffer, one equal-sized segment per rank (padded), in rank order.
         segment = max(sizes)
-        flat = torch.zeros(size * segment, dtype=torch.float32, device=directions[0].device)
-        mine = flat[rank * segment : (rank + 1) * segment]
+        device = directions[0].device
+        mine = torch.zeros(segment, dtype=torch.float32, device=device)
         offset = 0
         for d, o in zip(directions, owner, strict=True):
             if o == rank:
@@ -139,7 +139,7 @@ class Muon(torch.optim.Optimizer):
                     -1
                 )
                 offset += d.numel()
-        self.comm.allgather_(flat, mine)
+        flat = self.comm.allgather(mine)
         updates: list[torch.Tensor] = []
         offsets = [r * segment for r in range(size)]
         for d, o in zip(directions, owner, strict=True):

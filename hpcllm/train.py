@@ -28,7 +28,8 @@ from hpcllm.config import Config, check_device, parse_args, to_toml
 from hpcllm.data.loader import Loader, val_batches
 from hpcllm.data.shards import ShardSet, open_splits
 from hpcllm.generate import load_model, load_run_tokenizer, sample
-from hpcllm.model import GPT, param_groups
+from hpcllm.model import GPT
+from hpcllm.optim import build_optimizer, lr_scale, set_lr
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
@@ -39,15 +40,6 @@ from hpcllm.topology import Grid, describe, resolve_dims
 from hpcllm.watchdog import WATCHDOG
 
 DEFAULT_DATA = "data/stdlib"
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to optim.lr, then cosine decay to optim.min_lr at train.max_steps."""
-    o, total = cfg.optim, cfg.train.max_steps
-    if step <= o.warmup_steps:
-        return o.lr * step / max(1, o.warmup_steps)
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def resolve_data(cfg: Config, world) -> tuple[ShardSet, ShardSet]:
@@ -205,13 +197,7 @@ def setup(cfg: Config, world) -> Trainer:
         act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
         device=device,
     )
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay),
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        foreach=device.type == "cuda",
-    )
+    optimizer = build_optimizer(model, cfg.optim, dp_comm, device)
     trainer = Trainer(
         cfg=cfg,
         grid=grid,
@@ -319,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         tr.step += 1
         WATCHDOG.step = tr.step
         start, comm_before = time.perf_counter(), tr.comm_seconds()
-        lr = lr_at(tr.step, cfg)
-        for group in tr.optimizer.param_groups:
-            group["lr"] = lr
+        scale = lr_scale(tr.step, cfg.optim, t.max_steps)
+        set_lr(tr.optimizer, scale)
+        lr = cfg.optim.lr * scale
         with WATCHDOG.watch(f"training step {tr.step}"):
             micro_batches = stage_inputs(
                 tr.loader.next_step(read=tr.reads_data), tr.grid, tr.device

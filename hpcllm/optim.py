@@ -1,0 +1,63 @@
+"""The optimizer a run trains with (`optim.name`) and its learning-rate schedule.
+
+    adamw  torch AdamW: decay on matrices, none on biases and norms.
+    muon   Muon (hpcllm.muon) on the blocks' hidden matrices at optim.muon_lr, AdamW at
+           optim.lr on the embeddings, the head and the vectors; its orthogonalisation is
+           spread over the data-parallel ranks.
+
+Every param group keeps its peak rate as `initial_lr`; the schedule scales them all alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hpcllm import muon
+from hpcllm.comm import TensorComm
+from hpcllm.config import OptimConfig
+from hpcllm.model import param_groups
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def build_optimizer(
+    model: nn.Module, o: OptimConfig, dp_comm: TensorComm, device: torch.device
+) -> torch.optim.Optimizer:
+    """This rank's optimizer over its stage's parameters."""
+    if o.name == "muon":
+        groups = muon.param_groups(
+            model.named_parameters(), lr=o.lr, muon_lr=o.muon_lr, weight_decay=o.weight_decay
+        )
+        return muon.Muon(
+            groups,
+            momentum=o.muon_momentum,
+            betas=(o.beta1, o.beta2),
+            # bf16 iterations are the fast path on GPUs (the iteration tolerates them);
+            # on CPUs fp32 is as fast and keeps runs comparable across layouts bit for bit.
+            ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            comm=dp_comm,
+        )
+    assert o.name == "adamw", o.name  # config.validate refuses other names
+    groups = param_groups(model, o.weight_decay)
+    for g in groups:
+        g["initial_lr"] = o.lr
+    return torch.optim.AdamW(
+        groups, lr=o.lr, betas=(o.beta1, o.beta2), foreach=device.type == "cuda"
+    )
+
+
+def lr_scale(step: int, o: OptimConfig, max_steps: int) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr / lr at max_steps."""
+    if step <= o.warmup_steps:
+        return step / max(1, o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+    floor = o.min_lr / o.lr
+    return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * scale

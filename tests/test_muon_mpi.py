@@ -1,0 +1,89 @@
+"""Muon across ranks: orthogonalisation spread over dp equals single-rank Muon, in training too."""
+
+import pytest
+import torch
+
+from hpcllm.model import GPT, ModelConfig, cross_entropy
+from hpcllm.muon import Muon, param_groups
+
+from helpers import TINY, losses, prepare_data, train
+
+CFG = ModelConfig(vocab_size=40, block_size=8, n_layer=3, n_head=2, d_model=16)
+
+
+def steps_of_muon(comm, num_steps=4) -> list[torch.Tensor]:
+    """Parameters after `num_steps` of Muon on the same data everywhere (so every rank holds
+    the gradients that a dp all-reduce would give)."""
+    model = GPT(CFG, init_seed=3)
+    groups = param_groups(model.named_parameters(), lr=1e-2, muon_lr=0.05, weight_decay=0.1)
+    opt = Muon(groups, comm=comm)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(num_steps):
+        x = torch.randint(CFG.vocab_size, (4, CFG.block_size), generator=gen)
+        opt.zero_grad()
+        cross_entropy(model(x), x).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.mpi(ranks=[2, 4], timeout=120)
+def test_distributed_muon_equals_single_rank_muon(comm):
+    from hpcllm.comm import TensorComm
+
+    tc = TensorComm(comm, name="dp")
+    start = [p.detach().clone() for p in GPT(CFG, init_seed=3).parameters()]
+    spread = steps_of_muon(tc)
+    alone = steps_of_muon(None)
+    for p, q in zip(spread, alone, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert any(not torch.equal(p, s) for p, s in zip(spread, start, strict=True))
+
+
+def test_muon_training_dp2_equals_dp1_with_accumulation(tmp_path):
+    data = prepare_data(tmp_path / "data")
+    muon = {**TINY, "data.path": data, "train.max_steps": 8, "optim.name": "muon"}
+    dp2 = train(2, {**muon, "run.dir": tmp_path / "dp2"}, timeout=180)
+    assert dp2.returncode == 0, dp2
+    dp1 = train(
+        None,
+        {**muon, "run.dir": tmp_path / "dp1", "train.grad_accum_steps": 2},
+        timeout=180,
+    )
+    assert dp1.returncode == 0, dp1
+    ref, got = losses(tmp_path / "dp2"), losses(tmp_path / "dp1")
+    assert sorted(ref) == sorted(got) == list(range(1, 9))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    # And Muon is not AdamW: the same run with AdamW takes another path.
+    adamw = train(None, {**muon, "optim.name": "adamw", "run.dir": tmp_path / "adamw"}, timeout=180)
+    assert adamw.returncode == 0, adamw
+    assert losses(tmp_path / "adamw")[8] != pytest.approx(ref[8], rel=1e-3)
+
+
+def test_muon_resume_continues_exactly_across_layouts(tmp_path):
+    """Muon's momentum is saved with the checkpoint: 4 steps on dp 2, then 4 more on dp 1
+    (same global batch) equal 8 steps straight through."""
+    data = prepare_data(tmp_path / "data")
+    constant_lr = {"optim.warmup_steps": 0, "optim.min_lr": TINY.get("optim.lr", 1e-3)}
+    muon = {**TINY, **constant_lr, "data.path": data, "optim.name": "muon"}
+    straight = train(
+        2, {**muon, "run.dir": tmp_path / "straight", "train.max_steps": 8}, timeout=180
+    )
+    assert straight.returncode == 0, straight
+    first = train(2, {**muon, "run.dir": tmp_path / "resumed", "train.max_steps": 4}, timeout=180)
+    assert first.returncode == 0, first
+    second = train(
+        None,
+        {
+            **muon,
+            "run.dir": tmp_path / "resumed",
+            "train.max_steps": 8,
+            "train.grad_accum_steps": 2,
+        },
+        timeout=180,
+    )
+    assert second.returncode == 0, second
+    assert "resumed from" in second.stdout
+    ref, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    for step in range(5, 9):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
