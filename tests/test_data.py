@@ -551,3 +551,20 @@ def test_val_batches(shards, index_of):
     # Batch b holds samples 10b .. 10b+9 (mod 48): rank 0 the first five, rank 1 the rest.
     for b in range(6):
         assert got[0][b] + got[1][b] == [(10 * b + i) % 48 for i in range(10)]
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_token_bytes_sum_to_the_text_length(kind):
+    """Bits per byte need the bytes each id stands for: they add up to the UTF-8 length."""
+    text = "def f(x):\n    return x * 2  # naïve, 漢字 and emoji 🙂\n" * 20
+    if kind == "byte":
+        tok = ByteTokenizer()
+    else:
+        tok = BPETokenizer.train([text], vocab_size=300)
+    lengths = tok.token_bytes()
+    assert lengths.shape == (tok.vocab_size,)
+    assert lengths[tok.eot_id] == 0
+    ids = tok.encode(text)
+    assert lengths[ids].sum() == len(text.encode("utf-8"))
+    if kind == "bpe":
+        assert ids.size < len(text.encode("utf-8"))  # merges happened: multi-byte tokens

@@ -43,6 +43,12 @@ class ByteTokenizer:
         # Drops EOT; a window cut mid-character decodes to U+FFFD rather than failing.
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of text each id stands for (the EOT: none); bits per byte divide by these."""
+        lengths = np.ones(self.vocab_size, dtype=np.int64)
+        lengths[self.eot_id] = 0
+        return lengths
+
 
 class BPETokenizer:
     """Byte-level BPE (GPT-2 style) from the `tokenizers` package, with `<|endoftext|>` as EOT."""
@@ -102,6 +108,19 @@ class BPETokenizer:
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode(_as_array(ids).tolist())
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of text each id stands for (special tokens: none).
+
+        A byte-level token's string has one character per byte it encodes (GPT-2's byte to
+        character map), so its length is the byte count, even for a piece of a UTF-8 character.
+        """
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()}
+        for token, i in self._tokenizer.get_vocab().items():
+            if token not in special:
+                lengths[i] = len(token)
+        return lengths
 
 
 def load_tokenizer(data_dir, name: str) -> ByteTokenizer | BPETokenizer:
