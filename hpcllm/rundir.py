@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -24,6 +25,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         """Lock `path` (created if needed); ValueError naming the holder if another run has it."""
         self.path = Path(path)
+        self.created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / "lock"
         self._lock = open(lock, "a+")
@@ -54,6 +56,12 @@ class RunDir:
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         )
         self._lock.flush()
+
+    def discard(self) -> None:
+        """The run was refused at start-up: remove the folder if this run created it."""
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._lock.close()
 
     def metrics(self, resumed_step: int) -> MetricsLog:
         """metrics.jsonl for a run continuing after `resumed_step` (0: from scratch).

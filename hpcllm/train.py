@@ -38,7 +38,7 @@ from hpcllm.model import GPT, GPTConfig, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import PipelineStage, Schedule, split_layers
 from hpcllm.rundir import RunDir
-from hpcllm.runtime import agree, node_local, print0, setup_threads, spmd_main
+from hpcllm.runtime import StartupError, agree, node_local, print0, setup_threads, spmd_main
 from hpcllm.stop import StopRequest
 from hpcllm.topology import Grid, describe, resolve_dims
 from hpcllm.watchdog import WATCHDOG
@@ -387,7 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     WATCHDOG.start(
         cfg.run.watchdog_s, cfg.run.watchdog_first_step_s, Path(cfg.run.dir) / "heartbeat"
     )
-    tr = setup(cfg, world)
+    try:
+        tr = setup(cfg, world)
+    except StartupError:
+        WATCHDOG.stop()
+        if run:
+            run.discard()  # a run refused before training leaves nothing behind
+        raise
     t = cfg.train
     with WATCHDOG.watch("barrier after start-up"):
         world.Barrier()
