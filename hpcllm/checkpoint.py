@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hpcllm import checkpoint_index as index
+from hpcllm.watchdog import WATCHDOG
 
 FORMAT_VERSION = 2
 META = "meta.json"
@@ -70,16 +71,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    """Write `tensors` as a safetensors file, fsync'ed; returns its {"size", "crc32"}."""
-    try:
-        # Writes straight from the tensors' memory, without a serialized copy.
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
-    except SafetensorError as e:  # safetensors reports I/O errors (a full disk) this way
-        raise OSError(f"{path}: {e}") from None
-    os.chmod(path, 0o666 & ~_UMASK)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "crc32": file_crc32(path)}
+    """Write `tensors` as a safetensors file, fsync'ed; returns its {"size", "crc32"}.
+
+    Slow but progress: the watchdog pauses for this rank's own writes only; the collectives
+    of the save stay watched.
+    """
+    with WATCHDOG.paused():
+        try:
+            # Writes straight from the tensors' memory, without a serialized copy.
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+        except SafetensorError as e:  # safetensors reports I/O errors (a full disk) this way
+            raise OSError(f"{path}: {e}") from None
+        os.chmod(path, 0o666 & ~_UMASK)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        return {"size": path.stat().st_size, "crc32": file_crc32(path)}
 
 
 def file_crc32(path: Path) -> int:

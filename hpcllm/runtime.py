@@ -13,6 +13,8 @@ from typing import TypeVar
 
 from mpi4py import MPI
 
+from hpcllm.watchdog import WATCHDOG
+
 T = TypeVar("T")
 
 # What counts as the user's mistake (bad config, missing or damaged files):
@@ -51,7 +53,8 @@ def agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:
         result, error = fn(), None
     except USER_ERRORS as e:
         result, error = None, str(e)
-    errors = comm.allgather(error)  # short strings: control data, pickling is fine
+    with WATCHDOG.watch("start-up check (allgather)"):
+        errors = comm.allgather(error)  # short strings: control data, pickling is fine
     failures = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
     if failures:
         raise StartupError(failures)

@@ -1,10 +1,11 @@
 """Collective stop: a signal or the end of the time budget on any rank stops every rank.
 
-SIGTERM (pre-emption, scancel), SIGUSR1 (Slurm's warning before the time limit, see
-`#SBATCH --signal`) and the end of `run.time_limit_s` only set a flag. At each step
+SIGTERM (pre-emption, scancel), SIGINT (Ctrl-C), SIGUSR1 (Slurm's warning before the time
+limit, see `#SBATCH --signal`) and the end of `run.time_limit_s` only set a flag. At each step
 boundary all ranks combine their flags with one small all-reduce, so they agree on the
 same step to save a checkpoint and exit 0 together; no rank leaves on its own while
-the others wait for it in a collective.
+the others wait for it in a collective. A second SIGINT interrupts at once (the job ends
+through MPI_Abort, keeping the last checkpoint).
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ from mpi4py import MPI
 from hpcllm.watchdog import WATCHDOG
 
 # Reasons, by priority when ranks disagree (the all-reduce takes the maximum).
-REASONS = {0: None, 1: "time budget (run.time_limit_s) used up", 2: "SIGUSR1", 3: "SIGTERM"}
-_CODES = {signal.SIGUSR1: 2, signal.SIGTERM: 3}
+REASONS = {
+    0: None,
+    1: "time budget (run.time_limit_s) used up",
+    2: "SIGUSR1",
+    3: "SIGTERM",
+    4: "SIGINT",
+}
+_CODES = {signal.SIGUSR1: 2, signal.SIGTERM: 3, signal.SIGINT: 4}
 
 
 class StopRequest:
@@ -30,8 +37,11 @@ class StopRequest:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        code = _CODES[signal.Signals(signum)]
+        if code == self._code == _CODES[signal.SIGINT]:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for a save
         # Only record it: the decision is taken collectively at the next step boundary.
-        self._code = max(self._code, _CODES[signal.Signals(signum)])
+        self._code = max(self._code, code)
 
     def agreed(self, comm: MPI.Comm) -> str | None:
         """Collective: the reason to stop now if any rank has one, else None."""

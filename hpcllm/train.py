@@ -11,7 +11,13 @@ gradients over dp, clip, step, log, evaluate and checkpoint.
 
 from __future__ import annotations
 
-import json
+if __name__ == "__main__":
+    # Before torch and MPI load: a rank stuck in an import on a slow shared file system, or
+    # a peer that never reaches MPI_Init, must end the job as well (hpcllm/watchdog.py).
+    from hpcllm.watchdog import WATCHDOG
+
+    WATCHDOG.start_at_launch()
+
 import math
 import os
 import sys
@@ -34,7 +40,16 @@ from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
-from hpcllm.runtime import agree, node_local, print0, rank_hosts, setup_threads, spmd_main
+from hpcllm.rundir import RunDir
+from hpcllm.runtime import (
+    StartupError,
+    agree,
+    node_local,
+    print0,
+    rank_hosts,
+    setup_threads,
+    spmd_main,
+)
 from hpcllm.stop import StopRequest
 from hpcllm.topology import Grid, describe, resolve_dims
 from hpcllm.watchdog import WATCHDOG
@@ -105,8 +120,8 @@ class Trainer:
                 load_run_tokenizer(self.cfg.data.path), self.cfg.data.path
             )
         since_step, since_sample = self.samples_since
-        # Writes are slow but progress; the other ranks wait for them in a barrier.
-        with WATCHDOG.paused():
+        # Watched: a peer that stops during the save must not hang this rank in its barriers.
+        with WATCHDOG.watch(f"checkpoint save at step {self.step}"):
             return checkpoint.save(
                 self.cfg.run.dir,
                 self.step,
@@ -258,10 +273,33 @@ def resume(trainer: Trainer, world) -> None:
     else:
         trainer.samples_since = (meta["step"], meta["loader"]["consumed_samples"])
     same_layout = meta["grid"] == trainer.grid.dims
+    warn_if_not_exact_continuation(meta["config"], trainer, path)
     moved = "" if same_layout else f", layout {meta['grid']} -> {trainer.grid.dims}"
     print0(
         f"resumed from {path} at step {trainer.step} (sample {trainer.loader.consumed_samples}{moved})"
     )
+
+
+def warn_if_not_exact_continuation(saved: dict, trainer: Trainer, path) -> None:
+    """Resuming with another global batch or data.path trains on, but not on the samples the
+    uninterrupted run would have seen: say so."""
+    t = saved["train"]
+    batch = t["micro_batch_size"] * t["grad_accum_steps"] * saved["parallel"]["dp"]
+    changes = []
+    if batch != trainer.loader.global_batch_size:
+        changes.append(
+            f"the global batch (micro_batch_size x grad_accum_steps x dp) is "
+            f"{trainer.loader.global_batch_size} sequences, {batch} in the checkpoint"
+        )
+    if Path(saved["data"]["path"]).resolve() != Path(trainer.cfg.data.path).resolve():
+        changes.append(
+            f"data.path is {trainer.cfg.data.path}, {saved['data']['path']} in the checkpoint"
+        )
+    for change in changes:
+        print0(
+            f"warning: resuming from {path}, but {change}: this is not the exact continuation "
+            "of the interrupted run (other samples, another loss curve)"
+        )
 
 
 def check_same_model(saved: dict, cfg: Config, path) -> None:
@@ -292,12 +330,22 @@ def main(argv: list[str] | None = None) -> int:
         print0(describe(dims))
         return 0
     stop = StopRequest(cfg.run.time_limit_s)
-    tr = setup(cfg, world)
+    run = agree(world, lambda: RunDir(cfg.run.dir) if world.Get_rank() == 0 else None)
+    WATCHDOG.start(
+        cfg.run.watchdog_s, cfg.run.watchdog_first_step_s, Path(cfg.run.dir) / "heartbeat"
+    )
+    try:
+        tr = setup(cfg, world)
+    except StartupError:
+        WATCHDOG.stop()
+        if run:
+            run.discard()  # a run refused before training leaves nothing behind
+        raise
     t = cfg.train
-    WATCHDOG.start(cfg.run.watchdog_s, cfg.run.watchdog_first_step_s)
-    world.Barrier()
+    with WATCHDOG.watch("barrier after start-up"):
+        world.Barrier()
 
-    metrics = MetricsLog(Path(cfg.run.dir) / "metrics.jsonl") if world.Get_rank() == 0 else None
+    metrics = run.metrics(tr.step) if run else None
     window = StepWindow(tokens_per_step=tr.loader.global_batch_size * t.seq_len)
     saved_at = tr.step
     stopped = None
@@ -308,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = lr_scale(tr.step, cfg.optim, t.max_steps)
         set_lr(tr.optimizer, scale)
         lr = cfg.optim.lr * scale
-        with WATCHDOG.watch(f"training step {tr.step}"):
+        with WATCHDOG.watch(f"training step {tr.step}", peers=False):
             micro_batches = stage_inputs(
                 tr.loader.next_step(read=tr.reads_data), tr.grid, tr.device
             )
@@ -348,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             if metrics:
                 metrics.write(record)
         if (t.eval_every and tr.step % t.eval_every == 0) or last:
-            with WATCHDOG.watch("validation"):
+            with WATCHDOG.watch("validation", peers=False):
                 val_loss = evaluate(tr.schedule, tr.val, [tr.pp_comm, tr.dp_comm], tr.autocast)
             print0(f"step {tr.step} | val loss {val_loss:.4f}")
             if metrics:
@@ -366,11 +414,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if tr.step > saved_at:  # e.g. max_steps lowered below a resumed run's progress
         tr.save()
-    if world.Get_rank() == 0:
+    if run:
         state = "stopped" if stopped else "complete"
-        write_status(
-            cfg.run.dir,
-            {"state": state, "step": tr.step, "max_steps": t.max_steps, "reason": stopped},
+        run.write_status(
+            {"state": state, "step": tr.step, "max_steps": t.max_steps, "reason": stopped}
         )
         if state == "complete" and cfg.run.sample_tokens > 0:
             # The final checkpoint holds every stage: rank 0 merges the shards into one model.
@@ -381,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint.check_tokenizer(meta["tokenizer"], tokenizer, cfg.data.path, final)
             text = sample(full_model, tokenizer, cfg.run.prompt, cfg.run.sample_tokens)
             print(f"sample:\n{text}", flush=True)
-    world.Barrier()
+    with WATCHDOG.watch("barrier at the end"):
+        world.Barrier()
+    WATCHDOG.stop()
     return 0
 
 
@@ -407,25 +456,6 @@ class StepWindow:
         self.is_first = False
         self.steps, self.seconds, self.comm = 0, 0.0, 0.0
         return stats
-
-
-class MetricsLog:
-    """metrics.jsonl: appended, one JSON object per line, flushed so a crash loses nothing logged."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-
-def write_status(run_dir: str, status: dict) -> None:
-    """<run.dir>/status.json: whether the run is complete or stopped early (for requeue scripts)."""
-    path = Path(run_dir) / "status.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status) + "\n")
-    os.replace(tmp, path)
 
 
 def _inject_fault(step: int, rank: int) -> None:

@@ -109,8 +109,8 @@ print(s["state"], s["step"], s.get("reason") or "")' "$run_dir/status.json") || 
     fi
     _hpcllm_log "$_hpcllm_launcher exited with $rc; run state: ${state:-unknown (no status.json)} at step $step"
     if [ "$rc" -eq 0 ] && [ "$state" = stopped ]; then
-        if [[ " $_hpcllm_signals " == *" TERM "* || $reason == SIGTERM ]]; then
-            _hpcllm_log "stopped by SIGTERM (scancel or preemption): not requeued. To go on:" \
+        if [[ " $_hpcllm_signals " == *" TERM "* || $reason == SIGTERM || $reason == SIGINT ]]; then
+            _hpcllm_log "stopped by ${reason:-SIGTERM} (scancel, preemption or Ctrl-C): not requeued. To go on:" \
                 "HPCLLM_RUN_DIR=$run_dir sbatch <script>"
         elif [ "${HPCLLM_REQUEUE:-1}" != 1 ]; then
             _hpcllm_log "stopped early ($reason); HPCLLM_REQUEUE=${HPCLLM_REQUEUE} so not requeued." \

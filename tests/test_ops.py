@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +26,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, losses, overrides, prepare_data, subprocess_env, train
+from helpers import (
+    REPO,
+    TINY,
+    losses,
+    overrides,
+    prepare_data,
+    read_metrics,
+    subprocess_env,
+    train,
+)
 
 REF_STEPS = 40  # the uninterrupted reference run; interrupted runs are finished up to here
 CONSTANT_LR = {"optim.warmup_steps": 0, "optim.lr": 1e-3, "optim.min_lr": 1e-3}
@@ -249,6 +260,10 @@ def test_kill_9_of_one_rank_ends_the_job_and_the_rerun_matches(data_dir, referen
     result = finish(2, data_dir, run_dir)
     assert f"at step {last}" in result.stdout, result
     assert_same_losses(losses(run_dir), ref, range(last + 1, REF_STEPS + 1))
+    # The steps after `last`, logged before the kill, were trained again: each is logged once.
+    records, val = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, REF_STEPS + 1))
+    assert [r["step"] for r in val] == [REF_STEPS]
 
 
 def test_a_hung_rank_is_named_and_aborts_the_job(data_dir, tmp_path):
@@ -266,22 +281,30 @@ def test_a_hung_rank_is_named_and_aborts_the_job(data_dir, tmp_path):
 
 
 # Fault injection from outside: run hpcllm.train with its first training step (on every rank)
-# and one rank's first checkpoint write made slower than run.watchdog_s.
+# and rank 0's first checkpoint file write slower than run.watchdog_s. Rank 0 writes the files
+# (rank 1 holds a dp replica), so rank 1 waits for it in the save's barrier meanwhile.
 SLOW_STEP_AND_SAVE = """
-import sys, time
-import hpcllm.checkpoint as checkpoint, hpcllm.train as train
+import time
+from contextlib import contextmanager
+import hpcllm.train as train
 from hpcllm.runtime import spmd_main
+from hpcllm.watchdog import WATCHDOG
 from mpi4py import MPI
-step, save = train.train_step, checkpoint.save
+step, paused = train.train_step, WATCHDOG.paused
+slept = False
 def slow_step(*args, **kwargs):
-    if train.WATCHDOG.step == 1:
+    if WATCHDOG.step == 1:
         time.sleep(SECONDS)
     return step(*args, **kwargs)
-def slow_save(*args, **kwargs):
-    if MPI.COMM_WORLD.Get_rank() == 1 and args[1] == 3:
-        time.sleep(SECONDS)
-    return save(*args, **kwargs)
-train.train_step, checkpoint.save = slow_step, slow_save
+@contextmanager
+def slow_write():
+    global slept
+    with paused():
+        if MPI.COMM_WORLD.Get_rank() == 0 and WATCHDOG.step == 3 and not slept:
+            slept = True
+            time.sleep(SECONDS)
+        yield
+train.train_step, WATCHDOG.paused = slow_step, slow_write
 spmd_main(train.main)
 """
 
@@ -304,6 +327,134 @@ def test_watchdog_spares_a_slow_first_step_and_a_slow_save(data_dir, tmp_path):
     assert job.proc.returncode == 0, job.output()
     assert "watchdog" not in job.err.read_text(), job.output()
     assert checkpoint_steps(run_dir) == [3, 6] and status(run_dir)["state"] == "complete"
+
+
+# ----------------------------------------------------------------- frozen ranks
+# A frozen rank (SIGSTOP here; a stuck NFS read or a dead node alike) cannot report itself:
+# the ranks waiting for it must end the job and name it, not themselves.
+
+# Start-up on a loaded 2-core test machine has pauses of seconds: a generous first-step limit.
+FROZEN = {"run.watchdog_s": 2, "run.watchdog_first_step_s": 10}
+
+
+def first_watchdog_line(stderr: str) -> str:
+    return next((line for line in stderr.splitlines() if "watchdog:" in line), "")
+
+
+def assert_named(job: Job, rank: int, within: float) -> str:
+    seconds = job.wait(timeout=within)
+    err = job.err.read_text()
+    assert job.proc.returncode != 0, job.output()
+    first = first_watchdog_line(err)
+    assert first.startswith(f"[hpcllm] watchdog: rank {rank} "), job.output()
+    print(f"job ended {seconds:.1f}s after the freeze; {first}")
+    return first
+
+
+def test_a_rank_frozen_mid_training_is_named_by_the_others(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    job = Job(
+        3, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS, **FROZEN}), tmp_path
+    )
+    job.wait_for_step(3)
+    os.kill(job.rank_pid(1), signal.SIGSTOP)
+    first = assert_named(job, 1, within=40)
+    assert "heartbeat stopped" in first and "frozen" in first, first
+
+
+# Rank 1 stops itself (SIGSTOP) as it calls train.FUNCTION, when CONDITION holds for its args.
+FREEZE_RANK_1 = """
+import os, signal
+import hpcllm.train as train
+from hpcllm.runtime import spmd_main
+from mpi4py import MPI
+original = train.FUNCTION
+def freezing(*args, **kwargs):
+    if MPI.COMM_WORLD.Get_rank() == 1 and CONDITION:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return original(*args, **kwargs)
+train.FUNCTION = freezing
+spmd_main(train.main)
+"""
+
+
+def freeze_rank_1(function: str, condition: str = "True") -> list[str]:
+    return ["-c", FREEZE_RANK_1.replace("FUNCTION", function).replace("CONDITION", condition)]
+
+
+def test_a_rank_frozen_while_another_saves_is_named(data_dir, tmp_path):
+    """Rank 1 freezes as it enters the save of step 3, while rank 0 is inside that save."""
+    run_dir = tmp_path / "run"
+    settings = ops_settings(
+        data_dir, run_dir, **{"train.max_steps": 6, "checkpoint.every": 3, **FROZEN}
+    )
+    job = Job(2, settings, tmp_path, python_args=freeze_rank_1("Trainer.save", "args[0].step == 3"))
+    assert_named(job, 1, within=40)
+    assert "noticed by rank 0 on" in job.err.read_text(), job.output()
+    assert "in: checkpoint save at step 3" in job.err.read_text(), job.output()
+
+
+def test_a_rank_frozen_in_start_up_is_named(data_dir, tmp_path):
+    """Rank 1 freezes in start-up, after MPI is up, as it opens the data shards."""
+    run_dir = tmp_path / "run"
+    settings = ops_settings(data_dir, run_dir, **{"train.max_steps": 6, **FROZEN})
+    job = Job(2, settings, tmp_path, python_args=freeze_rank_1("resolve_data"))
+    assert_named(job, 1, within=40)
+
+
+def test_a_rank_hung_before_mpi_init_ends_the_job(data_dir, tmp_path):
+    """Rank 1 hangs before it imports mpi4py, while rank 0 waits inside MPI's start-up."""
+    run_dir = tmp_path / "run"
+    settings = ops_settings(data_dir, run_dir, **{"train.max_steps": 6})
+    env = {"HPCLLM_HANG_AT_START": "1", "HPCLLM_WATCHDOG_FIRST_STEP_S": "6"}
+    job = Job(2, settings, tmp_path, env=env)
+    first = assert_named(job, 1, within=40)
+    assert "start-up before MPI" in first, first
+
+
+# ----------------------------------------------------------------- the run folder
+
+
+def test_a_second_run_on_the_same_run_dir_is_refused_naming_the_holder(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    job = Job(2, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS}), tmp_path)
+    job.wait_for_step(2)
+    second = train(2, ops_settings(data_dir, run_dir, **{"train.max_steps": 5}), timeout=60)
+    assert second.returncode == 2, second
+    holder = f"host {socket.gethostname()}, pid {job.rank_pid(0)}"
+    assert f"run.dir {run_dir} is in use by another run: {holder}" in second.stderr, second
+    job.wait_for_step(job.last_step() + 2)  # the first run goes on undisturbed
+    os.kill(job.rank_pid(0), signal.SIGKILL)  # the OS releases the lock of a dead process
+    job.wait(timeout=30)
+    finish(2, data_dir, run_dir, steps=job.last_step() + 2)
+
+
+def test_sigint_stops_like_sigterm_and_is_reported_as_sigint(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    job = Job(2, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS}), tmp_path)
+    job.wait_for_step(2)
+    os.kill(job.rank_pid(1), signal.SIGINT)
+    job.wait(timeout=60)
+    assert job.proc.returncode == 0, job.output()
+    state = status(run_dir)
+    assert state["state"] == "stopped" and state["reason"] == "SIGINT", state
+    assert checkpoint_steps(run_dir) == [state["step"]]
+
+
+def test_resume_with_another_global_batch_or_data_path_warns(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    finish(None, data_dir, run_dir, steps=3)
+    copy = tmp_path / "copy-of-data"
+    shutil.copytree(data_dir, copy)
+    result = finish(None, copy, run_dir, steps=5, **{"train.grad_accum_steps": 2})
+    assert "warning: resuming from" in result.stdout, result
+    assert (
+        "the global batch (micro_batch_size x grad_accum_steps x dp) is 4 sequences, 2 in the checkpoint"
+        in result.stdout
+    )
+    assert f"data.path is {copy}, {data_dir} in the checkpoint" in result.stdout
+    same = finish(None, copy, run_dir, steps=6, **{"train.grad_accum_steps": 2})
+    assert "warning" not in same.stdout, same
 
 
 # ----------------------------------------------------------------- interrupted save
