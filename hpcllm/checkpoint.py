@@ -318,6 +318,26 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / META).is_file())
 
 
+def set_aside(folder: Path, label: str) -> Path:
+    """Move checkpoint `folder` out of the resume path as `<label>-step_NNNNNN` (kept for
+    inspection, never deleted by checkpoint.keep), and point `latest` at what is left."""
+    aside = folder.with_name(f"{label}-{folder.name}")
+    n = 1
+    while aside.exists():  # set aside at the same step before: keep both
+        n += 1
+        aside = folder.with_name(f"{label}-{folder.name}.{n}")
+    folder.rename(aside)
+    root = folder.parent
+    remaining = complete_checkpoints(root)
+    if remaining:
+        (root / "latest.tmp").write_text(remaining[-1].name + "\n")
+        os.replace(root / "latest.tmp", root / "latest")
+    else:
+        (root / "latest").unlink(missing_ok=True)
+    _fsync_dir(root)
+    return aside
+
+
 def find_latest(run_dir: str) -> tuple[Path | None, list[Path]]:
     """The newest complete checkpoint, and any half-written ones to warn about."""
     root = Path(run_dir) / "checkpoints"

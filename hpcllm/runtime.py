@@ -37,6 +37,11 @@ class StartupError(Exception):
         super().__init__(text)
 
 
+class Diverged(Exception):
+    """The loss or gradient norm of a step is not finite; every rank sees the same values
+    (they are all-reduced), so every rank raises this at the same step."""
+
+
 def print0(*args, **kwargs) -> None:
     """print() on world rank 0 only, flushed so mpirun interleaves lines sensibly."""
     if MPI.COMM_WORLD.Get_rank() == 0:
@@ -65,6 +70,7 @@ def spmd_main(fn: Callable[[], int | None]) -> None:
     """Run an SPMD entry point so that no failure leaves other ranks hanging.
 
     - StartupError (all ranks agree): rank 0 prints it, every rank exits 2.
+    - Diverged (all ranks agree): rank 0 prints it, every rank exits 3.
     - Any other exception on any rank: that rank prints its rank, host and
       traceback, then MPI_Abort ends every rank of the job at once.
     """
@@ -72,10 +78,10 @@ def spmd_main(fn: Callable[[], int | None]) -> None:
     rank, size = world.Get_rank(), world.Get_size()
     try:
         code = fn() or 0
-    except StartupError as e:
+    except (StartupError, Diverged) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, StartupError) else 3)
     except (SystemExit, KeyboardInterrupt) as e:
         if size == 1 or (isinstance(e, SystemExit) and e.code in (0, None)):
             raise

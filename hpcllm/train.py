@@ -42,6 +42,7 @@ from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.rundir import RunDir
 from hpcllm.runtime import (
+    Diverged,
     StartupError,
     agree,
     node_local,
@@ -302,6 +303,36 @@ def warn_if_not_exact_continuation(saved: dict, trainer: Trainer, path) -> None:
         )
 
 
+def diverged(tr: Trainer, run: RunDir | None, loss: float, grad_norm: float) -> None:
+    """Stop a run whose step produced a non-finite loss or gradient norm, without applying
+    or saving that step.
+
+    The state the failing step started from gave the non-finite values, so a checkpoint of
+    exactly that state (saved at the previous step) is no resume point: it is set aside as
+    `diverged-step_NNNNNN` (kept for inspection), and the newest checkpoint before it is
+    where the rerun with a lower learning rate starts.
+    """
+    message = (
+        f"step {tr.step} diverged: loss {loss}, gradient norm {grad_norm}; the step was not "
+        "applied and not saved."
+    )
+    if run:
+        poisoned = run.path / "checkpoints" / f"step_{tr.step - 1:06d}"
+        if poisoned.is_dir():
+            aside = checkpoint.set_aside(poisoned, "diverged")
+            message += (
+                f" The checkpoint of step {tr.step - 1} is the state that diverged: set aside "
+                f"as {aside}."
+            )
+        latest, _ = checkpoint.find_latest(str(run.path))
+        message += (
+            f" Rerun with a lower optim.lr (now {tr.cfg.optim.lr:g}) to resume from "
+            f"{latest or 'scratch (no earlier checkpoint)'}, or check the data."
+        )
+        run.write_status({"state": "diverged", "step": tr.step, "reason": "non-finite loss"})
+    raise Diverged(message)
+
+
 def check_same_model(saved: dict, cfg: Config, path) -> None:
     keys = ("n_layer", "n_head", "d_model", "vocab_size", "block_size", "tie_embeddings")
     diffs = [
@@ -360,21 +391,19 @@ def main(argv: list[str] | None = None) -> int:
             micro_batches = stage_inputs(
                 tr.loader.next_step(read=tr.reads_data), tr.grid, tr.device
             )
-            _inject_fault(tr.step, world.Get_rank())
+            _inject_fault(tr.step, world.Get_rank(), tr.model)
             loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
             grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm])
-            tr.optimizer.step()
-            # The mean loss over the whole global batch, known to every rank, so the
-            # finiteness check is the same decision everywhere.
+            # The mean loss over the whole global batch and the whole model's gradient norm
+            # are known to every rank, so the finiteness check is the same decision everywhere.
             loss = mean_over_grid(
                 loss_sum,
                 len(micro_batches) if tr.grid.is_last_stage else 0,
                 [tr.pp_comm, tr.dp_comm],
             )
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss} at step {tr.step}; lower optim.lr or check the data"
-            )
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                diverged(tr, run, loss, grad_norm)  # raises, before the update is applied
+            tr.optimizer.step()
         WATCHDOG.step_done(tr.step)
         window.add(time.perf_counter() - start, tr.comm_seconds() - comm_before)
 
@@ -458,10 +487,14 @@ class StepWindow:
         return stats
 
 
-def _inject_fault(step: int, rank: int) -> None:
+def _inject_fault(step: int, rank: int, model: torch.nn.Module) -> None:
     """Test hooks: HPCLLM_FAIL_AT_STEP=s makes rank HPCLLM_FAIL_RANK (default 0) raise at
-    step s; HPCLLM_HANG_AT_STEP=s makes rank HPCLLM_HANG_RANK block forever there."""
+    step s; HPCLLM_HANG_AT_STEP=s makes rank HPCLLM_HANG_RANK block forever there;
+    HPCLLM_NAN_AT_STEP=s fills rank 0's first parameter with NaN at step s (a divergence)."""
     env = os.environ
+    if env.get("HPCLLM_NAN_AT_STEP") == str(step) and rank == 0:
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
     if env.get("HPCLLM_FAIL_AT_STEP") == str(step) and env.get("HPCLLM_FAIL_RANK", "0") == str(
         rank
     ):
