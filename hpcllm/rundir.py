@@ -89,6 +89,16 @@ class RunDir:
                 )
         return MetricsLog(path)
 
+    def draw_loss(self) -> None:
+        """loss.png from metrics.jsonl, redrawn at each evaluation. A picture that cannot be
+        drawn (a full disk, a broken font cache) is worth a warning, not the run."""
+        from hpcllm.plot import plot, read_metrics
+
+        try:
+            plot([read_metrics(self.path)], self.path / "loss.png")
+        except (OSError, ValueError, RuntimeError) as e:
+            print(f"warning: could not draw {self.path / 'loss.png'}: {e}", flush=True)
+
     def write_status(self, status: dict) -> None:
         """status.json: whether the run is complete or stopped early (for requeue scripts)."""
         path = self.path / "status.json"

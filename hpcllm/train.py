@@ -105,6 +105,8 @@ class Trainer:
     val: list
     autocast: object
     reads_data: bool
+    # Bytes of text per scored validation token, so val loss converts to bits per byte.
+    val_bytes_per_token: float = 1.0
     step: int = 0
     # (step, samples consumed) where the current global batch size took over: (0, 0), or a
     # resume that changed it.
@@ -228,6 +230,7 @@ def setup(cfg: Config, world) -> Trainer:
         val=val,
         autocast=autocast,
         reads_data=reads_data,
+        val_bytes_per_token=val_bytes_per_token(cfg, val, [pp_comm, dp_comm]),
     )
     if cfg.checkpoint.resume:
         resume(trainer, world)
@@ -301,6 +304,15 @@ def warn_if_not_exact_continuation(saved: dict, trainer: Trainer, path) -> None:
             f"warning: resuming from {path}, but {change}: this is not the exact continuation "
             "of the interrupted run (other samples, another loss curve)"
         )
+
+
+def val_bytes_per_token(cfg: Config, val: list, comms: list[TensorComm]) -> float:
+    """Bytes of text that the validation targets stand for, per target, over every rank's
+    batches (only the last stage holds targets)."""
+    lengths = torch.from_numpy(load_run_tokenizer(cfg.data.path).token_bytes())
+    targets = [y for _, y in val if y is not None]
+    num_bytes = sum((lengths[y.cpu()].sum() for y in targets), torch.tensor(0))
+    return mean_over_grid(num_bytes.double(), sum(y.numel() for y in targets), comms)
 
 
 def diverged(tr: Trainer, run: RunDir | None, loss: float, grad_norm: float) -> None:
@@ -408,10 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         window.add(time.perf_counter() - start, tr.comm_seconds() - comm_before)
 
         last = tr.step == t.max_steps
+        tokens = tr.loader.consumed_samples * t.seq_len  # seen so far, whatever the batch history
         if tr.step % t.log_every == 0 or window.is_first or last:
             record = {
                 "step": tr.step,
                 "loss": loss,
+                "tokens": tokens,
                 "lr": lr,
                 **window.flush(),
                 "grad_norm": grad_norm,
@@ -427,9 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         if (t.eval_every and tr.step % t.eval_every == 0) or last:
             with WATCHDOG.watch("validation", peers=False):
                 val_loss = evaluate(tr.schedule, tr.val, [tr.pp_comm, tr.dp_comm], tr.autocast)
-            print0(f"step {tr.step} | val loss {val_loss:.4f}")
-            if metrics:
-                metrics.write({"step": tr.step, "val_loss": val_loss})
+            # nats per token -> bits per byte: comparable across tokenizers
+            val_bpb = val_loss / math.log(2) / tr.val_bytes_per_token
+            print0(f"step {tr.step} | val loss {val_loss:.4f} | {val_bpb:.4f} bits/byte")
+            if run and metrics:
+                metrics.write(
+                    {"step": tr.step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens}
+                )
+                run.draw_loss()
         stopped = stop.agreed(world)
         if (cfg.checkpoint.every and tr.step % cfg.checkpoint.every == 0) or last or stopped:
             print0(f"saved {tr.save()}")

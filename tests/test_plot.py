@@ -56,3 +56,25 @@ def test_missing_or_empty_metrics_exit_2_naming_the_folder(tmp_path, capsys):
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     assert main([str(tmp_path / "empty")]) == 2
     assert "no loss records" in capsys.readouterr().err
+
+
+def test_a_run_writes_bits_per_byte_tokens_and_loss_png(tmp_path):
+    import math
+
+    from helpers import TINY, prepare_data, read_metrics, train
+
+    data = prepare_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    settings = {**TINY, "data.path": data, "run.dir": run_dir, "train.max_steps": 6}
+    result = train(None, {**settings, "train.eval_every": 3}, timeout=120)
+    assert result.returncode == 0, result
+    assert "bits/byte" in result.stdout
+    records, vals = read_metrics(run_dir)
+    tokens_per_step = TINY["train.micro_batch_size"] * TINY["train.seq_len"]
+    assert [r["tokens"] for r in records] == [s * tokens_per_step for s in range(1, 7)]
+    assert [v["step"] for v in vals] == [3, 6]
+    for v in vals:
+        # Byte tokens are one byte each, the end-of-text ones none: a little above nats / ln 2.
+        bits_per_token = v["val_loss"] / math.log(2)
+        assert bits_per_token <= v["val_bpb"] < 1.05 * bits_per_token
+    assert (run_dir / "loss.png").read_bytes()[:8] == PNG_MAGIC
