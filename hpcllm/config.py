@@ -45,6 +45,9 @@ class ParallelConfig:
     """Blocks per pipeline stage, e.g. "3,2,2,1"; empty splits them evenly."""
     bucket_mb: float = 25.0
     """Size of one gradient all-reduce bucket, in MiB."""
+    zero: int = 0
+    """ZeRO stage: 0 replicates AdamW state on every dp rank; 1 shards it (and the update)
+    over the dp ranks, reduce-scattering gradients and all-gathering parameters."""
     cuda_aware: str = "auto"
     """CUDA tensors straight to MPI: 'auto' (detect), 'yes', or 'no' (stage through host)."""
 
@@ -284,6 +287,7 @@ RANGES: dict[str, Range] = {
     "parallel.pp": COUNT,
     "parallel.tp": COUNT,
     "parallel.bucket_mb": POSITIVE,
+    "parallel.zero": Range(0, 1),
     "train.max_steps": COUNT,
     "train.micro_batch_size": COUNT,
     "train.grad_accum_steps": COUNT,

@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
+from hpcllm.parallel.zero import ShardedAdamW
 from hpcllm.runtime import agree, node_local, print0, rank_hosts, setup_threads, spmd_main
 from hpcllm.stop import StopRequest
 from hpcllm.topology import Grid, describe, resolve_dims
@@ -196,7 +198,7 @@ def setup(cfg: Config, world) -> Trainer:
     # Model (this rank's stage of it), gradient averaging, schedule, optimizer.
     torch.manual_seed(t.seed + world.Get_rank())  # dropout differs per rank; weights use init_seed
     model = agree(world, lambda: build_stage(cfg, grid, device))
-    ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb)
+    ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, shard=cfg.parallel.zero == 1)
     stage = PipelineStage(
         model,
         pp_comm,
@@ -206,7 +208,9 @@ def setup(cfg: Config, world) -> Trainer:
         device=device,
     )
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
+    # ZeRO-1 runs the same AdamW over this dp rank's shard of the parameters only.
+    adamw = partial(ShardedAdamW, model, ddp) if cfg.parallel.zero == 1 else torch.optim.AdamW
+    optimizer = adamw(
         param_groups(model, o.weight_decay),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             _inject_fault(tr.step, world.Get_rank())
             loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
-            grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm])
+            grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm], tr.ddp)
             tr.optimizer.step()
             # The mean loss over the whole global batch, known to every rank, so the
             # finiteness check is the same decision everywhere.
