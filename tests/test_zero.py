@@ -140,7 +140,9 @@ def test_parallel_zero_is_range_checked():
     from hpcllm.config import ConfigError, parse_args
 
     assert parse_args(["--parallel.zero", "1"])[0].parallel.zero == 1
-    with pytest.raises(ConfigError, match=r"parallel.zero = 2 is out of range: it must be in \[0, 1\]"):
+    with pytest.raises(
+        ConfigError, match=r"parallel.zero = 2 is out of range: it must be in \[0, 1\]"
+    ):
         parse_args(["--parallel.zero", "2"])
 
 

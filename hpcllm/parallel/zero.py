@@ -111,7 +111,9 @@ class ShardedAdamW(torch.optim.AdamW):
             for key, value in self.state.get(part.segment, {}).items():
                 if value.dim() == 0:
                     if part.start == 0:
-                        pieces.append((f"optim/{part.name}/{key}", [], index.whole(()), value))
+                        # Parameters of one segment share its counter; safetensors wants copies.
+                        step = value.clone()
+                        pieces.append((f"optim/{part.name}/{key}", [], index.whole(()), step))
                 else:
                     pieces.append((f"optim/{part.name}/{key}", shape, region, value[span]))
         return pieces
