@@ -18,7 +18,7 @@ from helpers import losses, prepare_data, read_metrics, train
 STEPS = 10
 
 
-def build(comm, *, zero: int, bucket_mb: float, pp_comm=None):
+def build(comm, *, zero: int, bucket_mb: float, pp_comm=None, init_seed: int = 3):
     """(model, DataParallel, optimizer, schedule) of the tiny GPT on dp = comm's ranks."""
     from mpi4py import MPI
 
@@ -29,7 +29,7 @@ def build(comm, *, zero: int, bucket_mb: float, pp_comm=None):
     from hpcllm.parallel.zero import ShardedAdamW
 
     cfg = ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=32)
-    model = GPT(cfg, init_seed=3)
+    model = GPT(cfg, init_seed=init_seed)
     ddp = DataParallel(model, TensorComm(comm, name="dp"), bucket_mb, shard=zero == 1)
     adamw = {"lr": 3e-3, "betas": (0.9, 0.95), "foreach": False}
     groups = param_groups(model, 0.1)
@@ -134,6 +134,76 @@ def test_reduce_scatter_is_launched_from_the_hooks_while_backward_runs(comm):
     assert pending_at_launch[0] > 0 and pending_at_launch == sorted(pending_at_launch, reverse=True)
     ddp.finish()
     assert len(pending_at_launch) == len(ddp.buckets)
+
+
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypatch):
+    from test_checkpoint import run_extra
+
+    from hpcllm import checkpoint
+    from hpcllm import checkpoint_index as ix
+    from hpcllm.config import Config
+    from hpcllm.parallel.steps import clip_grad_norm, train_step
+    from hpcllm.topology import Grid
+
+    root = Path(comm.bcast(str(tmp_path) if comm.rank == 0 else None))
+    grid = Grid.build(comm, dp=2)
+    trained = {}
+    for zero in (0, 1):
+        model, ddp, optimizer, schedule, pp_comm = build(comm, zero=zero, bucket_mb=0.01)
+        for step in range(2):
+            train_step(schedule, ddp, micro_batches(step, comm.rank, 1), nullcontext())
+            clip_grad_norm(model, 1.0, [pp_comm], ddp)
+            optimizer.step()
+        trained[zero] = (model, ddp, optimizer, schedule, pp_comm)
+    model, _, optimizer, _, _ = trained[1]
+    cfg = Config()
+    folder = checkpoint.save(
+        str(root), 2, grid=grid, model=model, optimizer=optimizer, extra=run_extra(cfg, 2)
+    )
+    # Both dp ranks wrote (their own ranges); nobody wrote a whole replica.
+    assert sorted(p.name for p in folder.glob("*-pp*")) == [
+        f"{kind}-pp0-dp{d}-tp0.safetensors" for kind in ("model", "optim") for d in (0, 1)
+    ]
+
+    reads: list[tuple[str, ix.Region]] = []
+    read = checkpoint.TensorFiles.read
+
+    def spy(self, name, entry, region=None):
+        reads.append((name, region))
+        return read(self, name, entry, region)
+
+    monkeypatch.setattr(checkpoint.TensorFiles, "read", spy)
+    resumed = []
+    for zero in (1, 0):
+        # Fresh weights (another seed) and no optimizer state: everything comes from the file.
+        run = build(comm, zero=zero, bucket_mb=0.01, init_seed=9)
+        fresh, _, fresh_opt, _, _ = run
+        reads.clear()
+        found = checkpoint.load_newest(str(root), grid=grid, model=fresh, optimizer=fresh_opt)
+        assert found is not None and found[0] == folder
+        moments = [(n, r) for n, r in reads if n.endswith("/exp_avg")]
+        assert moments
+        if zero == 1:
+            # Only this rank's ranges: about half the moments' elements, each a range it owns.
+            owned = {p.name: (p.start, p.stop) for p in fresh_opt.parts}
+            assert {n.split("/")[1] for n, _ in moments} == set(owned)
+            for n, r in moments:
+                assert isinstance(r, ix.Flat) and (r.start, r.stop) == owned[n.split("/")[1]]
+            total = sum(p.numel() for p in fresh.parameters())
+            assert sum(r.stop - r.start for _, r in moments) < 0.55 * total
+        resumed.append(run)
+    # Resumed under zero 1 and under zero 0, the next step equals the uninterrupted zero 0
+    # run's: weights and moments were both restored (a fresh Adam state would step differently).
+    for model, ddp, optimizer, schedule, pp_comm in [*resumed, trained[0]]:
+        train_step(schedule, ddp, micro_batches(2, comm.rank, 1), nullcontext())
+        clip_grad_norm(model, 1.0, [pp_comm], ddp)
+        optimizer.step()
+    reference = dict(trained[0][0].named_parameters())
+    for zero, (model, *_) in zip((1, 0), resumed, strict=True):
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p, reference[name], rtol=0, atol=1e-6, msg=(zero, name))
+    grid.free()
 
 
 def test_parallel_zero_is_range_checked():
