@@ -8,12 +8,13 @@ A checkpoint is a folder `<run.dir>/checkpoints/step_000100/` holding
     meta.json                            written last: step, loader position, config, grid,
                                          tokenizer, every file's size and CRC-32, tensor index
 
-Each rank writes only what it owns: today dp rank 0 (tp rank 0) of each pipeline stage
-writes that stage's parameters and optimizer state, so there are no duplicate writers.
+Each rank writes only what it owns, so there are no duplicate writers: dp rank 0 (tp rank 0)
+of each pipeline stage writes that stage's parameters and optimizer state whole, or, under
+ZeRO-1 (`parallel.zero 1`), every dp rank writes the flat ranges of them that it owns.
 Tensors are stored under global names (`model/blocks.3.attn.qkv.weight`,
 `optim/blocks.3.attn.qkv.weight/exp_avg`, `rng/5`) and meta.json's index
 (`checkpoint_index.py`) says which file holds which region of each, so a rank of any other
-layout reads just the tensors (later, the slices) it needs.
+layout reads just the tensors, or under ZeRO-1 just the flat ranges, it needs.
 
 Saving is atomic: everything goes into `.tmp-step_000100/`, fsync'ed; once every rank's
 files are complete, rank 0 writes meta.json with their sizes and checksums and renames the
@@ -44,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hpcllm import checkpoint_index as index
+from hpcllm.parallel.zero import Piece, ShardedAdamW
 from hpcllm.watchdog import WATCHDOG
 
 FORMAT_VERSION = 2
@@ -175,26 +177,37 @@ def write_own_files(tmp: Path, grid, model: nn.Module, optimizer) -> tuple[dict,
 
     Returns ({file: {"size", "crc32"}}, {tensor name: index entry}) for meta.json.
     """
-    if grid.rank("dp") != 0 or grid.rank("tp") != 0:
-        return {}, {}  # dp replicas hold the same shard: dp rank 0 writes it
     tag = f"pp{grid.rank('pp')}-dp{grid.rank('dp')}-tp{grid.rank('tp')}"
-    # named_parameters() lists a tied weight once: safetensors refuses shared storage.
-    groups: dict[str, dict[str, torch.Tensor]] = {
-        "model": {f"model/{n}": p for n, p in model.named_parameters()},
-        "optim": {
-            f"optim/{n}/{k}": torch.as_tensor(v)
-            for n, state in optimizer_state_by_name(model, optimizer).items()
-            for k, v in state.items()
-        },
-    }
     files: dict[str, dict] = {}
     entries: dict[str, dict] = {}
-    for kind, tensors in groups.items():
+    pieces = _owned_pieces(grid, model, optimizer)
+    for kind in ("model", "optim"):
+        mine = [p for p in pieces if p[0].startswith(f"{kind}/")]
+        if not mine:
+            continue
         name = f"{kind}-{tag}.safetensors"
-        files[name] = write_tensor_file(tmp / name, tensors)
-        for key, t in tensors.items():
-            entries[key] = index.entry(t, [index.piece(name, key, index.whole(t.shape))])
+        # A rank holds at most one region of a tensor, so the global name is a unique key.
+        files[name] = write_tensor_file(tmp / name, {key: t for key, _, _, t in mine})
+        for key, shape, region, t in mine:
+            entries[key] = index.entry(t, [index.piece(name, key, region)]) | {"shape": shape}
     return files, entries
+
+
+def _owned_pieces(grid, model: nn.Module, optimizer) -> list[Piece]:
+    """(name, global shape, region, tensor) of what this rank writes. Under ZeRO-1 every dp
+    rank writes its own flat ranges; otherwise dp replicas hold the same shard and dp rank 0
+    writes it whole."""
+    if isinstance(optimizer, ShardedAdamW):
+        return optimizer.owned_pieces()
+    if grid.rank("dp") != 0 or grid.rank("tp") != 0:
+        return []
+    # named_parameters() lists a tied weight once: safetensors refuses shared storage.
+    tensors = {f"model/{n}": p for n, p in model.named_parameters()} | {
+        f"optim/{n}/{k}": torch.as_tensor(v)
+        for n, state in optimizer_state_by_name(model, optimizer).items()
+        for k, v in state.items()
+    }
+    return [(k, list(t.shape), index.whole(t.shape), t) for k, t in tensors.items()]
 
 
 def save(
@@ -254,10 +267,16 @@ def _commit(
     tmp: Path, final: Path, step: int, grid, gathered: list, extra: dict, keep: int
 ) -> None:
     """Rank 0, once every rank's files are on disk: RNG file, meta.json, rename, cleanup."""
-    files, entries = {}, {}
+    files: dict[str, dict] = {}
+    entries: dict[str, dict] = {}
     for rank_files, rank_entries, _, _ in gathered:
         files.update(rank_files)
-        entries.update(rank_entries)
+        for key, e in rank_entries.items():
+            # Sharded tensors (ZeRO-1) arrive as one piece from each of their writers.
+            if key in entries:
+                entries[key]["pieces"] += e["pieces"]
+            else:
+                entries[key] = e
     rng = {
         f"rng/{r}": torch.frombuffer(bytearray(g[2]), dtype=torch.uint8)
         for r, g in enumerate(gathered)
@@ -480,7 +499,7 @@ def load_newest(run_dir: str, *, grid, model: nn.Module, optimizer, check=None):
         if damage is None:
             if check is not None:
                 agree(world, partial(check, meta, folder))
-            state, mine = _read_own(folder, meta, grid, model)
+            state, mine = _read_own(folder, meta, grid, model, optimizer)
             found = [d for d in world.allgather(mine) if d is not None]
             damage = "; ".join(dict.fromkeys(found)) if found else None
         if damage is None:
@@ -497,9 +516,10 @@ def load_newest(run_dir: str, *, grid, model: nn.Module, optimizer, check=None):
     return None
 
 
-def _wanted(meta: dict, grid, model: nn.Module, folder: Path) -> dict[str, dict]:
-    """Index entries of the tensors this rank needs: its stage's parameters and their
-    optimizer state, and its RNG state if the checkpoint was written by this layout."""
+def _wanted(meta: dict, grid, model: nn.Module, optimizer, folder: Path) -> dict:
+    """{name: (index entry, region)} of what this rank reads: its stage's parameters and
+    their optimizer state (whole, or under ZeRO-1 only the ranges it owns), and its RNG state
+    if the checkpoint was written by this layout."""
     tensors = meta["tensors"]
     wanted = {}
     for n, p in model.named_parameters():
@@ -511,32 +531,39 @@ def _wanted(meta: dict, grid, model: nn.Module, folder: Path) -> dict[str, dict]
                 f"{folder / META}: parameter {n} has shape {entry['shape']} in the index, "
                 f"the model's is {list(p.shape)}"
             )
-        wanted[f"model/{n}"] = entry
         prefix = f"optim/{n}/"
-        wanted.update({k: e for k, e in tensors.items() if k.startswith(prefix)})
+        for key, e in [(f"model/{n}", entry)] + [
+            (k, e) for k, e in tensors.items() if k.startswith(prefix)
+        ]:
+            if isinstance(optimizer, ShardedAdamW):
+                region = optimizer.owned_region(key, e["shape"])
+                if region is not None:
+                    wanted[key] = (e, region)
+            else:
+                wanted[key] = (e, index.whole(e["shape"]))
     if meta["grid"] == grid.dims:
         key = f"rng/{grid.world.Get_rank()}"
         if key not in tensors:
             raise CheckpointError(f"{folder / META}: the index has no {key}")
-        wanted[key] = tensors[key]
+        wanted[key] = (tensors[key], index.whole(tensors[key]["shape"]))
     return wanted
 
 
-def _read_own(folder: Path, meta: dict, grid, model: nn.Module) -> tuple[dict | None, str | None]:
-    """This rank's tensors (whole, today) and the damage it found, if any.
+def _read_own(
+    folder: Path, meta: dict, grid, model: nn.Module, optimizer
+) -> tuple[dict | None, str | None]:
+    """This rank's tensors (the regions it owns) and the damage it found, if any.
 
     Verifying checksums is shared out: each file is checked by one of the ranks that read
     it (any rank for a file nobody reads), so no rank reads a file only to checksum it.
     """
     world = grid.world
-    wanted: dict[str, dict] = {}
+    wanted: dict[str, tuple[dict, index.Region]] = {}
     reads: list[str] = []
     damage: str | None = None
     try:
-        wanted = _wanted(meta, grid, model, folder)
-        reads = sorted(
-            set().union(*(index.files_of(e, index.whole(e["shape"])) for e in wanted.values()))
-        )
+        wanted = _wanted(meta, grid, model, optimizer, folder)
+        reads = sorted(set().union(*(index.files_of(e, r) for e, r in wanted.values())))
     except CheckpointError as e:
         damage = str(e)
     readers = world.allgather(reads)
@@ -553,13 +580,19 @@ def _read_own(folder: Path, meta: dict, grid, model: nn.Module) -> tuple[dict | 
         return None, damage
     files = TensorFiles(folder)
     try:
-        return {name: files.read(name, entry) for name, entry in wanted.items()}, None
+        return {name: files.read(name, e, r) for name, (e, r) in wanted.items()}, None
     except CheckpointError as e:
         return None, str(e)
 
 
 def _apply(state: dict | None, model: nn.Module, optimizer) -> None:
     assert state is not None
+    rng = [v for k, v in state.items() if k.startswith("rng/")]
+    if rng:
+        torch.set_rng_state(rng[0])
+    if isinstance(optimizer, ShardedAdamW):
+        optimizer.load_owned(state)
+        return
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(state[f"model/{n}"])
@@ -571,9 +604,6 @@ def _apply(state: dict | None, model: nn.Module, optimizer) -> None:
             optimizer.state[p] = {
                 k: v.to(p.device) if v.dim() else v for k, v in param_state.items()
             }
-    rng = [v for k, v in state.items() if k.startswith("rng/")]
-    if rng:
-        torch.set_rng_state(rng[0])
 
 
 def read_model(folder: Path, meta: dict) -> dict[str, torch.Tensor]:

@@ -11,9 +11,9 @@ and each piece names the safetensors file and key that hold one region of the te
     {"file": ..., "key": ..., "flat": [0, 16448]}   elements [start, stop) of the tensor
                                                      flattened in row-major order
 
-A box piece is stored with shape `length`, a flat piece as a 1-D tensor. Today each piece is
-a whole tensor (a box at offset 0). Tensor parallelism will write boxes cut along one dim and
-ZeRO-1 flat ranges of optimizer state; `read` assembles any requested region from whichever
+A box piece is stored with shape `length`, a flat piece as a 1-D tensor. Without ZeRO each
+piece is a whole tensor (a box at offset 0); ZeRO-1 writes flat ranges of parameters and
+optimizer state, and tensor parallelism will write boxes cut along one dim; `read` assembles any requested region from whichever
 pieces overlap it, so neither needs a format change, and a rank reads only what overlaps
 the region it asks for (safetensors reads a slice without loading the rest of the file).
 """

@@ -55,12 +55,19 @@ def detect_cuda_aware(setting: str = "auto") -> bool:
 class Work:
     """A pending MPI operation on a tensor; `wait()` completes it and copies results back."""
 
-    __slots__ = ("finish", "request", "what")
+    __slots__ = ("finish", "request", "result", "what")
 
-    def __init__(self, request: MPI.Request, finish: Callable[[], None] | None, what: str):
+    def __init__(
+        self,
+        request: MPI.Request,
+        finish: Callable[[], None] | None,
+        what: str,
+        result: torch.Tensor | None = None,
+    ):
         self.request = request
         self.finish = finish
         self.what = what
+        self.result = result  # the tensor that holds the outcome after wait(), where there is one
 
     def wait(self) -> None:
         with WATCHDOG.watch(self.what):
@@ -174,6 +181,17 @@ class TensorComm:
         flat buffer to a multiple of `size` first. bf16/fp16 are reduced in fp32 and rounded
         once, as in allreduce_.
         """
+        work = self.ireduce_scatter(tensor, out, op)
+        self.wait(work)
+        assert work.result is not None  # ireduce_scatter always names its output
+        return work.result
+
+    def ireduce_scatter(
+        self, tensor: torch.Tensor, out: torch.Tensor | None = None, op: MPI.Op = MPI.SUM
+    ) -> Work:
+        """Non-blocking reduce_scatter: after wait(), `out` (also `Work.result`) holds this
+        rank's reduced rows. Same buffer paths and padding rule as reduce_scatter; `tensor`
+        must not change until then."""
         if tensor.dim() == 0 or tensor.shape[0] % self.size:
             raise ValueError(
                 f"reduce-scatter on {self.name}: dim 0 of the input (shape {tuple(tensor.shape)}) "
@@ -184,13 +202,28 @@ class TensorComm:
         self._check_chunks("reduce-scatter", whole=tensor, chunk=out)
         send, _ = self._buffer(tensor, reduce=True, incoming=False)
         recv, copy_back = self._buffer(out, reduce=True, incoming=True)
-        start = time.perf_counter()
-        with WATCHDOG.watch(f"reduce-scatter on {self.name}"):
-            self.comm.Reduce_scatter_block(send, recv, op=op)
-        self.wait_seconds += time.perf_counter() - start
-        if copy_back:
-            copy_back()
-        return out
+
+        def finish() -> None:
+            if copy_back:
+                copy_back()
+            # Naming `send` holds a staged or upcast copy of the input until MPI is done with it.
+            assert send is not None
+
+        request = self.comm.Ireduce_scatter_block(send, recv, op=op)
+        return Work(request, finish, f"reduce-scatter on {self.name}", out)
+
+    def iallgather_(self, tensor: torch.Tensor) -> Work:
+        """Non-blocking in-place all-gather: `tensor` (size * n, ...) is `size` chunks along
+        dim 0; this rank's chunk (index `rank`) goes to every rank, and after wait() every
+        chunk holds its owner's values. Any dtype: nothing is reduced."""
+        if tensor.dim() == 0 or tensor.shape[0] % self.size:
+            raise ValueError(
+                f"all-gather on {self.name}: dim 0 of the buffer (shape {tuple(tensor.shape)}) "
+                f"must be a multiple of the {self.size} ranks; pad it"
+            )
+        buf, copy_back = self._buffer(tensor, reduce=False, incoming=True)
+        request = self.comm.Iallgather(MPI.IN_PLACE, buf)
+        return Work(request, copy_back, f"all-gather on {self.name}", tensor)
 
     def _check_chunks(self, what: str, *, whole: torch.Tensor, chunk: torch.Tensor) -> None:
         if whole.numel() != self.size * chunk.numel() or whole.dtype != chunk.dtype:

@@ -45,6 +45,9 @@ class ParallelConfig:
     """Blocks per pipeline stage, e.g. "3,2,2,1"; empty splits them evenly."""
     bucket_mb: float = 25.0
     """Size of one gradient all-reduce bucket, in MiB."""
+    zero: int = 0
+    """ZeRO stage: 0 replicates AdamW state on every dp rank; 1 shards it (and the update)
+    over the dp ranks, reduce-scattering gradients and all-gathering parameters."""
     cuda_aware: str = "auto"
     """CUDA tensors straight to MPI: 'auto' (detect), 'yes', or 'no' (stage through host)."""
 
@@ -290,6 +293,7 @@ RANGES: dict[str, Range] = {
     "parallel.pp": COUNT,
     "parallel.tp": COUNT,
     "parallel.bucket_mb": POSITIVE,
+    "parallel.zero": Range(0, 1),
     "train.max_steps": COUNT,
     "train.micro_batch_size": COUNT,
     "train.grad_accum_steps": COUNT,
@@ -348,6 +352,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.tp = {p.tp}: tensor parallelism is not implemented yet; use 1")
     if o.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, got '{o.name}'")
+    if o.name == "muon" and p.zero:
+        # Muon already spreads its work over dp and keeps one momentum per parameter; its
+        # state is not sharded (yet), so the combination would silently be plain Muon.
+        raise ConfigError("optim.name muon does not support parallel.zero 1; use parallel.zero 0")
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
     if p.pp > 1 and m.tie_embeddings:

@@ -19,15 +19,23 @@ from hpcllm import muon
 from hpcllm.comm import TensorComm
 from hpcllm.config import OptimConfig
 from hpcllm.model import param_groups
+from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.zero import ShardedAdamW
 
 OPTIMIZERS = ("adamw", "muon")
 
 
 def build_optimizer(
-    model: nn.Module, o: OptimConfig, dp_comm: TensorComm, device: torch.device
+    model: nn.Module,
+    o: OptimConfig,
+    dp_comm: TensorComm,
+    device: torch.device,
+    sharded: DataParallel | None = None,
 ) -> torch.optim.Optimizer:
-    """This rank's optimizer over its stage's parameters."""
+    """This rank's optimizer over its stage's parameters; with `sharded` (a DataParallel
+    built with shard=True, ZeRO-1), AdamW over this dp rank's shard of them only."""
     if o.name == "muon":
+        assert sharded is None, "config.validate refuses optim.name muon with parallel.zero 1"
         groups = muon.param_groups(
             model.named_parameters(), lr=o.lr, muon_lr=o.muon_lr, weight_decay=o.weight_decay
         )
@@ -44,9 +52,10 @@ def build_optimizer(
     groups = param_groups(model, o.weight_decay)
     for g in groups:
         g["initial_lr"] = o.lr
-    return torch.optim.AdamW(
-        groups, lr=o.lr, betas=(o.beta1, o.beta2), foreach=device.type == "cuda"
-    )
+    betas, foreach = (o.beta1, o.beta2), device.type == "cuda"
+    if sharded is not None:
+        return ShardedAdamW(model, sharded, groups, lr=o.lr, betas=betas, foreach=foreach)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=betas, foreach=foreach)
 
 
 def lr_scale(step: int, o: OptimConfig, max_steps: int) -> float:

@@ -206,7 +206,7 @@ def setup(cfg: Config, world) -> Trainer:
     # Model (this rank's stage of it), gradient averaging, schedule, optimizer.
     torch.manual_seed(t.seed + world.Get_rank())  # dropout differs per rank; weights use init_seed
     model = agree(world, lambda: build_stage(cfg, grid, device))
-    ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb)
+    ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, shard=cfg.parallel.zero == 1)
     stage = PipelineStage(
         model,
         pp_comm,
@@ -215,7 +215,10 @@ def setup(cfg: Config, world) -> Trainer:
         act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
         device=device,
     )
-    optimizer = build_optimizer(model, cfg.optim, dp_comm, device)
+    # ZeRO-1 (parallel.zero 1) runs the same AdamW over this dp rank's shard only.
+    optimizer = build_optimizer(
+        model, cfg.optim, dp_comm, device, sharded=ddp if cfg.parallel.zero == 1 else None
+    )
     trainer = Trainer(
         cfg=cfg,
         grid=grid,
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             _inject_fault(tr.step, world.Get_rank(), tr.model)
             loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
-            grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm])
+            grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm], tr.ddp)
             # The mean loss over the whole global batch and the whole model's gradient norm
             # are known to every rank, so the finiteness check is the same decision everywhere.
             loss = mean_over_grid(

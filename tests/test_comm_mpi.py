@@ -211,6 +211,11 @@ def check_allgather_reduce_scatter(comm, device="cpu", cuda_aware=False):
         out = torch.full(chunk, float("nan"), dtype=dtype, device=device)
         assert tc.reduce_scatter(mine.clone().to(device), out=out) is out
         assert torch.equal(out.cpu(), expected), dtype
+        # Non-blocking (ZeRO-1's gradient buckets): the same result once waited for.
+        out = torch.full(chunk, float("nan"), dtype=dtype, device=device)
+        work = tc.ireduce_scatter(mine.clone().to(device), out)
+        tc.wait(work)
+        assert work.result is out and torch.equal(out.cpu(), expected), dtype
         # All-gather: raw bits, rank order, along dim 0.
         part = mine[:2].contiguous()
         raw_bits = np.empty(
@@ -226,12 +231,22 @@ def check_allgather_reduce_scatter(comm, device="cpu", cuda_aware=False):
         assert torch.equal(got.cpu(), expected), dtype
         out = torch.empty(size * 2, chunk[1], dtype=dtype, device=device)
         assert tc.allgather(part.to(device), out=out) is out and torch.equal(out.cpu(), expected)
+        # In place (ZeRO-1's parameter buffers): each rank fills only its own chunk.
+        inplace = torch.zeros(size * 2, chunk[1], dtype=dtype, device=device)
+        inplace[2 * rank : 2 * rank + 2] = part.to(device)
+        tc.wait(tc.iallgather_(inplace))
+        assert torch.equal(inplace.cpu(), expected), dtype
 
     # An uneven flat buffer (a gradient bucket of 13 elements) padded to a multiple of the
     # ranks: reduce-scatter then all-gather of the shards is the all-reduce of the buffer.
     bucket = torch.randn(13, generator=torch.Generator().manual_seed(100 + rank)).to(device)
     with pytest.raises(ValueError, match=r"must be a multiple of the \d+ ranks; pad it"):
         tc.reduce_scatter(bucket)
+    with pytest.raises(ValueError, match=r"must be a multiple of the \d+ ranks; pad it"):
+        tc.ireduce_scatter(bucket)
+    if size > 1:
+        with pytest.raises(ValueError, match=r"must be a multiple of the \d+ ranks; pad it"):
+            tc.iallgather_(bucket)
     padded = torch.zeros(-(-13 // size) * size, device=device)
     padded[:13] = bucket
     shard = tc.reduce_scatter(padded)

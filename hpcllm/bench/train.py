@@ -12,6 +12,7 @@ import socket
 import statistics
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,7 @@ from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.parallel.steps import clip_grad_norm, train_step
+from hpcllm.parallel.zero import ShardedAdamW
 from hpcllm.runtime import print0
 
 TRAIN_OPTIONS = (
@@ -45,8 +47,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
 
 
-def add_shared_arguments(parser) -> None:
-    """The options of `train` that `scaling` passes on to its `train` runs."""
+def add_shared_arguments(parser, local: bool = True) -> None:
+    """The options of `train` that `scaling` passes on to its `train` runs (and `zero` uses,
+    without `--local`)."""
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per round (default 5)")
     parser.add_argument(
@@ -63,15 +66,19 @@ def add_shared_arguments(parser) -> None:
     parser.add_argument(
         "--bucket-mb", type=float, default=25.0, help="bucket size of both, MiB (default 25)"
     )
-    parser.add_argument(
-        "--local", action="store_true", help="also time the step with no gradient exchange"
-    )
+    if local:
+        parser.add_argument(
+            "--local", action="store_true", help="also time the step with no gradient exchange"
+        )
 
 
-def hpcllm_stepper(cfg: ModelConfig, comm: TensorComm, bucket_mb: float, x_shape: tuple[int, int]):
-    """One optimizer step as hpcllm.train takes it (pp = 1): train_step, clip, AdamW."""
+def hpcllm_stepper(
+    cfg: ModelConfig, comm: TensorComm, bucket_mb: float, x_shape: tuple[int, int], zero: int = 0
+):
+    """One optimizer step as hpcllm.train takes it (pp = 1): train_step, clip, AdamW (sharded
+    over the ranks under `zero` 1). Returns (step, DataParallel, optimizer)."""
     model = GPT(cfg)
-    dp = DataParallel(model, comm, bucket_mb)
+    dp = DataParallel(model, comm, bucket_mb, shard=zero == 1)
     pp_comm = TensorComm(MPI.COMM_SELF)
     stage = PipelineStage(
         model,
@@ -82,17 +89,16 @@ def hpcllm_stepper(cfg: ModelConfig, comm: TensorComm, bucket_mb: float, x_shape
         device=torch.device("cpu"),
     )
     schedule = Schedule(stage)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=False
-    )
+    adamw = partial(ShardedAdamW, model, dp) if zero == 1 else torch.optim.AdamW
+    optimizer = adamw(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=False)
 
     def step(x, y) -> float:
         loss = train_step(schedule, dp, [(x, y)], nullcontext())
-        clip_grad_norm(model, 1.0, [pp_comm])
+        clip_grad_norm(model, 1.0, [pp_comm], dp)
         optimizer.step()
         return loss.item()
 
-    return step, dp
+    return step, dp, optimizer
 
 
 def torch_stepper(cfg: ModelConfig, bucket_mb: float, ddp: bool):
@@ -157,7 +163,7 @@ def run(args, world: MPI.Comm) -> dict:
         name = impls[r % len(impls)]
         # Each round starts from the same weights (GPT's init is seeded).
         step, dp = (
-            hpcllm_stepper(cfg, comm, args.bucket_mb, (args.micro_batch, args.seq_len))
+            hpcllm_stepper(cfg, comm, args.bucket_mb, (args.micro_batch, args.seq_len))[:2]
             if name == "hpcllm"
             else (torch_stepper(cfg, args.bucket_mb, ddp=name == "ddp"), None)
         )

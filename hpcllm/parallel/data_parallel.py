@@ -9,6 +9,14 @@ bucket has been accumulated, a hook starts a non-blocking `Iallreduce` on it;
 
 Buckets are launched strictly in index order on every rank: MPI requires all
 ranks to start their collectives in the same order.
+
+With `shard=True` (ZeRO-1, `parallel.zero 1`) every bucket is padded to a multiple of
+the dp size and dp rank r owns the r-th contiguous 1/dp of it. A non-blocking
+`Ireduce_scatter_block` replaces the all-reduce, launched from the same hooks, so each
+rank ends up with the average of its own shard only (`Bucket.grad_shard`). The
+parameters become views into one flat fp32 buffer per bucket with the same layout:
+the optimizer (`hpcllm.parallel.zero.ShardedAdamW`) updates this rank's range of it and
+`gather_params()` all-gathers the ranges, so every rank has the whole model again.
 """
 
 from __future__ import annotations
@@ -21,14 +29,28 @@ import torch.nn as nn
 from hpcllm.comm import TensorComm, Work
 
 
-class _Bucket:
-    __slots__ = ("buffer", "params", "pending", "work")
+class Bucket:
+    """Parameters whose gradients are reduced together: `buffer` holds their gradients
+    back to back (`offsets[i]` is where params[i] starts), padded under ZeRO-1."""
+
+    __slots__ = ("buffer", "grad_shard", "offsets", "param_buffer", "params", "pending", "work")
 
     def __init__(self, buffer: torch.Tensor, params: list[nn.Parameter]):
         self.buffer = buffer
         self.params = params
+        self.offsets = [0]
+        for p in params[:-1]:
+            self.offsets.append(self.offsets[-1] + p.numel())
         self.pending = len(params)
         self.work: Work | None = None
+        # ZeRO-1 only: the parameters' flat buffer, and this rank's averaged gradient shard.
+        self.param_buffer: torch.Tensor | None = None
+        self.grad_shard: torch.Tensor | None = None
+
+    def shard_range(self, rank: int, size: int) -> tuple[int, int]:
+        """The elements [start, stop) of the (padded) buffer that dp rank `rank` owns."""
+        n = self.buffer.numel() // size
+        return rank * n, (rank + 1) * n
 
 
 class DataParallel:
@@ -39,26 +61,37 @@ class DataParallel:
     last backward, `finish()` returns once every gradient is the dp average.
     """
 
-    def __init__(self, model: nn.Module, comm: TensorComm, bucket_mb: float = 25.0):
+    def __init__(
+        self, model: nn.Module, comm: TensorComm, bucket_mb: float = 25.0, shard: bool = False
+    ):
         self.comm = comm
+        self.shard = shard
         self.sync = True
         self.wait_seconds = 0.0
         params = [p for p in model.parameters() if p.requires_grad]
         if any(p.dtype != torch.float32 for p in params):
             raise ValueError("DataParallel expects fp32 parameters (use autocast for bf16 compute)")
-        self.buckets = self._make_buckets(list(reversed(params)), int(bucket_mb * 2**20))
-        self._bucket_of: dict[int, _Bucket] = {}
+        self.buckets = self._make_buckets(
+            list(reversed(params)), int(bucket_mb * 2**20), comm.size if shard else 1
+        )
+        self._bucket_of: dict[int, Bucket] = {}
         for bucket in self.buckets:
-            offset = 0
-            for p in bucket.params:
+            if shard:
+                bucket.param_buffer = torch.zeros_like(bucket.buffer)
+                start, stop = bucket.shard_range(comm.rank, comm.size)
+                bucket.grad_shard = torch.zeros_like(bucket.buffer[start:stop])
+            for p, offset in zip(bucket.params, bucket.offsets, strict=True):
                 p.grad = bucket.buffer[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
+                if bucket.param_buffer is not None:
+                    view = bucket.param_buffer[offset : offset + p.numel()].view_as(p)
+                    view.copy_(p.detach())
+                    p.data = view
                 self._bucket_of[id(p)] = bucket
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
         self._next_launch = 0
 
     @staticmethod
-    def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
+    def _make_buckets(params: list[nn.Parameter], bucket_bytes: int, multiple: int) -> list[Bucket]:
         groups: list[list[nn.Parameter]] = [[]]
         size = 0
         for p in params:
@@ -69,10 +102,11 @@ class DataParallel:
             groups[-1].append(p)
             size += p.numel() * 4
         device = params[0].device
-        return [
-            _Bucket(torch.zeros(sum(p.numel() for p in g), dtype=torch.float32, device=device), g)
-            for g in groups
-        ]
+        buckets = []
+        for g in groups:
+            numel = -(-sum(p.numel() for p in g) // multiple) * multiple  # padded for ZeRO-1
+            buckets.append(Bucket(torch.zeros(numel, dtype=torch.float32, device=device), g))
+        return buckets
 
     def zero_grad(self) -> None:
         for bucket in self.buckets:
@@ -96,11 +130,15 @@ class DataParallel:
             bucket = self.buckets[self._next_launch]
             if bucket.pending and not force:
                 return
-            bucket.work = self.comm.iallreduce_(bucket.buffer)
+            if bucket.grad_shard is not None:
+                bucket.work = self.comm.ireduce_scatter(bucket.buffer, bucket.grad_shard)
+            else:
+                bucket.work = self.comm.iallreduce_(bucket.buffer)
             self._next_launch += 1
 
     def finish(self) -> float:
-        """Wait for every bucket's all-reduce and average; returns seconds spent waiting."""
+        """Wait for every bucket's all-reduce (reduce-scatter under ZeRO-1) and average;
+        returns seconds spent waiting."""
         # Buckets whose parameters got no gradient this step (unused parameters)
         # never became ready through hooks; reduce them now, still in order.
         self._launch_ready(force=True)
@@ -111,8 +149,28 @@ class DataParallel:
         waited = time.perf_counter() - start
         self.wait_seconds += waited
         for bucket in self.buckets:
-            bucket.buffer.div_(self.comm.size)
+            (bucket.buffer if bucket.grad_shard is None else bucket.grad_shard).div_(self.comm.size)
             bucket.pending = len(bucket.params)
             bucket.work = None
         self._next_launch = 0
         return waited
+
+    def grad_shards(self) -> list[torch.Tensor]:
+        """This rank's part of the averaged gradient after finish(): every gradient under
+        plain dp, only its own shard of each bucket under ZeRO-1 (where the parameters'
+        `.grad` then hold this rank's local, unreduced sums)."""
+        if not self.shard:
+            return [p.grad for b in self.buckets for p in b.params if p.grad is not None]
+        return [b.grad_shard for b in self.buckets if b.grad_shard is not None]
+
+    def gather_params(self) -> None:
+        """ZeRO-1: every rank's updated range of the parameters, all-gathered over dp."""
+        works = [
+            self.comm.iallgather_(b.param_buffer)
+            for b in self.buckets
+            if b.param_buffer is not None
+        ]
+        start = time.perf_counter()
+        for work in works:
+            work.wait()
+        self.wait_seconds += time.perf_counter() - start

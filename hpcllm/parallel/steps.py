@@ -18,16 +18,27 @@ from hpcllm.parallel.pipeline import Schedule
 from hpcllm.topology import Grid
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, model_comms: list[TensorComm]) -> float:
+def clip_grad_norm(
+    model: torch.nn.Module,
+    max_norm: float,
+    model_comms: list[TensorComm],
+    ddp: DataParallel | None = None,
+) -> float:
     """Clip by the norm of the whole model's gradient.
 
     After the dp all-reduce every replica holds the same gradients, so the squared
     norms are summed only across the ranks that hold different parts of the
-    model (pipeline stages, later tensor shards).
+    model (pipeline stages, later tensor shards). Under ZeRO-1 (`ddp.shard`) each dp
+    rank holds the average of its own shard only: those shards are what is measured
+    and clipped, and their squared norms are summed over dp too, each element once.
+    Squares are summed in fp64, so the norm does not depend on how the gradient is cut.
     """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
-    for c in model_comms:
+    if ddp is not None and ddp.shard:
+        grads, comms = ddp.grad_shards(), [*model_comms, ddp.comm]
+    else:
+        grads, comms = [p.grad for p in model.parameters() if p.grad is not None], model_comms
+    sq = torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads]).sum().reshape(1)
+    for c in comms:
         if c.size > 1:
             c.allreduce_(sq)
     norm = sq.sqrt().item()

@@ -1,0 +1,305 @@
+"""ZeRO-1 (`parallel.zero 1`): sharded AdamW equals the replicated one, resumes across layouts.
+
+In-process tests (pytest-isolate-mpi) train the same tiny GPT under zero 0 and zero 1 side by
+side on the same ranks and compare every step; end-to-end tests run `python -m hpcllm.train`
+in several layouts against one rank and resume a ZeRO-1 checkpoint under other layouts.
+"""
+
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import losses, prepare_data, read_metrics, train
+
+STEPS = 10
+
+
+def build(comm, *, zero: int, bucket_mb: float, pp_comm=None, init_seed: int = 3):
+    """(model, DataParallel, optimizer, schedule) of the tiny GPT on dp = comm's ranks."""
+    from mpi4py import MPI
+
+    from hpcllm.comm import TensorComm
+    from hpcllm.model import GPT, ModelConfig, param_groups
+    from hpcllm.parallel.data_parallel import DataParallel
+    from hpcllm.parallel.pipeline import PipelineStage, Schedule
+    from hpcllm.parallel.zero import ShardedAdamW
+
+    cfg = ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=32)
+    model = GPT(cfg, init_seed=init_seed)
+    ddp = DataParallel(model, TensorComm(comm, name="dp"), bucket_mb, shard=zero == 1)
+    adamw = {"lr": 3e-3, "betas": (0.9, 0.95), "foreach": False}
+    groups = param_groups(model, 0.1)
+    optimizer = (
+        ShardedAdamW(model, ddp, groups, **adamw) if zero else torch.optim.AdamW(groups, **adamw)
+    )
+    pp_comm = pp_comm or TensorComm(MPI.COMM_SELF, name="pp")
+    stage = PipelineStage(
+        model, pp_comm, stage=0, num_stages=1, act_shape=(2, 16, 32), device=torch.device("cpu")
+    )
+    return model, ddp, optimizer, Schedule(stage, "1f1b"), pp_comm
+
+
+def micro_batches(step: int, rank: int, accum: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    tokens = torch.randint(0, 61, (accum, 2, 17), generator=g)
+    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+
+@pytest.mark.mpi(ranks=2, timeout=180)
+def test_zero1_equals_zero0_every_step_every_parameter(comm):
+    """10 steps with clipping, changing lr and grad accumulation 1 and 2; buckets small enough
+    that parameters straddle the shard boundary and decay/no-decay meet inside a shard."""
+    from hpcllm.parallel.steps import clip_grad_norm, mean_over_grid, train_step
+
+    bucket_mb = 0.01
+    runs = [build(comm, zero=z, bucket_mb=bucket_mb) for z in (0, 1)]
+    _, ddp1, opt1, _, _ = runs[1]
+    size = comm.size
+    straddles = [
+        p.numel()
+        for b in ddp1.buckets
+        for p, off in zip(b.params, b.offsets, strict=True)
+        if off < b.shard_range(0, size)[1] < off + p.numel()
+    ]
+    assert straddles, "no parameter is cut by the shard boundary: shrink bucket_mb"
+    assert len(ddp1.buckets) > 2
+    assert all(b.buffer.numel() % size == 0 for b in ddp1.buckets)
+    # Owned segments of both weight-decay classes: the per-range decay split is exercised.
+    assert all(g["params"] for g in opt1.param_groups)
+
+    for step in range(STEPS):
+        accum = 1 + step % 2
+        batches = micro_batches(step, comm.rank, accum)
+        results = []
+        for model, ddp, optimizer, schedule, pp_comm in runs:
+            for group in optimizer.param_groups:
+                group["lr"] = 3e-3 * (step + 1) / STEPS
+            loss_sum = train_step(schedule, ddp, batches, nullcontext())
+            norm = clip_grad_norm(model, 0.5, [pp_comm], ddp)
+            optimizer.step()
+            loss = mean_over_grid(loss_sum, accum, [ddp.comm])
+            results.append((loss, norm))
+        (loss0, norm0), (loss1, norm1) = results
+        assert loss1 == pytest.approx(loss0, rel=1e-7, abs=1e-7), step
+        assert norm1 == pytest.approx(norm0, rel=1e-7), step
+        assert norm0 > 0.5 or step > 0, "clipping never engaged: lower max_norm"
+        for (name, p0), p1 in zip(
+            runs[0][0].named_parameters(), runs[1][0].parameters(), strict=True
+        ):
+            torch.testing.assert_close(p1, p0, rtol=0, atol=1e-6, msg=f"step {step}: {name}")
+
+
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_zero1_optimizer_state_is_half_per_rank_on_dp2(comm):
+    from hpcllm.parallel.steps import clip_grad_norm, train_step
+    from hpcllm.parallel.zero import optimizer_state_bytes
+
+    measured = {}
+    for zero in (0, 1):
+        model, ddp, optimizer, schedule, pp_comm = build(comm, zero=zero, bucket_mb=0.01)
+        train_step(schedule, ddp, micro_batches(0, comm.rank, 1), nullcontext())
+        clip_grad_norm(model, 1.0, [pp_comm], ddp)
+        optimizer.step()
+        measured[zero] = optimizer_state_bytes(optimizer)
+        total = sum(p.numel() for p in model.parameters())
+    assert measured[0] >= 2 * 4 * total  # two fp32 moments of every parameter
+    # Half of the moments, plus padding of under dp elements per bucket and a few step counters.
+    assert measured[1] == pytest.approx(measured[0] / comm.size, rel=0.02)
+    assert measured[1] < 0.55 * measured[0]
+
+
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_reduce_scatter_is_launched_from_the_hooks_while_backward_runs(comm):
+    from hpcllm.comm import TensorComm
+
+    _, ddp, _, schedule, _ = build(comm, zero=1, bucket_mb=0.01)
+    pending_at_launch = []
+    launch = TensorComm.ireduce_scatter
+
+    def recording(self, tensor, out=None, op=None):
+        # How many gradients of the whole model were still to come when a bucket was launched.
+        pending_at_launch.append(sum(b.pending for b in ddp.buckets))
+        return launch(self, tensor, out) if op is None else launch(self, tensor, out, op)
+
+    ddp.comm.ireduce_scatter = recording.__get__(ddp.comm)  # type: ignore[method-assign]  # a spy
+    ddp.zero_grad()
+    schedule.run(micro_batches(0, comm.rank, 1), nullcontext(), lambda i: None)
+    # Every bucket was reduce-scattered from the hooks, the first ones long before the last
+    # gradients existed: the exchange overlaps backward, and finish() launches nothing more.
+    assert len(pending_at_launch) == len(ddp.buckets)
+    assert pending_at_launch[0] > 0 and pending_at_launch == sorted(pending_at_launch, reverse=True)
+    ddp.finish()
+    assert len(pending_at_launch) == len(ddp.buckets)
+
+
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypatch):
+    from test_checkpoint import run_extra
+
+    from hpcllm import checkpoint
+    from hpcllm import checkpoint_index as ix
+    from hpcllm.config import Config
+    from hpcllm.parallel.steps import clip_grad_norm, train_step
+    from hpcllm.topology import Grid
+
+    root = Path(comm.bcast(str(tmp_path) if comm.rank == 0 else None))
+    grid = Grid.build(comm, dp=2)
+    trained = {}
+    for zero in (0, 1):
+        model, ddp, optimizer, schedule, pp_comm = build(comm, zero=zero, bucket_mb=0.01)
+        for step in range(2):
+            train_step(schedule, ddp, micro_batches(step, comm.rank, 1), nullcontext())
+            clip_grad_norm(model, 1.0, [pp_comm], ddp)
+            optimizer.step()
+        trained[zero] = (model, ddp, optimizer, schedule, pp_comm)
+    model, _, optimizer, _, _ = trained[1]
+    cfg = Config()
+    folder = checkpoint.save(
+        str(root), 2, grid=grid, model=model, optimizer=optimizer, extra=run_extra(cfg, 2)
+    )
+    # Both dp ranks wrote (their own ranges); nobody wrote a whole replica.
+    assert sorted(p.name for p in folder.glob("*-pp*")) == [
+        f"{kind}-pp0-dp{d}-tp0.safetensors" for kind in ("model", "optim") for d in (0, 1)
+    ]
+
+    reads: list[tuple[str, ix.Region]] = []
+    read = checkpoint.TensorFiles.read
+
+    def spy(self, name, entry, region=None):
+        reads.append((name, region))
+        return read(self, name, entry, region)
+
+    monkeypatch.setattr(checkpoint.TensorFiles, "read", spy)
+    resumed = []
+    for zero in (1, 0):
+        # Fresh weights (another seed) and no optimizer state: everything comes from the file.
+        run = build(comm, zero=zero, bucket_mb=0.01, init_seed=9)
+        fresh, _, fresh_opt, _, _ = run
+        reads.clear()
+        found = checkpoint.load_newest(str(root), grid=grid, model=fresh, optimizer=fresh_opt)
+        assert found is not None and found[0] == folder
+        moments = [(n, r) for n, r in reads if n.endswith("/exp_avg")]
+        assert moments
+        if zero == 1:
+            # Only this rank's ranges: about half the moments' elements, each a range it owns.
+            owned = {p.name: (p.start, p.stop) for p in fresh_opt.parts}
+            assert {n.split("/")[1] for n, _ in moments} == set(owned)
+            for n, r in moments:
+                assert isinstance(r, ix.Flat) and (r.start, r.stop) == owned[n.split("/")[1]]
+            total = sum(p.numel() for p in fresh.parameters())
+            assert sum(r.stop - r.start for _, r in moments) < 0.55 * total
+        resumed.append(run)
+    # Resumed under zero 1 and under zero 0, the next step equals the uninterrupted zero 0
+    # run's: weights and moments were both restored (a fresh Adam state would step differently).
+    for model, ddp, optimizer, schedule, pp_comm in [*resumed, trained[0]]:
+        train_step(schedule, ddp, micro_batches(2, comm.rank, 1), nullcontext())
+        clip_grad_norm(model, 1.0, [pp_comm], ddp)
+        optimizer.step()
+    reference = dict(trained[0][0].named_parameters())
+    for zero, (model, *_) in zip((1, 0), resumed, strict=True):
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p, reference[name], rtol=0, atol=1e-6, msg=(zero, name))
+    grid.free()
+
+
+def test_parallel_zero_is_range_checked():
+    from hpcllm.config import ConfigError, parse_args
+
+    assert parse_args(["--parallel.zero", "1"])[0].parallel.zero == 1
+    with pytest.raises(
+        ConfigError, match=r"parallel.zero = 2 is out of range: it must be in \[0, 1\]"
+    ):
+        parse_args(["--parallel.zero", "2"])
+
+
+# ----------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("zero-data") / "shards")
+
+
+def settings(data_dir, run_dir, **more) -> dict:
+    """A 2-step-accumulation global batch of 8 sequences whatever the layout: dp x accum = 4."""
+    return {
+        "data.path": data_dir,
+        "run.dir": run_dir,
+        "train.max_steps": STEPS,
+        "train.grad_accum_steps": 4,
+        "parallel.bucket_mb": 0.01,
+        "optim.grad_clip": 0.5,
+        **more,
+    }
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    from hpcllm.checkpoint import find_latest, read_meta, read_model
+
+    folder, _ = find_latest(str(run_dir))
+    assert folder is not None
+    return read_model(folder, read_meta(folder))
+
+
+def test_layouts_with_zero_0_and_1_equal_one_rank(data_dir, tmp_path):
+    ref_dir = tmp_path / "one"
+    result = train(None, settings(data_dir, ref_dir))
+    assert result.returncode == 0, result
+    ref_records = read_metrics(ref_dir)[0]
+    ref_params = final_params(ref_dir)
+    layouts = [
+        (2, {"parallel.dp": 2, "parallel.zero": 0, "train.grad_accum_steps": 2}),
+        (2, {"parallel.dp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}),
+        (4, {"parallel.dp": 2, "parallel.pp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}),
+    ]
+    for np_, layout in layouts:
+        run_dir = tmp_path / "-".join(f"{k.split('.')[1]}{v}" for k, v in layout.items())
+        result = train(np_, settings(data_dir, run_dir, **layout), timeout=240)
+        assert result.returncode == 0, result
+        records = read_metrics(run_dir)[0]
+        assert len(records) == STEPS
+        for got, ref in zip(records, ref_records, strict=True):
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), (layout, got, ref)
+            assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), (layout, got)
+        params = final_params(run_dir)
+        assert params.keys() == ref_params.keys()
+        for name, p in params.items():
+            torch.testing.assert_close(p, ref_params[name], rtol=0, atol=1e-6, msg=(layout, name))
+
+
+def test_zero1_checkpoint_is_sharded_and_resumes_under_other_layouts(data_dir, tmp_path):
+    ref_dir = tmp_path / "ref"
+    layout = {"parallel.dp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}
+    result = train(2, settings(data_dir, ref_dir, **layout, **{"checkpoint.every": 5}))
+    assert result.returncode == 0, result
+    ref = losses(ref_dir)
+
+    # Each dp rank wrote its own flat ranges: two writers per sharded tensor, no overlap.
+    half = ref_dir / "checkpoints" / "step_000005"
+    meta = json.loads((half / "meta.json").read_text())
+    for name in ("model/blocks.0.mlp.fc.weight", "optim/blocks.0.mlp.fc.weight/exp_avg"):
+        pieces = meta["tensors"][name]["pieces"]
+        assert sorted(p["file"].split("-")[2] for p in pieces) == ["dp0", "dp1"], name
+        (a0, b0), (a1, b1) = sorted(p["flat"] for p in pieces)
+        assert a0 == 0 and b0 == a1 and b1 == 32 * 128, name
+    assert len(meta["tensors"]["optim/blocks.0.mlp.fc.weight/step"]["pieces"]) == 1
+
+    for np_, other in [
+        (4, {"parallel.dp": 4, "parallel.zero": 1, "train.grad_accum_steps": 1}),
+        (2, {"parallel.dp": 2, "parallel.zero": 0, "train.grad_accum_steps": 2}),
+        (None, {"parallel.dp": 1, "parallel.zero": 0, "train.grad_accum_steps": 4}),
+    ]:
+        run_dir = tmp_path / f"resume-dp{other['parallel.dp']}-zero{other['parallel.zero']}"
+        (run_dir / "checkpoints").mkdir(parents=True)
+        shutil.copytree(half, run_dir / "checkpoints" / half.name)
+        result = train(np_, settings(data_dir, run_dir, **other), timeout=240)
+        assert result.returncode == 0, result
+        assert "resumed from" in result.stdout, result
+        got = losses(run_dir)
+        assert sorted(got) == list(range(6, STEPS + 1)), (other, got)
+        for step in got:
+            assert got[step] == pytest.approx(ref[step], rel=1e-5), (other, step, got, ref)
