@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
             grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm])
             tr.optimizer.step()
-            computed = time.perf_counter()
+            computed, comm_computed = time.perf_counter(), tr.comm_seconds()
             # The mean loss over the whole global batch, known to every rank, so the
             # finiteness check is the same decision everywhere.
             loss = mean_over_grid(
@@ -356,12 +356,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"loss is {loss} at step {tr.step}; lower optim.lr or check the data"
             )
         WATCHDOG.step_done(tr.step)
-        now = time.perf_counter()
+        now, comm_now = time.perf_counter(), tr.comm_seconds()
         window.add(
             now - mark,
-            tr.comm_seconds() - comm_before,
+            comm_now - comm_before,
             tr.loader.wait_seconds - loader_before,
-            (started - mark) + (now - computed),  # the previous step's tail, and this one's
+            # The previous step's tail and this one's, less the wait for a slower rank in the
+            # loss all-reduce (counted as communication).
+            (started - mark) + (now - computed) - (comm_now - comm_computed),
         )
         mark = now
 
