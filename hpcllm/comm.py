@@ -259,11 +259,56 @@ class TensorComm:
             f"receive from {self.name} rank {source}",
         )
 
+    def recv_init(self, tensor: torch.Tensor, source: int, tag: int = 0) -> PersistentRecv:
+        """A persistent receive into `tensor` (MPI Recv_init): described once, started per message."""
+        return PersistentRecv(self, tensor, source, tag)
+
     def wait(self, work: Work) -> None:
         """Wait for `work`, counting the blocked time as communication."""
         start = time.perf_counter()
         work.wait()
         self.wait_seconds += time.perf_counter() - start
+
+
+class PersistentRecv:
+    """A receive of a fixed shape from one peer, set up once with MPI Recv_init and started
+    for each message: a message then costs one Start and one Wait, with no buffer to describe
+    and no request to build. Every message overwrites `tensor`; use it before the next start.
+
+    The buffer code is TensorComm's: a CUDA tensor with an MPI that is not CUDA-aware is
+    received into a pinned host buffer, itself persistent, and copied to the device on wait().
+    """
+
+    __slots__ = ("_copy_back", "_sync_device", "comm", "request", "tensor", "what")
+
+    def __init__(self, comm: TensorComm, tensor: torch.Tensor, source: int, tag: int):
+        self.comm = comm
+        self.tensor = tensor
+        buf, self._copy_back = comm._buffer(tensor, reduce=False, incoming=True)
+        # MPI writes device memory behind the stream's back: kernels still reading the
+        # previous message must be done before the next one lands.
+        self._sync_device = tensor.is_cuda and comm.cuda_aware
+        self.request = comm.comm.Recv_init(buf, source=source, tag=tag)
+        self.what = f"receive from {comm.name} rank {source}"
+
+    def start(self) -> None:
+        if self._sync_device:
+            torch.cuda.current_stream(self.tensor.device).synchronize()
+        self.request.Start()
+
+    def wait(self) -> torch.Tensor:
+        """Complete the started receive (time counted as communication); returns `tensor`."""
+        start = time.perf_counter()
+        with WATCHDOG.watch(self.what):
+            self.request.Wait()
+        self.comm.wait_seconds += time.perf_counter() - start
+        if self._copy_back is not None:
+            self._copy_back()
+        return self.tensor
+
+    def free(self) -> None:
+        """Release the MPI request (the receive must not be in progress)."""
+        self.request.Free()
 
 
 # -- collectives inside autograd ---------------------------------------------------------

@@ -70,6 +70,9 @@ class TrainConfig:
     """Compute dtype under autocast: float32 or bfloat16 (weights and grads stay fp32)."""
     threads: int = 0
     """Torch CPU threads per rank; 0 shares the node's cores between its ranks."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one rank's device, for the logged MFU; 0 takes it from the table of
+    known GPUs, or on a CPU from a short matrix-multiply probe (cached)."""
     log_every: int = 10
     """Print and record metrics every N steps."""
     eval_every: int = 200
@@ -300,6 +303,7 @@ RANGES: dict[str, Range] = {
     "train.seq_len": COUNT,
     "train.seed": NON_NEGATIVE,  # numpy's generators take no negative seeds
     "train.threads": NON_NEGATIVE,
+    "train.peak_tflops": NON_NEGATIVE,  # 0: automatic
     "train.log_every": COUNT,
     "train.eval_every": NON_NEGATIVE,
     "train.eval_batches": COUNT,  # 0 would average no batches: a NaN val_loss

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hpcllm import checkpoint
+from hpcllm import checkpoint, mfu
 from hpcllm.comm import TensorComm, detect_cuda_aware
 from hpcllm.config import Config, check_device, parse_args, to_toml
 from hpcllm.data.loader import Loader, val_batches
@@ -183,6 +183,7 @@ def setup(cfg: Config, world) -> Trainer:
             dp_rank=grid.rank("dp"),
             dp_size=grid.size("dp"),
             seed=t.seed,
+            prefetch=True,
         ),
     )
     reads_data = grid.is_first_stage or grid.is_last_stage
@@ -392,13 +393,25 @@ def main(argv: list[str] | None = None) -> int:
         world.Barrier()
 
     metrics = run.metrics(tr.step) if run else None
-    window = StepWindow(tokens_per_step=tr.loader.global_batch_size * t.seq_len)
+    window = StepWindow(
+        tokens_per_step=tr.loader.global_batch_size * t.seq_len,
+        flops_per_token=model_flops_per_token(tr, world),
+        peak_tflops=agreed_peak_tflops(tr, world),
+        num_ranks=world.Get_size(),
+    )
+    # A step's time runs from the end of the previous one, so the previous step's logging and
+    # stop-flag all-reduce count; validation and checkpoints restart the clock.
+    mark = time.perf_counter()
     saved_at = tr.step
     stopped = None
     while tr.step < t.max_steps:
         tr.step += 1
         WATCHDOG.step = tr.step
-        start, comm_before = time.perf_counter(), tr.comm_seconds()
+        started, comm_before, loader_before = (
+            time.perf_counter(),
+            tr.comm_seconds(),
+            tr.loader.wait_seconds,
+        )
         scale = lr_scale(tr.step, cfg.optim, t.max_steps)
         set_lr(tr.optimizer, scale)
         lr = cfg.optim.lr * scale
@@ -409,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             _inject_fault(tr.step, world.Get_rank(), tr.model)
             loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
             grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm], tr.ddp)
+            computed, comm_computed = time.perf_counter(), tr.comm_seconds()
             # The mean loss over the whole global batch and the whole model's gradient norm
             # are known to every rank, so the finiteness check is the same decision everywhere.
             loss = mean_over_grid(
@@ -418,9 +432,20 @@ def main(argv: list[str] | None = None) -> int:
             )
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 diverged(tr, run, loss, grad_norm)  # raises, before the update is applied
+            optimizer_start = time.perf_counter()
             tr.optimizer.step()
+            optimizer_s = time.perf_counter() - optimizer_start
         WATCHDOG.step_done(tr.step)
-        window.add(time.perf_counter() - start, tr.comm_seconds() - comm_before)
+        now, comm_now = time.perf_counter(), tr.comm_seconds()
+        window.add(
+            now - mark,
+            comm_now - comm_before,
+            tr.loader.wait_seconds - loader_before,
+            # The previous step's tail and this one's, less the optimizer's update and the
+            # wait for a slower rank in the loss all-reduce (counted as communication).
+            (started - mark) + (now - computed) - optimizer_s - (comm_now - comm_computed),
+        )
+        mark = now
 
         last = tr.step == t.max_steps
         tokens = tr.loader.consumed_samples * t.seq_len  # seen so far, whatever the batch history
@@ -436,8 +461,9 @@ def main(argv: list[str] | None = None) -> int:
             eta = (t.max_steps - tr.step) * record["ms_per_step"] / 1000
             print0(
                 f"step {tr.step}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"{record['tokens_per_s']:,.0f} tok/s | {record['ms_per_step']:.0f} ms/step | "
-                f"comm wait {100 * record['comm_wait_frac']:.1f}% | ETA {eta:.0f}s"
+                f"{record['tokens_per_s']:,.0f} tok/s | {_percent(record['mfu'])} MFU | "
+                f"{record['ms_per_step']:.0f} ms/step | comm wait {100 * record['comm_wait_frac']:.1f}% | "
+                f"loader {100 * record['loader_frac']:.1f}% | ETA {eta:.0f}s"
             )
             if metrics:
                 metrics.write(record)
@@ -456,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         if (cfg.checkpoint.every and tr.step % cfg.checkpoint.every == 0) or last or stopped:
             print0(f"saved {tr.save()}")
             saved_at = tr.step
+        if stopped or tr.step == saved_at or (t.eval_every and tr.step % t.eval_every == 0):
+            mark = time.perf_counter()
         if stopped:
             print0(
                 f"stopping at step {tr.step}: {stopped}; all ranks saved and exit 0. "
@@ -463,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             break
 
+    tr.loader.close()
     if tr.step > saved_at:  # e.g. max_steps lowered below a resumed run's progress
         tr.save()
     if run:
@@ -485,27 +514,72 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def model_flops_per_token(tr: Trainer, world) -> float:
+    """Training FLOPs per token of the whole model (every stage's and shard's weights)."""
+    weights = world.allreduce(mfu.matmul_weights(tr.model) if tr.grid.rank("dp") == 0 else 0)
+    m = tr.cfg.model
+    return mfu.flops_per_token(weights, m.n_layer, m.d_model, tr.cfg.train.seq_len)
+
+
+def agreed_peak_tflops(tr: Trainer, world) -> float | None:
+    """Per-rank peak TFLOP/s, the mean over the ranks so that every rank logs the same MFU;
+    None if a rank's device is unknown (a GPU not in the table and no train.peak_tflops)."""
+    t = tr.cfg.train
+    dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+    peaks = world.allgather(
+        mfu.peak_tflops(tr.device, dtype, torch.get_num_threads(), t.peak_tflops)
+    )
+    return None if None in peaks else sum(peaks) / len(peaks)
+
+
+def _percent(fraction: float | None) -> str:
+    return "?" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 class StepWindow:
-    """Step times since the last log line, for tokens/s, ms/step and the communication share."""
+    """Step times since the last log line: tokens/s, MFU, ms/step, and the shares of a step
+    spent blocked on communication, waiting for the loader, and on per-step fixed costs (all
+    but the loader, forward, backward and optimizer: the loss all-reduce, checks, logging,
+    the stop flag)."""
 
-    def __init__(self, tokens_per_step: int):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        flops_per_token: float = 0.0,
+        peak_tflops: float | None = None,
+        num_ranks: int = 1,
+    ):
         self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
+        self.num_ranks = num_ranks
         self.is_first = True
-        self.steps, self.seconds, self.comm = 0, 0.0, 0.0
+        self._reset()
 
-    def add(self, seconds: float, comm_seconds: float) -> None:
+    def _reset(self) -> None:
+        self.steps, self.seconds, self.comm, self.loader, self.fixed = 0, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, seconds: float, comm_seconds: float, loader_seconds=0.0, fixed_seconds=0.0):
         self.steps += 1
         self.seconds += seconds
         self.comm += comm_seconds
+        self.loader += loader_seconds
+        self.fixed += fixed_seconds
 
     def flush(self) -> dict:
+        tokens_per_s = self.tokens_per_step * self.steps / self.seconds
         stats = {
-            "tokens_per_s": self.tokens_per_step * self.steps / self.seconds,
+            "tokens_per_s": tokens_per_s,
+            "mfu": None
+            if self.peak_tflops is None
+            else mfu.mfu(tokens_per_s, self.flops_per_token, self.num_ranks, self.peak_tflops),
             "ms_per_step": 1000 * self.seconds / self.steps,
             "comm_wait_frac": self.comm / self.seconds,
+            "loader_frac": self.loader / self.seconds,
+            "fixed_frac": self.fixed / self.seconds,
         }
         self.is_first = False
-        self.steps, self.seconds, self.comm = 0, 0.0, 0.0
+        self._reset()
         return stats
 
 

@@ -286,6 +286,26 @@ def check_point_to_point(comm, device="cpu", cuda_aware=False):
             assert torch.equal(got.cpu(), original), dtype
             send = tc.isend(got * 2, dest=peer, tag=100 + tag)
             tc.wait(send)
+    # Persistent receives (MPI Recv_init, as the pipeline's) give what plain irecv gives: one
+    # buffer per dtype, started for each of several messages, each overwriting the last.
+    for tag, (dtype, original) in enumerate(originals.items()):
+        messages = [original * (k + 1) for k in range(3)]
+        if rank % 2 == 0:
+            for k, message in enumerate(messages):
+                tc.wait(tc.isend(message.to(device), dest=peer, tag=200 + tag))
+                plain = torch.empty_like(original, device=device)
+                tc.wait(tc.irecv(plain, source=peer, tag=300 + tag))
+                assert torch.equal(plain.cpu(), message), (dtype, k)
+        else:
+            persistent = tc.recv_init(
+                torch.full_like(original, float("nan"), device=device), source=peer, tag=200 + tag
+            )
+            for k, message in enumerate(messages):
+                persistent.start()
+                got = persistent.wait()
+                assert got is persistent.tensor and torch.equal(got.cpu(), message), (dtype, k)
+                tc.wait(tc.isend(got.clone(), dest=peer, tag=300 + tag))  # echoed to irecv
+            persistent.free()
 
 
 @pytest.mark.mpi(ranks=2, timeout=120)

@@ -422,7 +422,7 @@ def index_of(shards):
     return {int(shards.read_sample(i, SEQ_LEN)[0]): i for i in range(shards.num_samples(SEQ_LEN))}
 
 
-def make_loaders(shards, *, mb, accum, dp, seed=0):
+def make_loaders(shards, *, mb, accum, dp, seed=0, prefetch=False):
     return [
         Loader(
             shards,
@@ -432,6 +432,7 @@ def make_loaders(shards, *, mb, accum, dp, seed=0):
             dp_rank=r,
             dp_size=dp,
             seed=seed,
+            prefetch=prefetch,
         )
         for r in range(dp)
     ]
@@ -494,17 +495,23 @@ def test_loader_global_step_independent_of_layout(shards, index_of):
     assert runs[0] == runs[1] == runs[2]
 
 
-def test_loader_resume(shards, index_of):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_loader_resume(shards, index_of, prefetch):
     uninterrupted = make_loaders(shards, mb=2, accum=2, dp=2, seed=3)
     steps = [global_step(uninterrupted, index_of) for _ in range(5)]
-    interrupted = make_loaders(shards, mb=2, accum=2, dp=2, seed=3)
+    # With prefetch, step 4 is already being read when the state is taken: it must not count.
+    interrupted = make_loaders(shards, mb=2, accum=2, dp=2, seed=3, prefetch=prefetch)
     for _ in range(3):
         global_step(interrupted, index_of)
     states = [loader.state_dict() for loader in interrupted]
     assert states[0] == {"consumed_samples": 24, "seed": 3}
 
     # Built with another seed: the checkpoint's seed wins, or the epoch in progress would reshuffle.
-    resumed = make_loaders(shards, mb=2, accum=2, dp=2, seed=99)
+    resumed = make_loaders(shards, mb=2, accum=2, dp=2, seed=99, prefetch=prefetch)
+    if prefetch:  # a read ahead at the resumed position but under another seed is not used
+        for _ in range(3):
+            global_step(resumed, index_of)
+        assert resumed[0]._ahead is not None and resumed[0]._ahead[:2] == (24, 99)
     for loader, state in zip(resumed, states, strict=True):
         loader.load_state_dict(state)
     for _, expected in steps[3:]:
@@ -514,11 +521,27 @@ def test_loader_resume(shards, index_of):
                 assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
     # Same global batch on four ranks without accumulation: the same samples follow.
-    relaid = make_loaders(shards, mb=2, accum=1, dp=4, seed=3)
+    relaid = make_loaders(shards, mb=2, accum=1, dp=4, seed=3, prefetch=prefetch)
     for loader in relaid:
         loader.load_state_dict(states[0])
     for by_position, _ in steps[3:]:
         assert global_step(relaid, index_of)[0] == by_position
+
+
+def test_prefetching_loader_gives_the_same_batches_and_counts_its_wait(shards, index_of):
+    plain = make_loaders(shards, mb=3, accum=2, dp=2, seed=5)
+    ahead = make_loaders(shards, mb=3, accum=2, dp=2, seed=5, prefetch=True)
+    for _ in range(12):  # 12 steps of 12 samples: three epochs
+        expected, got = global_step(plain, index_of), global_step(ahead, index_of)
+        assert expected[0] == got[0]
+        for rank_expected, rank_got in zip(expected[1], got[1], strict=True):
+            for (x0, y0), (x1, y1) in zip(rank_expected, rank_got, strict=True):
+                assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    for loader in ahead:
+        assert loader._ahead is not None and loader._ahead[0] == loader.consumed_samples
+        assert loader.wait_seconds > 0
+        loader.close()
+        assert loader._reader is None
 
 
 def test_loader_seed(shards, index_of):

@@ -15,7 +15,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from hpcllm import mfu
 from hpcllm.config import Config, load_toml
+from hpcllm.model import GPT, ModelConfig
 
 from helpers import losses, prepare_data, read_metrics, run, train
 
@@ -123,6 +125,10 @@ def test_reference_run_writes_metrics_config_checkpoints_and_sample(dp2_run):
     train_records, val_records = read_metrics(run_dir)
     assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train_records)
+    # MFU from the probed CPU peak; the loader (prefetching) and fixed costs as step shares.
+    assert all(0 < r["mfu"] < 1 for r in train_records)
+    for key in ("loader_frac", "fixed_frac", "comm_wait_frac"):
+        assert all(0 <= r[key] < 1 for r in train_records), key
     # 20 steps of a tiny model on repetitive text: the loss must go down from ln(257).
     assert train_records[0]["loss"] == pytest.approx(math.log(257), abs=0.2)
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.1
@@ -163,12 +169,22 @@ def test_dp2_equals_dp1_with_grad_accum_2(dp2_run, data_dir, tmp_path):
         settings(
             data_dir,
             run_dir,
-            {"parallel.dp": 1, "train.grad_accum_steps": 2, "checkpoint.every": 0},
+            {
+                "parallel.dp": 1,
+                "train.grad_accum_steps": 2,
+                "checkpoint.every": 0,
+                "train.peak_tflops": 0.5,
+            },
         ),
         timeout=120,
     )
     assert result.returncode == 0, result
     assert "world 1 = pp 1 x dp 1 x tp 1" in result.stdout
+    # train.peak_tflops sets the peak: MFU = tokens/s x FLOPs per token / 0.5 TFLOP/s.
+    cfg = ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, d_model=32)
+    flops = mfu.flops_per_token(mfu.matmul_weights(GPT(cfg)), n_layer=2, d_model=32, seq_len=32)
+    for r in read_metrics(run_dir)[0]:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 0.5e12, rel=1e-9)
     ref, got = losses(ref_dir), losses(run_dir)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:

@@ -6,13 +6,15 @@ Every rank is one stage (dp = 1) of a GPT with `--layers-per-stage` blocks per s
 m = p, 2p, 4p, 8p micro-batches and both schedules it measures the step time and compares
 it with the ideal (m + p - 1) * t, where t is one micro-batch's forward + backward on the
 slowest stage without communication; the measured bubble is 1 - m t / step, the analytic
-one (p - 1) / (m + p - 1). It also reports each stage's peak activation memory (saved
-tensors, measured by the schedule's ActivationMeter) and the activation send/receive
-throughput of TensorComm against raw MPI Send/Recv of the same bytes.
+one (p - 1) / (m + p - 1). It also reports each stage's peak memory (saved tensors, measured
+by the schedule's ActivationMeter, alone and with the stage's message buffers: receive pools
+and sends in flight) and the activation send/receive throughput of the pipeline's verbs and
+of plain TensorComm isend/irecv against raw MPI Send/Recv of the same bytes.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -126,11 +128,12 @@ def run(args, world: MPI.Comm) -> dict:
 
             for _ in range(args.warmup):
                 step()
-            sched.meter.peak = 0
+            sched.meter.reset_peaks()
             measured = statistics.median(
                 slowest(world, [timed(world, step) for _ in range(args.iters)])
             )
             peaks = world.allgather(sched.meter.peak)
+            totals = world.allgather(sched.meter.total_peak)
             ideal, analytic = (m + p - 1) * t_mb, (p - 1) / (m + p - 1)
             bubble = 1 - m * t_mb / measured
             runs.append(
@@ -143,6 +146,7 @@ def run(args, world: MPI.Comm) -> dict:
                     "bubble_measured": bubble,
                     "bubble_analytic": analytic,
                     "peak_activation_bytes_per_stage": peaks,
+                    "peak_bytes_with_buffers_per_stage": totals,
                 }
             )
             rows.append(
@@ -155,6 +159,7 @@ def run(args, world: MPI.Comm) -> dict:
                     f"{100 * bubble:.1f}%",
                     f"{100 * analytic:.1f}%",
                     " / ".join(f"{b / 2**20:.1f}" for b in peaks),
+                    " / ".join(f"{b / 2**20:.1f}" for b in totals),
                 ]
             )
     print0(
@@ -173,6 +178,7 @@ def run(args, world: MPI.Comm) -> dict:
                 "bubble",
                 "analytic bubble",
                 "peak activations MiB, stage 0 / 1 / ...",
+                "with message buffers",
             ],
             rows,
         )
@@ -185,47 +191,79 @@ def run(args, world: MPI.Comm) -> dict:
 
 
 def bench_p2p(args, world: MPI.Comm, timed, slowest) -> dict:
-    """Activation messages stage 0 -> stage 1: TensorComm isend/irecv vs raw MPI Send/Recv,
-    interleaved rounds of `args.messages` messages of one activation each."""
+    """Activation messages stage 0 -> stage 1, interleaved rounds of `args.messages` messages:
+    the pipeline's verbs (send_forward / recv_forward: persistent receives posted one ahead),
+    TensorComm's plain isend/irecv + wait (the pipeline's path before persistent receives), and
+    raw MPI Send/Recv, all three on the same memory."""
     rank = world.Get_rank()
     shape = (args.micro_batch, args.seq_len, args.d_model)
     comm = TensorComm(world, name="pp")
     tensor = torch.randn(shape)
-    # The same memory for both: where a buffer lies changes shared-memory copy speed by more
-    # than the layer under test costs, so a separate NumPy array would not compare like with like.
-    raw = tensor.numpy()
-    nbytes = raw.nbytes
+    stage = PipelineStage(
+        torch.nn.Identity(),
+        comm,
+        stage=min(rank, 1),
+        num_stages=2,
+        act_shape=shape,
+        device=torch.device("cpu"),
+    )
+    n = args.messages
 
-    def hpcllm_round():
-        for _ in range(args.messages):
+    def stage_round():
+        for k in range(n):
+            if rank == 0:
+                stage.send_forward(tensor)
+            elif rank == 1:
+                stage.recv_forward(more_coming=k + 1 < n)
+                stage.free_input()
+        stage.finish_sends()
+
+    stage_round()  # allocates the receive buffers the other two then use as well
+    # Where a buffer lies changes shared-memory copy speed by more than the layer under test
+    # costs, so all three receive into the stage's pool (two buffers, alternately).
+    pool = [r.tensor for r in stage._idle[0]] if rank == 1 else [tensor, tensor]
+    raw = [t.numpy() for t in pool]
+
+    def plain_round():
+        for k in range(n):
             if rank == 0:
                 comm.wait(comm.isend(tensor, 1, 0))
             elif rank == 1:
-                comm.wait(comm.irecv(tensor, 0, 0))
+                comm.wait(comm.irecv(pool[k % 2], 0, 0))
 
     def raw_round():
-        for _ in range(args.messages):
+        for k in range(n):
             if rank == 0:
-                world.Send(raw, dest=1, tag=0)
+                world.Send(raw[0], dest=1, tag=0)
             elif rank == 1:
-                world.Recv(raw, source=0, tag=0)
+                world.Recv(raw[k % 2], source=0, tag=0)
 
+    rounds = {"pipeline": stage_round, "plain": plain_round, "raw": raw_round}
     for _ in range(2):
-        hpcllm_round()
-        raw_round()
-    t_h, t_r = [], []
+        for fn in rounds.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in rounds}
     for _ in range(args.iters):
-        t_h.append(timed(world, hpcllm_round))
-        t_r.append(timed(world, raw_round))
-    t_h, t_r = statistics.median(slowest(world, t_h)), statistics.median(slowest(world, t_r))
-    gbps_h, gbps_r = nbytes * args.messages / t_h / 1e9, nbytes * args.messages / t_r / 1e9
-    print0(
-        f"activation send/receive, {nbytes / 2**20:.2f} MiB messages, stage 0 -> 1: TensorComm {gbps_h:.2f} GB/s, "
-        f"raw MPI Send/Recv {gbps_r:.2f} GB/s, ratio {gbps_h / gbps_r:.3f} (target >= 0.95)"
-    )
-    return {
-        "message_bytes": nbytes,
-        "tensorcomm_GBps": gbps_h,
-        "raw_GBps": gbps_r,
-        "ratio": gbps_h / gbps_r,
+        for name, fn in rounds.items():
+            times[name].append(timed(world, fn))
+    nbytes = tensor.numel() * tensor.element_size()
+    gbps = {
+        name: nbytes * n / statistics.median(slowest(world, t)) / 1e9 for name, t in times.items()
     }
+    result = {
+        "message_bytes": nbytes,
+        "pipeline_GBps": gbps["pipeline"],
+        "plain_GBps": gbps["plain"],
+        "raw_GBps": gbps["raw"],
+        "ratio": gbps["pipeline"] / gbps["raw"],
+        "plain_ratio": gbps["plain"] / gbps["raw"],
+        "load_avg": os.getloadavg(),
+    }
+    print0(
+        f"activation send/receive, {nbytes / 2**20:.2f} MiB messages, stage 0 -> 1: pipeline verbs "
+        f"(persistent receives) {gbps['pipeline']:.2f} GB/s, plain TensorComm isend/irecv "
+        f"{gbps['plain']:.2f} GB/s, raw MPI Send/Recv {gbps['raw']:.2f} GB/s; ratio to raw "
+        f"{result['ratio']:.3f} (target >= 0.95), plain {result['plain_ratio']:.3f}; load average "
+        f"{result['load_avg'][0]:.1f}"
+    )
+    return result

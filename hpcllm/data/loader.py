@@ -9,9 +9,17 @@ positions starting at consumed_samples, cut as
 
 so each step trains on the same G samples whatever the split between data-parallel ranks and
 gradient accumulation, and resuming needs only `consumed_samples` (and the seed).
+
+With `prefetch`, a background thread reads the next step's samples while this one trains
+(h5py reads there; torch's compute releases the GIL). Only that thread ever reads, and what
+it read is used only if it is for the position asked for, so the batches, the stream and a
+resume are exactly those without prefetching.
 """
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -59,6 +67,7 @@ class Loader:
         dp_rank: int,
         dp_size: int,
         seed: int,
+        prefetch: bool = False,
     ):
         for key, value in (
             ("seq_len", seq_len),
@@ -84,6 +93,10 @@ class Loader:
         self.consumed_samples = 0
         self._epoch = -1
         self._perm: np.ndarray | None = None
+        self._reader = ThreadPoolExecutor(1, "hpcllm-loader") if prefetch else None
+        self._ahead: tuple[int, int, Future] | None = None  # (position, seed, reading)
+        self.wait_seconds = 0.0
+        """Time next_step() spent waiting for samples: the loader's share of a step."""
 
     def sample_index(self, position: int) -> int:
         """The sample (index into the shard set) at stream position `position`."""
@@ -101,21 +114,45 @@ class Loader:
         With `read=False` (a middle pipeline stage, which needs neither inputs nor targets)
         nothing is read and every micro-batch is (None, None); the stream still advances.
         """
+        start = time.perf_counter()
+        position = self.consumed_samples
+        if not read:
+            batches: list[MicroBatch] = [(None, None)] * self.grad_accum_steps
+        elif self._reader is None:
+            batches = self._read_step(position)
+        else:
+            ahead = self._ahead
+            if ahead is None or ahead[:2] != (position, self.seed):
+                ahead = (position, self.seed, self._reader.submit(self._read_step, position))
+            batches = ahead[2].result()
+            following = position + self.global_batch_size
+            self._ahead = (following, self.seed, self._reader.submit(self._read_step, following))
+        self.consumed_samples += self.global_batch_size
+        self.wait_seconds += time.perf_counter() - start
+        return batches
+
+    def _read_step(self, position: int) -> list[MicroBatch]:
         positions = step_positions(
-            self.consumed_samples,
+            position,
             micro_batch_size=self.micro_batch_size,
             grad_accum_steps=self.grad_accum_steps,
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
         )
-        batches: list[MicroBatch] = []
-        for micro in positions if read else ():
-            samples = np.stack(
-                [self.shards.read_sample(self.sample_index(p), self.seq_len) for p in micro]
+        return [
+            _to_xy(
+                np.stack(
+                    [self.shards.read_sample(self.sample_index(p), self.seq_len) for p in micro]
+                )
             )
-            batches.append(_to_xy(samples))
-        self.consumed_samples += self.global_batch_size
-        return batches if read else [(None, None)] * self.grad_accum_steps
+            for micro in positions
+        ]
+
+    def close(self) -> None:
+        """Stop the background reader (after the read in progress)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader, self._ahead = None, None
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed}
@@ -128,6 +165,8 @@ class Loader:
         """
         self.consumed_samples = int(state["consumed_samples"])
         if int(state["seed"]) != self.seed:
+            if self._ahead is not None:
+                self._ahead[2].result()  # the reader thread owns the permutation until it is done
             self.seed = int(state["seed"])
             self._epoch, self._perm = -1, None
 

@@ -19,12 +19,14 @@ With one stage both verbs pairs do nothing and 1f1b is plain gradient accumulati
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from hpcllm.comm import TensorComm, Work
+from hpcllm.comm import PersistentRecv, TensorComm, Work
 from hpcllm.model import cross_entropy
 
 FORWARD_TAG, BACKWARD_TAG = 0, 1
@@ -62,15 +64,32 @@ def split_layers(n_layer: int, pp: int, explicit: str = "") -> list[range]:
 
 
 class ActivationMeter:
-    """Bytes of activations autograd holds for backward, measured with saved-tensor hooks.
+    """Bytes a stage holds for its micro-batches: the activations autograd keeps for backward
+    (measured with saved-tensor hooks), and the pipeline's message buffers (reported by
+    PipelineStage: its persistent receive buffers and the sends still in flight).
 
-    Every tensor saved for backward is wrapped; the wrapper's count goes down when
-    autograd frees it, so `current` is what is alive now and `peak` the most ever.
+    Every tensor saved for backward is wrapped; the wrapper's count goes down when autograd
+    frees it, so `current` is what is alive now and `peak` the most ever. `buffers` and
+    `buffers_peak` are the same for message buffers, and `total_peak` is the most of both at
+    one instant (an upper bound: a received activation is both a buffer and saved by autograd).
     """
 
     def __init__(self):
         self.current = 0
         self.peak = 0
+        self.buffers = 0
+        self.buffers_peak = 0
+        self.total_peak = 0
+
+    def reset_peaks(self) -> None:
+        self.peak, self.buffers_peak = self.current, self.buffers
+        self.total_peak = self.current + self.buffers
+
+    def add_buffer(self, nbytes: int) -> None:
+        """Count `nbytes` of message buffer (negative when one is released)."""
+        self.buffers += nbytes
+        self.buffers_peak = max(self.buffers_peak, self.buffers)
+        self.total_peak = max(self.total_peak, self.current + self.buffers)
 
     def _pack(self, tensor: torch.Tensor):
         return _Saved(self, tensor)
@@ -94,6 +113,7 @@ class _Saved:
         self.nbytes = 0 if is_param else tensor.numel() * tensor.element_size()
         meter.current += self.nbytes
         meter.peak = max(meter.peak, meter.current)
+        meter.total_peak = max(meter.total_peak, meter.current + meter.buffers)
 
     def __del__(self):
         self.meter.current -= self.nbytes
@@ -102,10 +122,19 @@ class _Saved:
 class PipelineStage:
     """One rank's stage: its module, its pp neighbours, and the four verbs.
 
-    Sends are non-blocking and completed at the end of the step (a stage never
-    waits for its neighbour to receive); each receive is posted one micro-batch
-    ahead, so the data can arrive while this stage is still computing.
+    Receives are persistent (MPI Recv_init) on buffers allocated once: a pool per direction,
+    a buffer going back to it when its micro-batch is done (`free_input`, `free_grad`). Each
+    receive is posted one micro-batch ahead, so the data can arrive while this stage is still
+    computing. Sends are non-blocking on the tensor itself (no copy); a send's tensor is
+    dropped as soon as the send completes: tested before each new send, waited for when
+    MAX_SENDS_IN_FLIGHT are pending in one direction, all waited for at the end of the step.
+    So what a stage holds for its messages does not grow with the number of micro-batches.
     """
+
+    # Pending sends per direction before the oldest is waited for. In 1F1B and GPipe the
+    # neighbour has posted the receive of the oldest by then (it posts one ahead and only
+    # waits on messages sent earlier), so the wait cannot deadlock.
+    MAX_SENDS_IN_FLIGHT = 2
 
     def __init__(
         self,
@@ -123,54 +152,97 @@ class PipelineStage:
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
         self.act_shape = act_shape
         self.device = device
-        self._sends: list[Work] = []
-        self._posted: dict[int, list[tuple[Work, torch.Tensor]]] = {
-            FORWARD_TAG: [],
-            BACKWARD_TAG: [],
+        self.meter = ActivationMeter()  # the Schedule shares its own
+        self._sends: dict[int, deque[tuple[Work, int]]] = {
+            FORWARD_TAG: deque(),
+            BACKWARD_TAG: deque(),
         }
+        # Receives per direction: started and not yet returned, returned and still in use
+        # (oldest first), and idle.
+        self._posted: dict[int, deque[PersistentRecv]] = {
+            FORWARD_TAG: deque(),
+            BACKWARD_TAG: deque(),
+        }
+        self._in_use: dict[int, deque[PersistentRecv]] = {
+            FORWARD_TAG: deque(),
+            BACKWARD_TAG: deque(),
+        }
+        self._idle: dict[int, list[PersistentRecv]] = {FORWARD_TAG: [], BACKWARD_TAG: []}
 
     # -- the verbs -----------------------------------------------------------------
 
     def _post_recv(self, tag: int) -> None:
-        source = self.stage - 1 if tag == FORWARD_TAG else self.stage + 1
-        buf = torch.empty(self.act_shape, dtype=torch.float32, device=self.device)
-        self._posted[tag].append((self.comm.irecv(buf, source, tag), buf))
+        idle = self._idle[tag]
+        if idle:
+            recv = idle.pop()
+        else:
+            source = self.stage - 1 if tag == FORWARD_TAG else self.stage + 1
+            buf = torch.empty(self.act_shape, dtype=torch.float32, device=self.device)
+            recv = self.comm.recv_init(buf, source, tag)
+            self.meter.add_buffer(buf.numel() * buf.element_size())
+        recv.start()
+        self._posted[tag].append(recv)
 
     def _recv(self, tag: int, more_coming: bool) -> torch.Tensor:
         if not self._posted[tag]:
             self._post_recv(tag)
-        work, buf = self._posted[tag].pop(0)
+        recv = self._posted[tag].popleft()
         if more_coming:
             self._post_recv(tag)  # the next micro-batch's message lands while we compute
-        self.comm.wait(work)
-        return buf
+        self._in_use[tag].append(recv)
+        return recv.wait()
+
+    def _free(self, tag: int) -> None:
+        if self._in_use[tag]:
+            self._idle[tag].append(self._in_use[tag].popleft())
+
+    def _send(self, tensor: torch.Tensor, dest: int, tag: int) -> None:
+        pending = self._sends[tag]
+        while pending and pending[0][0].test():
+            self.meter.add_buffer(-pending.popleft()[1])  # the tensor is dropped here
+        if len(pending) >= self.MAX_SENDS_IN_FLIGHT:
+            work, nbytes = pending.popleft()
+            self.comm.wait(work)
+            self.meter.add_buffer(-nbytes)
+        nbytes = tensor.numel() * tensor.element_size()
+        pending.append((self.comm.isend(tensor, dest, tag), nbytes))
+        self.meter.add_buffer(nbytes)
 
     def recv_forward(self, more_coming: bool = False) -> torch.Tensor | None:
-        """The previous stage's output activation (None on the first stage)."""
+        """The previous stage's output activation (None on the first stage). The tensor is a
+        reused buffer: valid until `free_input()` for its micro-batch."""
         return None if self.is_first else self._recv(FORWARD_TAG, more_coming)
+
+    def free_input(self) -> None:
+        """The oldest received activation is no longer needed (its backward is done)."""
+        self._free(FORWARD_TAG)
 
     def send_forward(self, activation: torch.Tensor) -> None:
         if not self.is_last:
-            self._sends.append(
-                self.comm.isend(
-                    activation.detach().float().contiguous(), self.stage + 1, FORWARD_TAG
-                )
-            )
+            self._send(activation.detach().float().contiguous(), self.stage + 1, FORWARD_TAG)
 
     def recv_backward(self, more_coming: bool = False) -> torch.Tensor | None:
-        """The gradient of this stage's output, from the next stage (None on the last)."""
+        """The gradient of this stage's output, from the next stage (None on the last). A
+        reused buffer: valid until `free_grad()`."""
         return None if self.is_last else self._recv(BACKWARD_TAG, more_coming)
+
+    def free_grad(self) -> None:
+        """The oldest received gradient is no longer needed."""
+        self._free(BACKWARD_TAG)
 
     def send_backward(self, grad: torch.Tensor | None) -> None:
         if not self.is_first:
             assert grad is not None, "a stage after the first receives its input's gradient"
-            self._sends.append(self.comm.isend(grad.contiguous(), self.stage - 1, BACKWARD_TAG))
+            self._send(grad.contiguous(), self.stage - 1, BACKWARD_TAG)
 
     def finish_sends(self) -> None:
-        for work in self._sends:
-            self.comm.wait(work)
-        self._sends.clear()
+        for pending in self._sends.values():
+            while pending:
+                work, nbytes = pending.popleft()
+                self.comm.wait(work)
+                self.meter.add_buffer(-nbytes)
         assert not any(self._posted.values()), "a posted receive was never consumed"
+        assert not any(self._in_use.values()), "a received buffer was never freed"
 
 
 class Schedule:
@@ -197,6 +269,7 @@ class Schedule:
             )
         self.stage, self.kind = stage, kind
         self.meter = meter or ActivationMeter()
+        stage.meter = self.meter  # one count of what the stage holds, buffers included
         self.loss_fn = loss_fn
 
     def run(
@@ -204,7 +277,10 @@ class Schedule:
     ) -> torch.Tensor:
         s, m = self.stage, len(micro_batches)
         inputs: dict[int, torch.Tensor | None] = {}
-        outputs: dict[int, torch.Tensor] = {}
+        # The loss on the last stage; elsewhere the output's place in the autograd graph, not
+        # the output itself, so its memory goes as soon as its send completes (Megatron's
+        # deallocate_output_tensor).
+        outputs: dict[int, torch.Tensor | GradientEdge] = {}
         loss_sum = torch.zeros((), device=s.device)
 
         def forward(i: int) -> None:
@@ -212,24 +288,27 @@ class Schedule:
             x, y = micro_batches[i]
             received = s.recv_forward(more_coming=i + 1 < m)
             if received is not None:
-                x = received.requires_grad_()
+                # A fresh alias of the reused buffer, so its .grad is this micro-batch's own.
+                x = received = received.detach().requires_grad_()
             with self.meter.hooks(), autocast:
                 out = s.module(x)
                 if s.is_last:
                     out = self.loss_fn(out, y)
             if s.is_last:
                 loss_sum = loss_sum + out.detach()
-                out = out / m  # the accumulated gradient is the mean over micro-batches
+                outputs[i] = out / m  # the accumulated gradient is the mean over micro-batches
             else:
+                outputs[i] = get_gradient_edge(out)
                 s.send_forward(out)
             inputs[i] = received
-            outputs[i] = out
 
         def backward(i: int) -> None:
             before_backward(i)
             grad = s.recv_backward(more_coming=i + 1 < m)
             x, out = inputs.pop(i), outputs.pop(i)
             torch.autograd.backward(out, grad_tensors=grad)
+            s.free_input()
+            s.free_grad()
             s.send_backward(None if x is None else x.grad)
 
         if self.kind == "gpipe":
@@ -264,6 +343,7 @@ class Schedule:
                 out = s.module(x if received is None else received)
                 if s.is_last:
                     out = self.loss_fn(out, y)
+            s.free_input()
             if s.is_last:
                 loss_sum += out.float()
             else:
