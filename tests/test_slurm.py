@@ -103,7 +103,9 @@ def submit(
         "--partition=debug",
         "--ntasks-per-node=2",
         "--cpus-per-task=1",
-        "--time=10",
+        # Above every script's --signal=B:USR1@ lead (600 s for the GPU multi-node one), or
+        # Slurm sends the time warning as soon as the job starts and stops it early.
+        "--time=30",
         f"--output={output}",
         *sbatch_args,
         f"slurm/{script}",
