@@ -292,6 +292,9 @@ RANGES: dict[str, Range] = {
     "model.vocab_size": NON_NEGATIVE,
     "model.block_size": NON_NEGATIVE,
     "model.dropout": FRACTION,
+    "model.n_kv_head": NON_NEGATIVE,  # 0 means n_head
+    "model.ffn_hidden": NON_NEGATIVE,  # 0 derives it from d_model
+    "model.rope_theta": POSITIVE,
     "parallel.dp": NON_NEGATIVE,
     "parallel.pp": COUNT,
     "parallel.tp": COUNT,
@@ -347,6 +350,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})"
         )
+    check_arch(m)
     if m.block_size and t.seq_len > m.block_size:
         raise ConfigError(
             f"train.seq_len ({t.seq_len}) is longer than the model's context "
@@ -373,6 +377,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device must be cpu or cuda, got '{t.device}'")
     if t.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.dtype must be float32 or bfloat16, got '{t.dtype}'")
+
+
+def check_arch(m: ModelConfig) -> None:
+    """The architecture's own constraints on the [model] keys."""
+    if m.arch not in ("gpt2", "llama"):
+        raise ConfigError(f"model.arch must be gpt2 or llama, got '{m.arch}'")
+    if m.arch == "gpt2":
+        # gpt2 has no rotary embedding, no grouped-query attention and no QK-norm: a value
+        # that would change nothing is refused rather than silently ignored.
+        default = ModelConfig()
+        for key in ("n_kv_head", "qk_norm", "rope_theta"):
+            if getattr(m, key) != getattr(default, key):
+                raise ConfigError(
+                    f"model.{key} = {getattr(m, key)} applies to model.arch = llama only; "
+                    f"remove it or set model.arch llama"
+                )
+        return
+    if m.n_head % m.kv_heads():
+        raise ConfigError(
+            f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({m.n_kv_head}): "
+            "each key/value head serves an equal group of query heads"
+        )
+    if (m.d_model // m.n_head) % 2:
+        raise ConfigError(
+            f"model.d_model / model.n_head = {m.d_model // m.n_head} must be even for llama: "
+            "the rotary embedding rotates pairs of dimensions"
+        )
 
 
 def check_device(cfg: Config) -> None:

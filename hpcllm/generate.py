@@ -62,6 +62,36 @@ def sample(
     return tokenizer.decode(out[0].tolist())
 
 
+def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    """--run-dir or --checkpoint (which checkpoint), and --data (where its tokenizer is)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--run-dir", default="runs/default", help="use the newest checkpoint of this run"
+    )
+    where.add_argument("--checkpoint", help="a checkpoint folder (…/checkpoints/step_NNNNNN)")
+    parser.add_argument(
+        "--data", help="shard folder holding the tokenizer (default: the run's data.path)"
+    )
+
+
+def load_checkpoint(args: argparse.Namespace):
+    """(path, model, meta, tokenizer) of the checkpoint that add_checkpoint_options' options
+    name, its tokenizer checked against the one it was trained with. Raises ValueError."""
+    if args.checkpoint:
+        path: Path | None = Path(args.checkpoint)
+        if not (Path(args.checkpoint) / "meta.json").is_file():
+            raise ValueError(f"{path} is not a complete checkpoint folder (no meta.json)")
+    else:
+        path, _ = checkpoint.find_latest(args.run_dir)
+    if path is None:
+        raise ValueError(f"no complete checkpoint under {args.run_dir}/checkpoints")
+    model, meta = load_model(path)
+    data_path = args.data or meta["config"]["data"]["path"]
+    tokenizer = load_run_tokenizer(data_path)
+    checkpoint.check_tokenizer(meta["tokenizer"], tokenizer, data_path, path)
+    return path, model, meta, tokenizer
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Refuse sampling options that cannot give sensible text, naming the option."""
     for option, value, allowed in (
@@ -80,14 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hpcllm.generate", description=__doc__.splitlines()[0]
     )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--run-dir", default="runs/default", help="use the newest checkpoint of this run"
-    )
-    where.add_argument("--checkpoint", help="a checkpoint folder (…/checkpoints/step_NNNNNN)")
-    parser.add_argument(
-        "--data", help="shard folder holding the tokenizer (default: the run's data.path)"
-    )
+    add_checkpoint_options(parser)
     parser.add_argument("--prompt", default="def ")
     parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -100,18 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_options(args)
-        if args.checkpoint:
-            path: Path | None = Path(args.checkpoint)
-            if not (Path(args.checkpoint) / "meta.json").is_file():
-                raise ValueError(f"{path} is not a complete checkpoint folder (no meta.json)")
-        else:
-            path, _ = checkpoint.find_latest(args.run_dir)
-        if path is None:
-            raise ValueError(f"no complete checkpoint under {args.run_dir}/checkpoints")
-        model, meta = load_model(path)
-        data_path = args.data or meta["config"]["data"]["path"]
-        tokenizer = load_run_tokenizer(data_path)
-        checkpoint.check_tokenizer(meta["tokenizer"], tokenizer, data_path, path)
+        path, model, meta, tokenizer = load_checkpoint(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

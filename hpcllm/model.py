@@ -1,5 +1,13 @@
 """A GPT decoder in plain PyTorch. No MPI here: parallelism wraps this model from outside.
 
+Two architectures share the skeleton (`model.arch`):
+- `gpt2`: learned position embeddings, LayerNorm, a fused q/k/v projection, a GELU MLP,
+  biases everywhere.
+- `llama`: rotary position embeddings (the rotate-half convention of Hugging Face's Llama),
+  RMSNorm, separate q/k/v projections with grouped-query attention (`n_kv_head` key/value
+  heads shared by groups of query heads), an optional RMSNorm of each query and key head
+  before the rotation (`qk_norm`), a SwiGLU MLP, no biases.
+
 Blocks are held in a dict keyed by their global index (`model.blocks["5"]`), so a
 pipeline stage is just a contiguous range of them plus, on the first stage, the
 embeddings and, on the last, the final norm and LM head.
@@ -35,9 +43,62 @@ class ModelConfig:
     """Share the token embedding matrix with the LM head."""
     dropout: float = 0.0
     """Dropout probability on attention, MLP and embeddings."""
+    arch: str = "gpt2"
+    """'gpt2' or 'llama' (RoPE, RMSNorm, grouped-query attention, SwiGLU, no biases)."""
+    n_kv_head: int = 0
+    """llama: key/value heads, a divisor of n_head (grouped-query attention); 0 means n_head."""
+    qk_norm: bool = False
+    """llama: RMSNorm each query and key head before the rotary embedding."""
+    ffn_hidden: int = 0
+    """Hidden width of the MLP; 0 means 4 * d_model (gpt2), or 8/3 * d_model rounded up to a
+    multiple of 64 (llama, whose SwiGLU has three matrices instead of two)."""
+    rope_theta: float = 10000.0
+    """llama: base of the rotary embedding's frequencies."""
+
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
+
+    def ffn_size(self) -> int:
+        """The MLP's hidden width (ffn_hidden, or the architecture's default rule)."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.arch == "llama":
+            hidden = (8 * self.d_model + 2) // 3  # ceil(8/3 * d_model)
+            return (hidden + 63) // 64 * 64
+        return 4 * self.d_model
+
+
+# RMSNorm's epsilon, as Llama uses it (exported as rms_norm_eps).
+RMS_NORM_EPS = 1e-5
+# The rotary embedding's cos and sin tables, each (T, head_dim); computed once per forward.
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) of the rotary embedding, in fp32.
+
+    Dimension i and i + head_dim/2 form a pair rotated by position * theta^(-2i/head_dim)
+    (Hugging Face Llama's rotate-half layout, so exported weights need no permutation).
+    """
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, head_dim) by the tables of rope_tables."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
+    """gpt2's attention: one fused q/k/v projection, biases, positions from the embedding."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
@@ -45,7 +106,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
@@ -58,29 +119,97 @@ class CausalSelfAttention(nn.Module):
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
-class MLP(nn.Module):
+class GroupedQueryAttention(nn.Module):
+    """llama's attention: separate q, k, v projections without biases, n_kv_head key/value
+    heads each shared by n_head / n_kv_head query heads, rotary positions.
+
+    Head counts are read from the projections' output widths (head_dim is fixed), so a
+    column-parallel q/k/v holding a slice of the heads works unchanged.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.head_dim = cfg.d_model // cfg.n_head
+        kv_width = cfg.kv_heads() * self.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k = nn.Linear(cfg.d_model, kv_width, bias=False)
+        self.v = nn.Linear(cfg.d_model, kv_width, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=RMS_NORM_EPS)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=RMS_NORM_EPS)
+        self.qk_norm = cfg.qk_norm
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        assert rope is not None, "llama attention needs the rotary tables"
+        B, T, _ = x.shape
+        # (B, T, heads * head_dim) -> (B, T, heads, head_dim)
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim) for proj in (self.q, self.k, self.v))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=True,  # key/value head j serves query heads j*g .. j*g + g-1
+        )
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    """gpt2's MLP: proj(gelu(fc(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.ffn_size())
+        self.proj = nn.Linear(cfg.ffn_size(), cfg.d_model)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class SwiGLU(nn.Module):
+    """llama's MLP: proj(silu(gate(x)) * up(x)), no biases."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg)
+        self.gate = nn.Linear(cfg.d_model, cfg.ffn_size(), bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_size(), bias=False)
+        self.proj = nn.Linear(cfg.ffn_size(), cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+        hidden = F.silu(self.gate(x)) * self.up(x)
+        return F.dropout(self.proj(hidden), self.dropout, self.training)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The architecture's normalisation over d_model: LayerNorm (gpt2) or RMSNorm (llama)."""
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.d_model, eps=RMS_NORM_EPS)
+    return nn.LayerNorm(cfg.d_model)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        llama = cfg.arch == "llama"
+        self.ln_1 = make_norm(cfg)
+        self.attn = GroupedQueryAttention(cfg) if llama else CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if llama else MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -116,10 +245,11 @@ class GPT(nn.Module):
         self.first, self.last = first, last
         if first:
             self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-            self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+            if cfg.arch == "gpt2":  # llama's positions are rotations inside attention
+                self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layers})
         if last:
-            self.ln_f = nn.LayerNorm(cfg.d_model)
+            self.ln_f = make_norm(cfg)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
                 if not first:
@@ -164,11 +294,16 @@ class GPT(nn.Module):
                     f"sequence of {T} tokens is longer than the model's context "
                     f"(block_size {self.cfg.block_size})"
                 )
-            pos = torch.arange(T, device=x.device)
-            x = self.wte(x) + self.wpe(pos)  # (B, T, C)
+            x = self.wte(x)  # (B, T, C)
+            if self.cfg.arch == "gpt2":
+                x = x + self.wpe(torch.arange(T, device=x.device))
             x = F.dropout(x, self.cfg.dropout, self.training)
+        rope = None
+        if self.cfg.arch == "llama":
+            head_dim = self.cfg.d_model // self.cfg.n_head
+            rope = rope_tables(x.shape[1], head_dim, self.cfg.rope_theta, x.device)
         for block in self.blocks.values():
-            x = block(x)
+            x = block(x, rope)
         if not self.last:
             return x
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)

@@ -34,7 +34,7 @@ from hpcllm.config import Config, check_device, parse_args, to_toml
 from hpcllm.data.loader import Loader, val_batches
 from hpcllm.data.shards import ShardSet, open_splits
 from hpcllm.generate import load_model, load_run_tokenizer, sample
-from hpcllm.model import GPT
+from hpcllm.model import GPT, ModelConfig
 from hpcllm.optim import build_optimizer, lr_scale, set_lr
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage
@@ -350,7 +350,12 @@ def diverged(tr: Trainer, run: RunDir | None, loss: float, grad_norm: float) -> 
 
 
 def check_same_model(saved: dict, cfg: Config, path) -> None:
-    keys = ("n_layer", "n_head", "d_model", "vocab_size", "block_size", "tie_embeddings")
+    keys = (
+        *("n_layer", "n_head", "d_model", "vocab_size", "block_size", "tie_embeddings"),
+        *("arch", "n_kv_head", "qk_norm", "ffn_hidden", "rope_theta"),
+    )
+    # Checkpoints from before model.arch hold gpt2 and lack the newer keys: their defaults.
+    saved = {k: saved.get(k, getattr(ModelConfig(), k)) for k in keys}
     diffs = [
         f"model.{k} = {saved[k]} in the checkpoint, {getattr(cfg.model, k)} now"
         for k in keys

@@ -10,6 +10,7 @@ mid-schedule, and layouts refused before training.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from contextlib import nullcontext
 
@@ -192,8 +193,10 @@ def run_layout(
     steps: int = STEPS,
     stage_layers: str = "",
     meter: ActivationMeter | None = None,
+    cfg: ModelConfig = GPT_CFG,
 ) -> dict | None:
-    """Train the tiny GPT for `steps` steps on `comm` laid out as pp x dp, as hpcllm.train does.
+    """Train the tiny GPT (or `cfg`'s model) for `steps` steps on `comm` laid out as pp x dp,
+    as hpcllm.train does.
 
     Returns, on rank 0 of `comm` only, the losses, gradient norms and final validation
     loss, the parameters of every stage under their global names, and the activation
@@ -201,9 +204,9 @@ def run_layout(
     """
     grid = Grid.build(comm, dp=dp, pp=pp)
     pp_comm, dp_comm = TensorComm(grid.comm("pp")), TensorComm(grid.comm("dp"))
-    layers = split_layers(N_LAYER, pp, stage_layers)[grid.rank("pp")]
+    layers = split_layers(cfg.n_layer, pp, stage_layers)[grid.rank("pp")]
     model = GPT(
-        GPT_CFG,
+        cfg,
         layers=layers,
         first=grid.is_first_stage,
         last=grid.is_last_stage,
@@ -272,9 +275,11 @@ def run_layout(
     }
 
 
-def single_rank_reference(num_micro: int, micro_batch: int = 2, steps: int = STEPS) -> dict:
+def single_rank_reference(
+    num_micro: int, micro_batch: int = 2, steps: int = STEPS, cfg: ModelConfig = GPT_CFG
+) -> dict:
     """The same training in plain PyTorch: the whole GPT, no MPI and nothing of hpcllm.parallel."""
-    model = GPT(GPT_CFG, init_seed=INIT_SEED)
+    model = GPT(cfg, init_seed=INIT_SEED)
     optimizer = torch.optim.AdamW(
         param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS, foreach=False
     )
@@ -391,22 +396,59 @@ def test_pipeline_layouts_match_single_rank(comm):
                 )
             )
 
+    check_layouts(comm, runs, reference, count=2 + 2 * 4 + 2 * (3 + 3), moved=reference[8])
+
+
+def check_layouts(
+    comm, runs: list, reference: dict, *, count: int, moved: dict, cfg: ModelConfig = GPT_CFG
+) -> None:
+    """On rank 0: the `count` runs of all ranks equal their single-rank references, and the
+    reference `moved` trained far enough for the comparison to mean something."""
     gathered = comm.gather([run for run in runs if run[2] is not None], root=0)
-    if rank != 0:
+    if comm.rank != 0:
         return
     results = [run for part in gathered for run in part]
-    assert len(results) == 2 + 2 * 4 + 2 * (3 + 3)
+    assert len(results) == count
     problems = []
     for label, m, result in results:
         problems += differences(label, result, reference[m])
     assert not problems, "\n".join(problems)
     # The comparisons mean something: training moved the weights well beyond the tolerance,
     # and gradient clipping, whose norm spans every stage, was active.
-    ref = reference[8]
-    assert max(ref["losses"]) - min(ref["losses"]) > 1e-3
-    assert max(ref["grad_norms"]) > GRAD_CLIP
-    start = GPT(GPT_CFG, init_seed=INIT_SEED).state_dict()
-    assert min((ref["params"][n] - start[n]).abs().max().item() for n in start) > 1e-3
+    assert max(moved["losses"]) - min(moved["losses"]) > 1e-3
+    assert max(moved["grad_norms"]) > GRAD_CLIP
+    start = GPT(cfg, init_seed=INIT_SEED).state_dict()
+    assert min((moved["params"][n] - start[n]).abs().max().item() for n in start) > 1e-3
+
+
+# llama with grouped-query attention (2 query heads share 1 key/value head) and QK-norm.
+LLAMA_CFG = dataclasses.replace(GPT_CFG, arch="llama", n_kv_head=1, qk_norm=True)
+
+
+@pytest.mark.mpi(ranks=4, timeout=120)
+def test_llama_layouts_match_single_rank(comm):
+    """llama under pp=2 (both schedules), dp=2 (both schedules) and dp=2 x pp=2: the same
+    losses, gradient norms, validation loss and parameters as plain PyTorch on one rank."""
+    rank = comm.rank
+    mine = {m: single_rank_reference(m, cfg=LLAMA_CFG) for m in [4, 2][rank::2] if rank < 2}
+    reference = {m: r for part in comm.allgather(mine) for m, r in part.items()}
+
+    runs = []
+    half = comm.Split(color=rank // 2, key=rank)
+    kind = ("1f1b", "gpipe")[rank // 2]
+    for label, pp, dp, m, micro_batch in [("pp=2", 2, 1, 4, 2), ("dp=2", 1, 2, 2, 1)]:
+        result = run_layout(
+            half, pp=pp, dp=dp, schedule=kind, num_micro=m, micro_batch=micro_batch, cfg=LLAMA_CFG
+        )
+        runs.append((f"llama {label} {kind} m={m}", m, result))
+    half.Free()
+    result = run_layout(
+        comm, pp=2, dp=2, schedule="1f1b", num_micro=2, micro_batch=1, cfg=LLAMA_CFG
+    )
+    runs.append(("llama dp=2 x pp=2 1f1b m=2", 2, result))
+    check_layouts(comm, runs, reference, count=2 * 2 + 1, moved=reference[4], cfg=LLAMA_CFG)
+    start = GPT(LLAMA_CFG, init_seed=INIT_SEED).state_dict()
+    assert "wpe.weight" not in start and "blocks.0.attn.k_norm.weight" in start
 
 
 @pytest.mark.mpi(ranks=4, timeout=90)
