@@ -38,7 +38,8 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline stages."""
     tp: int = 1
-    """Tensor-parallel ranks (reserved: only 1 is supported today)."""
+    """Tensor-parallel ranks: each holds 1/tp of every block's heads and MLP units and of the
+    vocabulary (padded to a multiple of tp). Must divide model.n_head."""
     schedule: str = "1f1b"
     """Pipeline schedule: '1f1b' (bounded activation memory) or 'gpipe'."""
     stage_layers: str = ""
@@ -336,8 +337,14 @@ def validate(cfg: Config) -> None:
             f"train.seq_len ({t.seq_len}) is longer than the model's context "
             f"model.block_size ({m.block_size})"
         )
-    if p.tp != 1:
-        raise ConfigError(f"parallel.tp = {p.tp}: tensor parallelism is not implemented yet; use 1")
+    if m.n_head % p.tp:
+        # n_head | d_model, so tp then also divides d_model and the MLP's 4 * d_model units.
+        raise ConfigError(
+            f"parallel.tp = {p.tp} must divide model.n_head ({m.n_head}): each "
+            "tensor-parallel rank holds an equal share of the attention heads (and so of "
+            "model.d_model and the MLP's 4 * model.d_model units); choose another parallel.tp "
+            "or model.n_head"
+        )
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
     if p.pp > 1 and m.tie_embeddings:

@@ -15,19 +15,31 @@ from hpcllm.comm import TensorComm
 from hpcllm.data.loader import MicroBatch
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import Schedule
+from hpcllm.parallel.tensor_parallel import counted_once
 from hpcllm.topology import Grid
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, model_comms: list[TensorComm]) -> float:
+def clip_grad_norm(
+    model: torch.nn.Module,
+    max_norm: float,
+    model_comms: list[TensorComm],
+    tp_comm: TensorComm | None = None,
+) -> float:
     """Clip by the norm of the whole model's gradient.
 
     After the dp all-reduce every replica holds the same gradients, so the squared
-    norms are summed only across the ranks that hold different parts of the
-    model (pipeline stages, later tensor shards).
+    norms are summed only across the ranks that hold different parts of the model:
+    pipeline stages (`model_comms`) and tensor-parallel shards (`tp_comm`). Each parameter
+    counts exactly once: its shards on every tp rank, a parameter replicated over tp (a
+    layer norm, a row-parallel bias) on tp rank 0 only.
     """
+    tp_rank = 0 if tp_comm is None else tp_comm.rank
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
-    for c in model_comms:
+    counted = [
+        p.grad for p in model.parameters() if p.grad is not None and counted_once(p, tp_rank)
+    ]
+    sq = torch.stack([g.float().pow(2).sum() for g in counted]).sum().reshape(1)
+    for c in [*model_comms, *([tp_comm] if tp_comm is not None else [])]:
         if c.size > 1:
             c.allreduce_(sq)
     norm = sq.sqrt().item()
