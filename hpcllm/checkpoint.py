@@ -8,12 +8,13 @@ A checkpoint is a folder `<run.dir>/checkpoints/step_000100/` holding
     meta.json                            written last: step, loader position, config, grid,
                                          tokenizer, every file's size and CRC-32, tensor index
 
-Each rank writes only what it owns: today dp rank 0 (tp rank 0) of each pipeline stage
-writes that stage's parameters and optimizer state, so there are no duplicate writers.
+Each rank writes only what it owns: dp rank 0 of each (pp, tp) coordinate writes its
+stage's tensor-parallel shards and their optimizer state, and tp rank 0 also the tensors
+replicated over tp, so there are no duplicate writers.
 Tensors are stored under global names (`model/blocks.3.attn.qkv.weight`,
 `optim/blocks.3.attn.qkv.weight/exp_avg`, `rng/5`) and meta.json's index
 (`checkpoint_index.py`) says which file holds which region of each, so a rank of any other
-layout reads just the tensors (later, the slices) it needs.
+layout reads just the tensors, or the boxes of them its tensor-parallel shards hold, it needs.
 
 Saving is atomic: everything goes into `.tmp-step_000100/`, fsync'ed; once every rank's
 files are complete, rank 0 writes meta.json with their sizes and checksums and renames the
@@ -167,27 +168,52 @@ def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) 
 def write_own_files(tmp: Path, grid, model: nn.Module, optimizer) -> tuple[dict, dict]:
     """This rank's own file writes: the model and optimizer shards it owns.
 
+    dp rank 0 of each (pp, tp) coordinate writes: its tensor-parallel shards (each as the
+    boxes of its placement), and, on tp rank 0 only, the tensors replicated over tp.
     Returns ({file: {"size", "crc32"}}, {tensor name: index entry}) for meta.json.
     """
-    if grid.rank("dp") != 0 or grid.rank("tp") != 0:
-        return {}, {}  # dp replicas hold the same shard: dp rank 0 writes it
-    tag = f"pp{grid.rank('pp')}-dp{grid.rank('dp')}-tp{grid.rank('tp')}"
-    # named_parameters() lists a tied weight once: safetensors refuses shared storage.
-    groups: dict[str, dict[str, torch.Tensor]] = {
-        "model": {f"model/{n}": p for n, p in model.named_parameters()},
-        "optim": {
-            f"optim/{n}/{k}": torch.as_tensor(v)
-            for n, state in optimizer_state_by_name(model, optimizer).items()
-            for k, v in state.items()
-        },
+    if grid.rank("dp") != 0:
+        return {}, {}  # dp replicas hold the same shards: dp rank 0 writes them
+    tp_rank = grid.rank("tp")
+    tag = f"pp{grid.rank('pp')}-dp{grid.rank('dp')}-tp{tp_rank}"
+    state = optimizer_state_by_name(model, optimizer)
+    # kind -> {global name: (local tensor, its placement or None when whole)}
+    groups: dict[str, dict[str, tuple[torch.Tensor, index.Placement | None]]] = {
+        "model": {},
+        "optim": {},
     }
+    # named_parameters() lists a tied weight once: safetensors refuses shared storage.
+    for n, p in model.named_parameters():
+        placement = index.placement_of(p)
+        if placement is None and tp_rank != 0:
+            continue  # replicated over tp: tp rank 0 writes it
+        groups["model"][f"model/{n}"] = (p, placement)
+        for k, v in state.get(n, {}).items():
+            v = torch.as_tensor(v)
+            # AdamW's moments are placed as their parameter; its 0-dim step is replicated.
+            if v.shape == p.shape:
+                groups["optim"][f"optim/{n}/{k}"] = (v, placement)
+            elif tp_rank == 0:
+                groups["optim"][f"optim/{n}/{k}"] = (v, None)
     files: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     for kind, tensors in groups.items():
         name = f"{kind}-{tag}.safetensors"
-        files[name] = write_tensor_file(tmp / name, tensors)
-        for key, t in tensors.items():
-            entries[key] = index.entry(t, [index.piece(name, key, index.whole(t.shape))])
+        stored: dict[str, torch.Tensor] = {}
+        for key, (t, placement) in tensors.items():
+            if placement is None:
+                stored[key] = t
+                entries[key] = index.entry(t, [index.piece(name, key, index.whole(t.shape))])
+                continue
+            pieces = []
+            for i, (start, stop, box) in enumerate(placement.parts):
+                part_key = key if len(placement.parts) == 1 else f"{key}#{i}"
+                # A copy: safetensors refuses tensors that share memory.
+                stored[part_key] = t.detach().narrow(placement.dim, start, stop - start).clone()
+                pieces.append(index.piece(name, part_key, box))
+            entries[key] = index.entry(t, pieces, placement.shape)
+        if stored:
+            files[name] = write_tensor_file(tmp / name, stored)
     return files, entries
 
 
@@ -248,10 +274,15 @@ def _commit(
     tmp: Path, final: Path, step: int, grid, gathered: list, extra: dict, keep: int
 ) -> None:
     """Rank 0, once every rank's files are on disk: RNG file, meta.json, rename, cleanup."""
-    files, entries = {}, {}
+    files: dict[str, dict] = {}
+    entries: dict[str, dict] = {}
     for rank_files, rank_entries, _, _ in gathered:
         files.update(rank_files)
-        entries.update(rank_entries)
+        for key, entry in rank_entries.items():
+            if key in entries:  # another tensor-parallel shard of the same tensor
+                entries[key]["pieces"] += entry["pieces"]
+            else:
+                entries[key] = entry
     rng = {
         f"rng/{r}": torch.frombuffer(bytearray(g[2]), dtype=torch.uint8)
         for r, g in enumerate(gathered)
@@ -471,45 +502,79 @@ def load_newest(run_dir: str, *, grid, model: nn.Module, optimizer, check=None):
     return None
 
 
-def _wanted(meta: dict, grid, model: nn.Module, folder: Path) -> dict[str, dict]:
-    """Index entries of the tensors this rank needs: its stage's parameters and their
-    optimizer state, and its RNG state if the checkpoint was written by this layout."""
+# What a rank reads of one tensor: its index entry, its placement (None: the whole tensor)
+# and the shape of the local tensor it fills.
+_Want = tuple[dict, index.Placement | None, tuple[int, ...]]
+
+
+def _wanted(meta: dict, grid, model: nn.Module, folder: Path) -> dict[str, _Want]:
+    """What this rank needs: its stage's parameters (its tensor-parallel shards of them) and
+    their optimizer state, and its RNG state if the checkpoint was written by this layout."""
     tensors = meta["tensors"]
-    wanted = {}
+    wanted: dict[str, _Want] = {}
     for n, p in model.named_parameters():
         entry = tensors.get(f"model/{n}")
         if entry is None:
             raise CheckpointError(f"{folder / META}: the index has no parameter {n}")
-        if tuple(entry["shape"]) != tuple(p.shape):
+        placement = index.placement_of(p)
+        shape = placement.shape if placement is not None else tuple(p.shape)
+        if tuple(entry["shape"]) != shape:
             raise CheckpointError(
                 f"{folder / META}: parameter {n} has shape {entry['shape']} in the index, "
-                f"the model's is {list(p.shape)}"
+                f"the model's is {list(shape)}"
             )
-        wanted[f"model/{n}"] = entry
+        wanted[f"model/{n}"] = (entry, placement, tuple(p.shape))
         prefix = f"optim/{n}/"
-        wanted.update({k: e for k, e in tensors.items() if k.startswith(prefix)})
+        for k, e in tensors.items():
+            if k.startswith(prefix):
+                # State shaped as the parameter is sharded as it is; the rest is whole.
+                like_param = tuple(e["shape"]) == shape
+                wanted[k] = (
+                    e,
+                    placement if like_param else None,
+                    tuple(p.shape) if like_param else tuple(e["shape"]),
+                )
     if meta["grid"] == grid.dims:
         key = f"rng/{grid.world.Get_rank()}"
         if key not in tensors:
             raise CheckpointError(f"{folder / META}: the index has no {key}")
-        wanted[key] = tensors[key]
+        wanted[key] = (tensors[key], None, tuple(tensors[key]["shape"]))
     return wanted
 
 
+def _regions(want: _Want) -> list[index.Region]:
+    entry, placement, _ = want
+    if placement is None:
+        return [index.whole(entry["shape"])]
+    return [box for _, _, box in placement.parts]
+
+
+def _read_local(files: TensorFiles, name: str, want: _Want) -> torch.Tensor:
+    """The local tensor of `want`: whole, or this rank's parts of it (zeros elsewhere: the
+    padding of a vocab-parallel shard)."""
+    entry, placement, local_shape = want
+    if placement is None:
+        return files.read(name, entry)
+    local = torch.zeros(local_shape, dtype=getattr(torch, entry["dtype"]))
+    for start, stop, box in placement.parts:
+        local.narrow(placement.dim, start, stop - start).copy_(files.read(name, entry, box))
+    return local
+
+
 def _read_own(folder: Path, meta: dict, grid, model: nn.Module) -> tuple[dict | None, str | None]:
-    """This rank's tensors (whole, today) and the damage it found, if any.
+    """This rank's tensors (its shards of them) and the damage it found, if any.
 
     Verifying checksums is shared out: each file is checked by one of the ranks that read
     it (any rank for a file nobody reads), so no rank reads a file only to checksum it.
     """
     world = grid.world
-    wanted: dict[str, dict] = {}
+    wanted: dict[str, _Want] = {}
     reads: list[str] = []
     damage: str | None = None
     try:
         wanted = _wanted(meta, grid, model, folder)
         reads = sorted(
-            set().union(*(index.files_of(e, index.whole(e["shape"])) for e in wanted.values()))
+            set().union(*(index.files_of(w[0], r) for w in wanted.values() for r in _regions(w)))
         )
     except CheckpointError as e:
         damage = str(e)
@@ -527,7 +592,7 @@ def _read_own(folder: Path, meta: dict, grid, model: nn.Module) -> tuple[dict | 
         return None, damage
     files = TensorFiles(folder)
     try:
-        return {name: files.read(name, entry) for name, entry in wanted.items()}, None
+        return {name: _read_local(files, name, want) for name, want in wanted.items()}, None
     except CheckpointError as e:
         return None, str(e)
 

@@ -9,6 +9,8 @@ tp > 1 run also exercises the vocabulary padding.
 
 from __future__ import annotations
 
+import json
+import shutil
 from contextlib import nullcontext
 
 import pytest
@@ -23,9 +25,15 @@ from test_pipeline import (
     LR,
     N_LAYER,
     SEQ_LEN,
+    SETTINGS,
     VAL_BATCHES,
     VAL_SEED,
+    assert_close_dicts,
+    check_continues,
+    check_ok,
     differences,
+    loss_by_step,
+    merged_params,
     single_rank_reference,
     step_batches,
 )
@@ -46,6 +54,9 @@ from hpcllm.parallel.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from hpcllm.topology import Grid
+
+from helpers import prepare_data
+from helpers import train as launch_train
 
 VOCAB = 67
 TP_CFG = ModelConfig(
@@ -416,3 +427,103 @@ def test_parameters_and_gradients_per_rank_are_a_tp_share(comm):
     ddp = DataParallel(model, TensorComm(grid.comm("dp")))
     assert sum(b.buffer.numel() for b in ddp.buckets) == sharded + replicated
     grid.free()
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("tp-data") / "shards")
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """Uninterrupted 6-step runs checkpointing every 3 steps: tp 2 on 2 ranks (with an
+    end-of-run sample, which merges the shards) and tp 1 on one process."""
+    root = tmp_path_factory.mktemp("tp-runs")
+    base = {**SETTINGS, "data.path": data_dir, "model.n_head": 4}
+    tp2 = launch_train(
+        2, {**base, "run.dir": root / "tp2", "parallel.tp": 2, "run.sample_tokens": 12}, timeout=180
+    )
+    tp1 = launch_train(None, {**base, "run.dir": root / "tp1"}, timeout=180)
+    check_ok(tp2)
+    check_ok(tp1)
+    return {"root": root, "base": base, "tp2": tp2}
+
+
+def test_train_tp2_matches_tp1_and_writes_shards(runs):
+    root = runs["root"]
+    assert_close_dicts(loss_by_step(root / "tp2"), loss_by_step(root / "tp1"), atol=1e-5, rtol=1e-5)
+    step6 = root / "tp2/checkpoints/step_000006"
+    assert_close_dicts(
+        merged_params(step6),
+        merged_params(root / "tp1/checkpoints/step_000006"),
+        **TP_E2E_PARAM_TOL,
+    )
+    assert sorted(p.name for p in step6.glob("model-*")) == [
+        "model-pp0-dp0-tp0.safetensors",
+        "model-pp0-dp0-tp1.safetensors",
+    ]
+    tensors = json.loads((step6 / "meta.json").read_text())["tensors"]
+    # The fused qkv: each rank's heads are three boxes, its q, k and v rows.
+    qkv = tensors["model/blocks.0.attn.qkv.weight"]
+    assert qkv["shape"] == [3 * D_MODEL, D_MODEL]
+    assert sorted((p["offset"][0], p["length"][0], p["file"][-15:-12]) for p in qkv["pieces"]) == [
+        (0, 16, "tp0"),
+        (16, 16, "tp1"),
+        (32, 16, "tp0"),
+        (48, 16, "tp1"),
+        (64, 16, "tp0"),
+        (80, 16, "tp1"),
+    ]
+    # The vocabulary without its padding row; a replicated tensor written once, by tp rank 0.
+    wte = tensors["model/wte.weight"]
+    assert wte["shape"] == [257, D_MODEL]
+    assert sorted((p["offset"][0], p["length"][0]) for p in wte["pieces"]) == [(0, 129), (129, 128)]
+    for name in (
+        "model/blocks.0.ln_1.weight",
+        "model/blocks.0.attn.proj.bias",
+        "optim/blocks.0.mlp.fc.weight/step",
+    ):
+        assert [p["file"][-15:-12] for p in tensors[name]["pieces"]] == ["tp0"], name
+    out = runs["tp2"].stdout
+    assert out.count("sample:\n") == 1 and out.split("sample:\n", 1)[1].strip(), out[-2000:]
+
+
+@pytest.mark.parametrize("written, resumed", [(2, 1), (1, 2)], ids=["tp2-to-tp1", "tp1-to-tp2"])
+def test_checkpoint_resumes_under_another_tp(runs, written, resumed):
+    """The step-3 checkpoint of one tp, alone in a fresh run folder, resumed under the other:
+    steps 4-6 repeat the uninterrupted run's losses (step 5 on depends on the restored AdamW
+    state), and the final weights match."""
+    root = runs["root"]
+    source, target = root / f"tp{written}", root / f"tp{written}-resumed-tp{resumed}"
+    shutil.copytree(source / "checkpoints/step_000003", target / "checkpoints/step_000003")
+    result = launch_train(
+        resumed if resumed > 1 else None,
+        {**runs["base"], "run.dir": target, "parallel.tp": resumed},
+        timeout=180,
+    )
+    check_ok(result)
+    assert f"'tp': {written}}} -> {{'pp': 1, 'dp': 1, 'tp': {resumed}}}" in result.stdout, (
+        result.stdout[-2000:]
+    )
+    check_continues(source, target, TP_E2E_PARAM_TOL)
+
+
+def test_tp_not_dividing_the_heads_is_refused(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch_train(
+        2,
+        {
+            **SETTINGS,
+            "data.path": data_dir,
+            "run.dir": run_dir,
+            "parallel.tp": 2,
+            "model.n_head": 1,
+        },
+        timeout=90,
+    )
+    assert result.returncode == 2, str(result)
+    assert "error: parallel.tp = 2 must divide model.n_head (1)" in result.stderr, str(result)
+    assert result.stderr.count("error:") == 1 and not run_dir.exists(), str(result)
