@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mpi4py import MPI
+from test_comm_mpi import cuda_mpi, cuda_setup
 from test_pipeline import (
     D_MODEL,
     GRAD_CLIP,
@@ -41,7 +42,7 @@ from test_pipeline import (
 from hpcllm.checkpoint_index import Placement, placement_of
 from hpcllm.comm import TensorComm
 from hpcllm.config import Config, ParallelConfig
-from hpcllm.model import GPT, ModelConfig, param_groups
+from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage, loss_function, parallelize
 from hpcllm.parallel.pipeline import PipelineStage, Schedule, split_layers
@@ -426,6 +427,33 @@ def test_parameters_and_gradients_per_rank_are_a_tp_share(comm):
     # Gradients live in the data-parallel buckets, sized by the local parameters.
     ddp = DataParallel(model, TensorComm(grid.comm("dp")))
     assert sum(b.buffer.numel() for b in ddp.buckets) == sharded + replicated
+    grid.free()
+
+
+@cuda_mpi
+@pytest.mark.parametrize("path", ["cuda-aware", "staged"])
+def test_cuda_tp_gpt_matches_dense(comm, path, monkeypatch):
+    """tp 2 on CUDA tensors (through both MPI buffer paths of comm.py): the loss and every
+    gradient of one forward and backward equal the dense model's on the CPU."""
+    cuda_aware = cuda_setup(comm, path, monkeypatch)
+    tp = TensorComm(comm, cuda_aware, name="tp")
+    grid = Grid.build(comm, tp=2)
+    config = Config(model=TP_CFG, parallel=ParallelConfig(tp=2))
+    model = parallelize(GPT(TP_CFG, init_seed=INIT_SEED), grid, config, tp).cuda()
+    dense = GPT(TP_CFG, init_seed=INIT_SEED)
+    ((x, y),) = step_batches(0, num_micro=1, micro_batch=2, dp_rank=0, dp_size=1, vocab=VOCAB)
+    loss = loss_function(config, tp)(model(x.cuda()), y.cuda())
+    loss.backward()
+    reference = cross_entropy(dense(x), y)
+    reference.backward()
+    torch.testing.assert_close(loss.cpu(), reference, atol=1e-5, rtol=1e-5)
+    full = dict(dense.named_parameters())
+    for name, p in model.named_parameters():
+        placement = placement_of(p)
+        want = full[name].grad
+        if placement is not None:
+            want = local_part(want, placement, p.shape)
+        torch.testing.assert_close(p.grad.cpu(), want, atol=1e-5, rtol=1e-4, msg=name)
     grid.free()
 
 
