@@ -8,13 +8,15 @@ A checkpoint is a folder `<run.dir>/checkpoints/step_000100/` holding
     meta.json                            written last: step, loader position, config, grid,
                                          tokenizer, every file's size and CRC-32, tensor index
 
-Each rank writes only what it owns, so there are no duplicate writers: dp rank 0 (tp rank 0)
-of each pipeline stage writes that stage's parameters and optimizer state whole, or, under
-ZeRO-1 (`parallel.zero 1`), every dp rank writes the flat ranges of them that it owns.
+Each rank writes only what it owns, so there are no duplicate writers: dp rank 0 of each
+(pp, tp) coordinate writes its stage's tensor-parallel shards and their optimizer state, and
+tp rank 0 also the tensors replicated over tp; under ZeRO-1 (`parallel.zero 1`) every dp
+rank writes the flat ranges of them that it owns instead.
 Tensors are stored under global names (`model/blocks.3.attn.qkv.weight`,
 `optim/blocks.3.attn.qkv.weight/exp_avg`, `rng/5`) and meta.json's index
 (`checkpoint_index.py`) says which file holds which region of each, so a rank of any other
-layout reads just the tensors, or under ZeRO-1 just the flat ranges, it needs.
+layout reads just the tensors, the boxes of them its tensor-parallel shards hold, or its
+ZeRO-1 flat ranges.
 
 Saving is atomic: everything goes into `.tmp-step_000100/`, fsync'ed; once every rank's
 files are complete, rank 0 writes meta.json with their sizes and checksums and renames the
@@ -38,6 +40,7 @@ import socket
 import zlib
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -175,12 +178,63 @@ def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) 
 def write_own_files(tmp: Path, grid, model: nn.Module, optimizer) -> tuple[dict, dict]:
     """This rank's own file writes: the model and optimizer shards it owns.
 
+    Under ZeRO-1 every dp rank writes its own flat ranges of the parameters and their
+    optimizer state. Otherwise dp replicas hold the same shards and dp rank 0 of each
+    (pp, tp) coordinate writes them: its tensor-parallel shards (each as the boxes of its
+    placement) and, on tp rank 0 only, the tensors replicated over tp.
     Returns ({file: {"size", "crc32"}}, {tensor name: index entry}) for meta.json.
     """
-    tag = f"pp{grid.rank('pp')}-dp{grid.rank('dp')}-tp{grid.rank('tp')}"
+    tp_rank = grid.rank("tp")
+    tag = f"pp{grid.rank('pp')}-dp{grid.rank('dp')}-tp{tp_rank}"
+    if isinstance(optimizer, ShardedAdamW):
+        return _write_flat_ranges(tmp, tag, optimizer.owned_pieces())
+    if grid.rank("dp") != 0:
+        return {}, {}
+    state = optimizer_state_by_name(model, optimizer)
+    # kind -> {global name: (local tensor, its placement or None when whole)}
+    groups: dict[str, dict[str, tuple[torch.Tensor, index.Placement | None]]] = {
+        "model": {},
+        "optim": {},
+    }
+    # named_parameters() lists a tied weight once: safetensors refuses shared storage.
+    for n, p in model.named_parameters():
+        placement = index.placement_of(p)
+        if placement is None and tp_rank != 0:
+            continue  # replicated over tp: tp rank 0 writes it
+        groups["model"][f"model/{n}"] = (p, placement)
+        for k, v in state.get(n, {}).items():
+            v = torch.as_tensor(v)
+            # AdamW's moments are placed as their parameter; its 0-dim step is replicated.
+            if v.shape == p.shape:
+                groups["optim"][f"optim/{n}/{k}"] = (v, placement)
+            elif tp_rank == 0:
+                groups["optim"][f"optim/{n}/{k}"] = (v, None)
     files: dict[str, dict] = {}
     entries: dict[str, dict] = {}
-    pieces = _owned_pieces(grid, model, optimizer)
+    for kind, tensors in groups.items():
+        name = f"{kind}-{tag}.safetensors"
+        stored: dict[str, torch.Tensor] = {}
+        for key, (t, placement) in tensors.items():
+            if placement is None:
+                stored[key] = t
+                entries[key] = index.entry(t, [index.piece(name, key, index.whole(t.shape))])
+                continue
+            pieces = []
+            for i, (start, stop, box) in enumerate(placement.parts):
+                part_key = key if len(placement.parts) == 1 else f"{key}#{i}"
+                # A copy: safetensors refuses tensors that share memory.
+                stored[part_key] = t.detach().narrow(placement.dim, start, stop - start).clone()
+                pieces.append(index.piece(name, part_key, box))
+            entries[key] = index.entry(t, pieces, placement.shape)
+        if stored:
+            files[name] = write_tensor_file(tmp / name, stored)
+    return files, entries
+
+
+def _write_flat_ranges(tmp: Path, tag: str, pieces: list[Piece]) -> tuple[dict, dict]:
+    """ZeRO-1: this rank's (name, global shape, flat region, tensor) pieces, one file per kind."""
+    files: dict[str, dict] = {}
+    entries: dict[str, dict] = {}
     for kind in ("model", "optim"):
         mine = [p for p in pieces if p[0].startswith(f"{kind}/")]
         if not mine:
@@ -191,23 +245,6 @@ def write_own_files(tmp: Path, grid, model: nn.Module, optimizer) -> tuple[dict,
         for key, shape, region, t in mine:
             entries[key] = index.entry(t, [index.piece(name, key, region)]) | {"shape": shape}
     return files, entries
-
-
-def _owned_pieces(grid, model: nn.Module, optimizer) -> list[Piece]:
-    """(name, global shape, region, tensor) of what this rank writes. Under ZeRO-1 every dp
-    rank writes its own flat ranges; otherwise dp replicas hold the same shard and dp rank 0
-    writes it whole."""
-    if isinstance(optimizer, ShardedAdamW):
-        return optimizer.owned_pieces()
-    if grid.rank("dp") != 0 or grid.rank("tp") != 0:
-        return []
-    # named_parameters() lists a tied weight once: safetensors refuses shared storage.
-    tensors = {f"model/{n}": p for n, p in model.named_parameters()} | {
-        f"optim/{n}/{k}": torch.as_tensor(v)
-        for n, state in optimizer_state_by_name(model, optimizer).items()
-        for k, v in state.items()
-    }
-    return [(k, list(t.shape), index.whole(t.shape), t) for k, t in tensors.items()]
 
 
 def save(
@@ -271,12 +308,13 @@ def _commit(
     entries: dict[str, dict] = {}
     for rank_files, rank_entries, _, _ in gathered:
         files.update(rank_files)
-        for key, e in rank_entries.items():
-            # Sharded tensors (ZeRO-1) arrive as one piece from each of their writers.
+        for key, entry in rank_entries.items():
+            # A tensor split between writers (tensor-parallel shards, ZeRO-1 ranges) arrives
+            # as pieces from each of them.
             if key in entries:
-                entries[key]["pieces"] += e["pieces"]
+                entries[key]["pieces"] += entry["pieces"]
             else:
-                entries[key] = e
+                entries[key] = entry
     rng = {
         f"rng/{r}": torch.frombuffer(bytearray(g[2]), dtype=torch.uint8)
         for r, g in enumerate(gathered)
@@ -516,20 +554,38 @@ def load_newest(run_dir: str, *, grid, model: nn.Module, optimizer, check=None):
     return None
 
 
-def _wanted(meta: dict, grid, model: nn.Module, optimizer, folder: Path) -> dict:
-    """{name: (index entry, region)} of what this rank reads: its stage's parameters and
-    their optimizer state (whole, or under ZeRO-1 only the ranges it owns), and its RNG state
-    if the checkpoint was written by this layout."""
+class _Want(NamedTuple):
+    """What a rank reads of one tensor."""
+
+    entry: dict  # its index entry
+    placement: index.Placement | None  # its tensor-parallel shard; None: not tp-sharded
+    local_shape: tuple[int, ...]  # the shape of the local tensor it fills
+    region: index.Region | None = None  # ZeRO-1: the flat range this rank owns
+
+    def regions(self) -> list[index.Region]:
+        if self.region is not None:
+            return [self.region]
+        if self.placement is None:
+            return [index.whole(self.entry["shape"])]
+        return [box for _, _, box in self.placement.parts]
+
+
+def _wanted(meta: dict, grid, model: nn.Module, optimizer, folder: Path) -> dict[str, _Want]:
+    """What this rank needs: its stage's parameters and their optimizer state (its
+    tensor-parallel shards of them, or under ZeRO-1 only the flat ranges it owns), and its
+    RNG state if the checkpoint was written by this layout."""
     tensors = meta["tensors"]
-    wanted = {}
+    wanted: dict[str, _Want] = {}
     for n, p in model.named_parameters():
         entry = tensors.get(f"model/{n}")
         if entry is None:
             raise CheckpointError(f"{folder / META}: the index has no parameter {n}")
-        if tuple(entry["shape"]) != tuple(p.shape):
+        placement = index.placement_of(p)
+        shape = placement.shape if placement is not None else tuple(p.shape)
+        if tuple(entry["shape"]) != shape:
             raise CheckpointError(
                 f"{folder / META}: parameter {n} has shape {entry['shape']} in the index, "
-                f"the model's is {list(p.shape)}"
+                f"the model's is {list(shape)}"
             )
         prefix = f"optim/{n}/"
         for key, e in [(f"model/{n}", entry)] + [
@@ -538,32 +594,54 @@ def _wanted(meta: dict, grid, model: nn.Module, optimizer, folder: Path) -> dict
             if isinstance(optimizer, ShardedAdamW):
                 region = optimizer.owned_region(key, e["shape"])
                 if region is not None:
-                    wanted[key] = (e, region)
-            else:
-                wanted[key] = (e, index.whole(e["shape"]))
+                    wanted[key] = _Want(e, None, tuple(e["shape"]), region)
+                continue
+            # State shaped as the parameter is sharded as it is; the rest is whole.
+            like_param = tuple(e["shape"]) == shape
+            wanted[key] = _Want(
+                e,
+                placement if like_param else None,
+                tuple(p.shape) if like_param else tuple(e["shape"]),
+            )
     if meta["grid"] == grid.dims:
         key = f"rng/{grid.world.Get_rank()}"
         if key not in tensors:
             raise CheckpointError(f"{folder / META}: the index has no {key}")
-        wanted[key] = (tensors[key], index.whole(tensors[key]["shape"]))
+        wanted[key] = _Want(tensors[key], None, tuple(tensors[key]["shape"]))
     return wanted
+
+
+def _read_local(files: TensorFiles, name: str, want: _Want) -> torch.Tensor:
+    """The local tensor of `want`: whole, this rank's flat range of it (ZeRO-1), or its
+    tensor-parallel parts (zeros elsewhere: the padding of a vocab-parallel shard)."""
+    if want.region is not None:
+        return files.read(name, want.entry, want.region)
+    if want.placement is None:
+        return files.read(name, want.entry)
+    local = torch.zeros(want.local_shape, dtype=getattr(torch, want.entry["dtype"]))
+    for start, stop, box in want.placement.parts:
+        part = local.narrow(want.placement.dim, start, stop - start)
+        part.copy_(files.read(name, want.entry, box))
+    return local
 
 
 def _read_own(
     folder: Path, meta: dict, grid, model: nn.Module, optimizer
 ) -> tuple[dict | None, str | None]:
-    """This rank's tensors (the regions it owns) and the damage it found, if any.
+    """This rank's tensors (its shards or owned ranges of them) and the damage it found.
 
     Verifying checksums is shared out: each file is checked by one of the ranks that read
     it (any rank for a file nobody reads), so no rank reads a file only to checksum it.
     """
     world = grid.world
-    wanted: dict[str, tuple[dict, index.Region]] = {}
+    wanted: dict[str, _Want] = {}
     reads: list[str] = []
     damage: str | None = None
     try:
         wanted = _wanted(meta, grid, model, optimizer, folder)
-        reads = sorted(set().union(*(index.files_of(e, r) for e, r in wanted.values())))
+        reads = sorted(
+            set().union(*(index.files_of(w.entry, r) for w in wanted.values() for r in w.regions()))
+        )
     except CheckpointError as e:
         damage = str(e)
     readers = world.allgather(reads)
@@ -580,7 +658,7 @@ def _read_own(
         return None, damage
     files = TensorFiles(folder)
     try:
-        return {name: files.read(name, e, r) for name, (e, r) in wanted.items()}, None
+        return {name: _read_local(files, name, want) for name, want in wanted.items()}, None
     except CheckpointError as e:
         return None, str(e)
 

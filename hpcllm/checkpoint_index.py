@@ -11,9 +11,10 @@ and each piece names the safetensors file and key that hold one region of the te
     {"file": ..., "key": ..., "flat": [0, 16448]}   elements [start, stop) of the tensor
                                                      flattened in row-major order
 
-A box piece is stored with shape `length`, a flat piece as a 1-D tensor. Without ZeRO each
-piece is a whole tensor (a box at offset 0); ZeRO-1 writes flat ranges of parameters and
-optimizer state, and tensor parallelism will write boxes cut along one dim; `read` assembles any requested region from whichever
+A box piece is stored with shape `length`, a flat piece as a 1-D tensor. A replicated
+tensor is one piece, a whole box. A tensor-parallel shard is one box or several (its
+`Placement`: the fused qkv weight of a rank's heads is three boxes, its q, k and v rows);
+ZeRO-1 writes flat ranges of optimizer state; `read` assembles any requested region from whichever
 pieces overlap it, so neither needs a format change, and a rank reads only what overlaps
 the region it asks for (safetensors reads a slice without loading the rest of the file).
 """
@@ -53,13 +54,37 @@ def whole(shape: Sequence[int]) -> Box:
     return Box((0,) * len(shape), tuple(shape))
 
 
-def entry(tensor: torch.Tensor, pieces: list[dict]) -> dict:
-    """The index entry of a tensor (global shape and dtype taken from `tensor`)."""
+def entry(tensor: torch.Tensor, pieces: list[dict], shape: Sequence[int] | None = None) -> dict:
+    """The index entry of a tensor: its global `shape` (by default `tensor`'s) and dtype."""
     return {
-        "shape": list(tensor.shape),
+        "shape": list(tensor.shape if shape is None else shape),
         "dtype": str(tensor.dtype).removeprefix("torch."),
         "pieces": pieces,
     }
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a rank's local part of a sharded tensor sits in the global tensor.
+
+    `parts` pairs a run of the local tensor along `dim`, [start, stop), with the box of the
+    global tensor (of shape `shape`) that it holds. Local elements in no part (a vocabulary's
+    padding rows) belong to no global element: they are neither saved nor loaded.
+    """
+
+    shape: tuple[int, ...]
+    dim: int
+    parts: tuple[tuple[int, int, Box], ...]
+
+
+def placement_of(tensor: torch.Tensor) -> Placement | None:
+    """The placement of a sharded parameter, or None for a whole (replicated) one."""
+    return getattr(tensor, "placement", None)
+
+
+def set_placement(tensor: torch.Tensor, placement: Placement) -> None:
+    """Mark `tensor` (a parameter) as the local part `placement` of a sharded global tensor."""
+    tensor.placement = placement  # type: ignore[attr-defined]  # read back by placement_of
 
 
 def piece(file: str, key: str, region: Region) -> dict:

@@ -38,7 +38,8 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline stages."""
     tp: int = 1
-    """Tensor-parallel ranks (reserved: only 1 is supported today)."""
+    """Tensor-parallel ranks: each holds 1/tp of every block's heads and MLP units and of the
+    vocabulary (padded to a multiple of tp). Must divide model.n_head."""
     schedule: str = "1f1b"
     """Pipeline schedule: '1f1b' (bounded activation memory) or 'gpipe'."""
     stage_layers: str = ""
@@ -356,8 +357,34 @@ def validate(cfg: Config) -> None:
             f"train.seq_len ({t.seq_len}) is longer than the model's context "
             f"model.block_size ({m.block_size})"
         )
-    if p.tp != 1:
-        raise ConfigError(f"parallel.tp = {p.tp}: tensor parallelism is not implemented yet; use 1")
+    if m.n_head % p.tp:
+        # n_head | d_model, so tp then also divides d_model and the MLP's 4 * d_model units.
+        raise ConfigError(
+            f"parallel.tp = {p.tp} must divide model.n_head ({m.n_head}): each "
+            "tensor-parallel rank holds an equal share of the attention heads (and so of "
+            "model.d_model and the MLP's 4 * model.d_model units); choose another parallel.tp "
+            "or model.n_head"
+        )
+    if p.tp > 1 and m.arch != "gpt2":
+        raise ConfigError(
+            f"parallel.tp = {p.tp} supports model.arch gpt2 only (llama's q/k/v, gate and up "
+            "projections are not split yet); use parallel.tp 1 with model.arch llama"
+        )
+    if p.tp > 1 and m.ffn_hidden % p.tp:
+        raise ConfigError(
+            f"parallel.tp = {p.tp} must divide model.ffn_hidden ({m.ffn_hidden}): each "
+            "tensor-parallel rank holds an equal share of the MLP's units"
+        )
+    if p.tp > 1 and o.name == "muon":
+        raise ConfigError(
+            f"optim.name muon with parallel.tp = {p.tp} is not supported yet (Muon "
+            "orthogonalises whole matrices, which tensor parallelism splits); use optim.name adamw"
+        )
+    if p.tp > 1 and p.zero:
+        raise ConfigError(
+            f"parallel.zero 1 with parallel.tp = {p.tp} is not supported yet (the ZeRO shards "
+            "would cut across tensor-parallel shards); use one of them"
+        )
     if o.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, got '{o.name}'")
     if o.name == "muon" and p.zero:

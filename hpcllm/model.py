@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -101,21 +103,28 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.head_dim = cfg.d_model // cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
+        # Where the attention dropout draws its masks: tensor parallelism gives each rank's
+        # heads a generator of their own (hpcllm.parallel.tensor_parallel.dropout_rng).
+        self.dropout_rng: Callable[[], AbstractContextManager] = nullcontext
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.shape
+        # The width of the heads this module holds: all of them, or under tensor
+        # parallelism one rank's share (qkv then holds only their rows).
+        width = self.qkv.weight.shape[0] // 3
+        q, k, v = self.qkv(x).split(width, dim=2)
+        # (B, T, width) -> (B, heads, T, head_dim)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         # softmax(Q K^T / sqrt(d_k)) V with a causal mask.
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        with self.dropout_rng() if self.training and self.dropout else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        y = y.transpose(1, 2).contiguous().view(B, T, width)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 

@@ -37,9 +37,10 @@ from hpcllm.generate import load_model, load_run_tokenizer, sample
 from hpcllm.model import GPT, ModelConfig
 from hpcllm.optim import build_optimizer, lr_scale, set_lr
 from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.parallelize import build_stage
+from hpcllm.parallel.parallelize import build_stage, loss_function
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
+from hpcllm.parallel.tensor_parallel import owned_numel
 from hpcllm.rundir import RunDir
 from hpcllm.runtime import (
     Diverged,
@@ -97,6 +98,7 @@ class Trainer:
     device: torch.device
     dp_comm: TensorComm
     pp_comm: TensorComm
+    tp_comm: TensorComm
     model: GPT
     ddp: DataParallel
     schedule: Schedule
@@ -113,8 +115,14 @@ class Trainer:
     samples_since: tuple[int, int] = (0, 0)
 
     def comm_seconds(self) -> float:
-        """Time blocked on MPI so far: gradient all-reduce, pipeline receives, loss reductions."""
-        return self.ddp.wait_seconds + self.pp_comm.wait_seconds + self.dp_comm.wait_seconds
+        """Time blocked on MPI so far: gradient all-reduce, pipeline receives, loss reductions,
+        tensor-parallel all-reduces."""
+        return (
+            self.ddp.wait_seconds
+            + self.pp_comm.wait_seconds
+            + self.dp_comm.wait_seconds
+            + self.tp_comm.wait_seconds
+        )
 
     def save(self) -> Path:
         tokenizer = None
@@ -163,6 +171,7 @@ def setup(cfg: Config, world) -> Trainer:
     cuda_aware = cfg.train.device == "cuda" and detect_cuda_aware(cfg.parallel.cuda_aware)
     dp_comm = TensorComm(grid.comm("dp"), cuda_aware, name="dp")
     pp_comm = TensorComm(grid.comm("pp"), cuda_aware, name="pp")
+    tp_comm = TensorComm(grid.comm("tp"), cuda_aware, name="tp")
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if cfg.train.dtype == "bfloat16"
@@ -205,8 +214,11 @@ def setup(cfg: Config, world) -> Trainer:
     val = stage_inputs(val_read, grid, device) if reads_data else [(None, None)] * t.eval_batches
 
     # Model (this rank's stage of it), gradient averaging, schedule, optimizer.
-    torch.manual_seed(t.seed + world.Get_rank())  # dropout differs per rank; weights use init_seed
-    model = agree(world, lambda: build_stage(cfg, grid, device))
+    # Dropout differs per (pp, dp) rank but not between tp ranks, which hold replicated
+    # activations (inside a tp region a per-rank generator is forked from this one). The
+    # weights use init_seed.
+    torch.manual_seed(t.seed + world.Get_rank() // grid.size("tp"))
+    model = agree(world, lambda: build_stage(cfg, grid, device, tp_comm))
     ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, shard=cfg.parallel.zero == 1)
     stage = PipelineStage(
         model,
@@ -226,9 +238,10 @@ def setup(cfg: Config, world) -> Trainer:
         device=device,
         dp_comm=dp_comm,
         pp_comm=pp_comm,
+        tp_comm=tp_comm,
         model=model,
         ddp=ddp,
-        schedule=Schedule(stage, cfg.parallel.schedule),
+        schedule=Schedule(stage, cfg.parallel.schedule, loss_fn=loss_function(cfg, tp_comm)),
         optimizer=optimizer,
         loader=loader,
         val=val,
@@ -240,7 +253,9 @@ def setup(cfg: Config, world) -> Trainer:
         resume(trainer, world)
 
     n_params = world.allreduce(
-        sum(p.numel() for p in model.parameters()) if grid.rank("dp") == 0 else 0
+        sum(owned_numel(p, grid.rank("tp")) for p in model.parameters())
+        if grid.rank("dp") == 0
+        else 0
     )
     hosts = rank_hosts(world)
     if world.Get_rank() == 0:
@@ -426,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             _inject_fault(tr.step, world.Get_rank(), tr.model)
             loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
-            grad_norm = clip_grad_norm(tr.model, cfg.optim.grad_clip, [tr.pp_comm], tr.ddp)
+            grad_norm = clip_grad_norm(
+                tr.model, cfg.optim.grad_clip, [tr.pp_comm], tr.tp_comm, tr.ddp
+            )
             computed, comm_computed = time.perf_counter(), tr.comm_seconds()
             # The mean loss over the whole global batch and the whole model's gradient norm
             # are known to every rank, so the finiteness check is the same decision everywhere.

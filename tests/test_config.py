@@ -183,7 +183,10 @@ def test_unreadable_config_files(tmp_path):
             "train.seq_len (32) is longer than the model's context model.block_size (16)",
         ),
         (["--train.micro_batch_size", "0"], "train.micro_batch_size = 0 is out of range"),
-        (["--parallel.tp", "2"], "parallel.tp = 2"),
+        (
+            ["--parallel.tp", "3", "--model.n_head", "4"],
+            "parallel.tp = 3 must divide model.n_head (4)",
+        ),
         (["--train.dtype", "fp8"], "train.dtype must be float32 or bfloat16"),
         (["--parallel.cuda_aware", "maybe"], "parallel.cuda_aware must be auto, yes or no"),
     ],

@@ -160,7 +160,13 @@ def test_activation_meter_counts_activations_not_parameters():
 
 
 def step_batches(
-    seed: int, *, num_micro: int, micro_batch: int, dp_rank: int, dp_size: int
+    seed: int,
+    *,
+    num_micro: int,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+    vocab: int = VOCAB,
 ) -> list[tuple]:
     """This dp rank's micro-batches (x, y) of one step of random tokens.
 
@@ -170,7 +176,7 @@ def step_batches(
     """
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(
-        VOCAB, (num_micro * micro_batch * dp_size, SEQ_LEN + 1), generator=generator
+        vocab, (num_micro * micro_batch * dp_size, SEQ_LEN + 1), generator=generator
     )
     picks = step_positions(
         0,
@@ -276,20 +282,33 @@ def run_layout(
 
 
 def single_rank_reference(
-    num_micro: int, micro_batch: int = 2, steps: int = STEPS, cfg: ModelConfig = GPT_CFG
+    num_micro: int,
+    micro_batch: int = 2,
+    steps: int = STEPS,
+    cfg: ModelConfig = GPT_CFG,
+    eps: float = ADAM_EPS,
 ) -> dict:
     """The same training in plain PyTorch: the whole GPT, no MPI and nothing of hpcllm.parallel."""
     model = GPT(cfg, init_seed=INIT_SEED)
     optimizer = torch.optim.AdamW(
-        param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS, foreach=False
+        param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=eps, foreach=False
     )
+
+    def batches(seed: int, count: int) -> list[tuple]:
+        return step_batches(
+            seed,
+            num_micro=count,
+            micro_batch=micro_batch,
+            dp_rank=0,
+            dp_size=1,
+            vocab=cfg.vocab_size,
+        )
+
     losses, grad_norms = [], []
     for step in range(steps):
         optimizer.zero_grad()
         total = 0.0
-        for x, y in step_batches(
-            step, num_micro=num_micro, micro_batch=micro_batch, dp_rank=0, dp_size=1
-        ):
+        for x, y in batches(step, num_micro):
             loss = cross_entropy(model(x), y)
             (loss / num_micro).backward()  # the step's gradient is the mean over micro-batches
             total += loss.item()
@@ -298,12 +317,7 @@ def single_rank_reference(
         losses.append(total / num_micro)
     model.eval()
     with torch.no_grad():
-        val = [
-            cross_entropy(model(x), y).item()
-            for x, y in step_batches(
-                VAL_SEED, num_micro=VAL_BATCHES, micro_batch=micro_batch, dp_rank=0, dp_size=1
-            )
-        ]
+        val = [cross_entropy(model(x), y).item() for x, y in batches(VAL_SEED, VAL_BATCHES)]
     return {
         "losses": losses,
         "grad_norms": grad_norms,
@@ -646,13 +660,19 @@ def test_checkpoint_resumes_under_another_pp(runs, data_dir, written, resumed):
         f"layout {{'pp': {old}, 'dp': 1, 'tp': 1}} -> {{'pp': {resumed}, 'dp': 1, 'tp': 1}}"
         in result.stdout
     )
+    check_continues(source, target, E2E_PARAM_TOL)
+
+
+def check_continues(source, target, param_tol: dict) -> None:
+    """The run resumed at step 3 in `target` repeats steps 4-6 of the uninterrupted run in
+    `source`: its losses, and the final weights within `param_tol`."""
     got, uninterrupted = loss_by_step(target), loss_by_step(source)
     assert sorted(got) == [4, 5, 6]
     assert_close_dicts(got, {s: uninterrupted[s] for s in got}, atol=1e-5, rtol=1e-5)
     assert_close_dicts(
         merged_params(target / "checkpoints/step_000006"),
         merged_params(source / "checkpoints/step_000006"),
-        **E2E_PARAM_TOL,
+        **param_tol,
     )
 
 

@@ -79,7 +79,7 @@ def test_zero1_equals_zero0_every_step_every_parameter(comm):
             for group in optimizer.param_groups:
                 group["lr"] = 3e-3 * (step + 1) / STEPS
             loss_sum = train_step(schedule, ddp, batches, nullcontext())
-            norm = clip_grad_norm(model, 0.5, [pp_comm], ddp)
+            norm = clip_grad_norm(model, 0.5, [pp_comm], ddp=ddp)
             optimizer.step()
             loss = mean_over_grid(loss_sum, accum, [ddp.comm])
             results.append((loss, norm))
@@ -102,7 +102,7 @@ def test_zero1_optimizer_state_is_half_per_rank_on_dp2(comm):
     for zero in (0, 1):
         model, ddp, optimizer, schedule, pp_comm = build(comm, zero=zero, bucket_mb=0.01)
         train_step(schedule, ddp, micro_batches(0, comm.rank, 1), nullcontext())
-        clip_grad_norm(model, 1.0, [pp_comm], ddp)
+        clip_grad_norm(model, 1.0, [pp_comm], ddp=ddp)
         optimizer.step()
         measured[zero] = optimizer_state_bytes(optimizer)
         total = sum(p.numel() for p in model.parameters())
@@ -153,7 +153,7 @@ def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypa
         model, ddp, optimizer, schedule, pp_comm = build(comm, zero=zero, bucket_mb=0.01)
         for step in range(2):
             train_step(schedule, ddp, micro_batches(step, comm.rank, 1), nullcontext())
-            clip_grad_norm(model, 1.0, [pp_comm], ddp)
+            clip_grad_norm(model, 1.0, [pp_comm], ddp=ddp)
             optimizer.step()
         trained[zero] = (model, ddp, optimizer, schedule, pp_comm)
     model, _, optimizer, _, _ = trained[1]
@@ -197,7 +197,7 @@ def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypa
     # run's: weights and moments were both restored (a fresh Adam state would step differently).
     for model, ddp, optimizer, schedule, pp_comm in [*resumed, trained[0]]:
         train_step(schedule, ddp, micro_batches(2, comm.rank, 1), nullcontext())
-        clip_grad_norm(model, 1.0, [pp_comm], ddp)
+        clip_grad_norm(model, 1.0, [pp_comm], ddp=ddp)
         optimizer.step()
     reference = dict(trained[0][0].named_parameters())
     for zero, (model, *_) in zip((1, 0), resumed, strict=True):

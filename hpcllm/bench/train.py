@@ -94,7 +94,7 @@ def hpcllm_stepper(
 
     def step(x, y) -> float:
         loss = train_step(schedule, dp, [(x, y)], nullcontext())
-        clip_grad_norm(model, 1.0, [pp_comm], dp)
+        clip_grad_norm(model, 1.0, [pp_comm], ddp=dp)
         optimizer.step()
         return loss.item()
 

@@ -163,6 +163,20 @@ class DataParallel:
             return [p.grad for b in self.buckets for p in b.params if p.grad is not None]
         return [b.grad_shard for b in self.buckets if b.grad_shard is not None]
 
+    def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """ZeRO-1: (parameter, the run of its averaged gradient in this rank's shards), for
+        sums that must know whose elements they add (a norm counting each parameter once)."""
+        pieces = []
+        for b in self.buckets:
+            if b.grad_shard is None:
+                continue
+            lo, hi = b.shard_range(self.comm.rank, self.comm.size)
+            for p, offset in zip(b.params, b.offsets, strict=True):
+                start, stop = max(lo, offset), min(hi, offset + p.numel())
+                if start < stop:
+                    pieces.append((p, b.grad_shard[start - lo : stop - lo]))
+        return pieces
+
     def gather_params(self) -> None:
         """ZeRO-1: every rank's updated range of the parameters, all-gathered over dp."""
         works = [

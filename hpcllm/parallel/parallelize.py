@@ -6,23 +6,38 @@ the final norm and LM head on the last. Only those modules are ever built, so no
 the whole model; parameters keep the full model's names and are initialised per name, so
 the weights do not depend on the layout.
 
-`parallelize(model, grid, cfg)` is then the one place where modules are swapped by name for
-their parallel versions, as torchtitan's `parallelize` does: model.py never learns about
-ranks. Tensor parallelism will do it here (column-parallel `attn.qkv` and `mlp.fc`,
-row-parallel `attn.proj` and `mlp.proj`, a vocab-parallel `wte` and `lm_head`); with tp = 1,
-all that exists today, there is nothing to swap and the stage is returned as built.
+`parallelize(model, grid, cfg, tp_comm)` is then the one place where modules are swapped by
+name for their parallel versions, as torchtitan's `parallelize` does: model.py never learns
+about ranks. Tensor parallelism swaps `attn.qkv` and `mlp.fc` for column-parallel layers,
+`attn.proj` and `mlp.proj` for row-parallel ones, `wte` for a vocab-parallel embedding and
+`lm_head` for a column-parallel head over the vocabulary; `loss_function` gives the schedule
+the matching (vocab-parallel) loss.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch.nn as nn
+
+from hpcllm.comm import TensorComm
 from hpcllm.config import Config
-from hpcllm.model import GPT
-from hpcllm.parallel.pipeline import split_layers
+from hpcllm.model import GPT, cross_entropy
+from hpcllm.parallel.pipeline import LossFn, split_layers
+from hpcllm.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    dropout_rng,
+    padded_vocab,
+    vocab_parallel_cross_entropy,
+)
 from hpcllm.topology import Grid
 
 
-def build_stage(cfg: Config, grid: Grid, device) -> GPT:
-    """This rank's pipeline stage of the GPT (the whole model when pp = 1)."""
+def build_stage(cfg: Config, grid: Grid, device, tp_comm: TensorComm | None = None) -> GPT:
+    """This rank's pipeline stage of the GPT (the whole model when pp = 1), with this tp
+    rank's shards of its weights (`tp_comm` by default the grid's tp group, host buffers)."""
     layers = split_layers(cfg.model.n_layer, grid.size("pp"), cfg.parallel.stage_layers)
     model = GPT(
         cfg.model,
@@ -31,15 +46,48 @@ def build_stage(cfg: Config, grid: Grid, device) -> GPT:
         last=grid.is_last_stage,
         init_seed=cfg.train.seed,
     )
-    return parallelize(model, grid, cfg).to(device)
+    if tp_comm is None:
+        tp_comm = TensorComm(grid.comm("tp"), name="tp")
+    return parallelize(model, grid, cfg, tp_comm).to(device)
 
 
-def parallelize(model: GPT, grid: Grid, cfg: Config) -> GPT:
+def parallelize(model: GPT, grid: Grid, cfg: Config, tp_comm: TensorComm) -> GPT:
     """Apply the grid's module-swapping parallelisms to this rank's stage, by module name.
 
-    Only tensor parallelism swaps modules, and tp = 1 today (config.validate refuses any
-    other value), so the stage comes back unchanged; data parallelism works on gradients
-    (DataParallel) and pipeline parallelism on which modules exist (`build_stage`).
+    Only tensor parallelism swaps modules; data parallelism works on gradients
+    (DataParallel) and pipeline parallelism on which modules exist (`build_stage`). The
+    dense modules were initialised in full; each parallel module keeps this rank's slice.
     """
-    assert grid.size("tp") == cfg.parallel.tp == 1, "tensor parallelism is not implemented yet"
+    assert grid.size("tp") == tp_comm.size == cfg.parallel.tp
+    if tp_comm.size == 1:
+        return model
+    padded = padded_vocab(cfg.model.vocab_size, tp_comm.size)
+    for name, module in list(model.named_modules()):
+        new: nn.Module | None = None
+        if name.endswith(".attn.qkv"):
+            # Three segments (q, k, v): each rank keeps its heads' rows of all three.
+            new = ColumnParallelLinear.from_dense(module, tp_comm, groups=3)
+        elif name.endswith(".mlp.fc"):
+            new = ColumnParallelLinear.from_dense(module, tp_comm)
+        elif name.endswith((".attn.proj", ".mlp.proj")):
+            new = RowParallelLinear.from_dense(module, tp_comm)
+        elif name == "wte":
+            new = VocabParallelEmbedding.from_dense(module, tp_comm, padded)
+        elif name == "lm_head":
+            new = ColumnParallelLinear.from_dense(module, tp_comm, padded=padded)
+        elif name.endswith(".attn"):
+            module.dropout_rng = dropout_rng(tp_comm)
+        if new is not None:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, new)
+    if cfg.model.tie_embeddings and model.first and model.last:
+        model.lm_head.weight = model.wte.weight  # the same vocabulary rows on this rank
     return model
+
+
+def loss_function(cfg: Config, tp_comm: TensorComm) -> LossFn:
+    """The loss the schedule applies to the last stage's output: plain cross-entropy, or
+    under tp the vocab-parallel one on this rank's logit shard."""
+    if tp_comm.size == 1:
+        return cross_entropy
+    return partial(vocab_parallel_cross_entropy, comm=tp_comm, vocab_size=cfg.model.vocab_size)

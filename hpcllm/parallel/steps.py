@@ -15,6 +15,7 @@ from hpcllm.comm import TensorComm
 from hpcllm.data.loader import MicroBatch
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.pipeline import Schedule
+from hpcllm.parallel.tensor_parallel import counted_once
 from hpcllm.topology import Grid
 
 
@@ -22,22 +23,32 @@ def clip_grad_norm(
     model: torch.nn.Module,
     max_norm: float,
     model_comms: list[TensorComm],
+    tp_comm: TensorComm | None = None,
     ddp: DataParallel | None = None,
 ) -> float:
     """Clip by the norm of the whole model's gradient.
 
     After the dp all-reduce every replica holds the same gradients, so the squared
-    norms are summed only across the ranks that hold different parts of the
-    model (pipeline stages, later tensor shards). Under ZeRO-1 (`ddp.shard`) each dp
-    rank holds the average of its own shard only: those shards are what is measured
-    and clipped, and their squared norms are summed over dp too, each element once.
-    Squares are summed in fp64, so the norm does not depend on how the gradient is cut.
+    norms are summed only across the ranks that hold different parts of the model:
+    pipeline stages (`model_comms`) and tensor-parallel shards (`tp_comm`). Each parameter
+    counts exactly once: its shards on every tp rank, a parameter replicated over tp (a
+    layer norm, a row-parallel bias) on tp rank 0 only. Under ZeRO-1 (`ddp.shard`) each dp
+    rank holds the average of its own shard only: those shards are what is measured and
+    clipped, and their squared norms are summed over dp too, each element once. Squares are
+    summed in fp64, so the norm does not depend on how the gradient is cut.
     """
+    tp_rank = 0 if tp_comm is None else tp_comm.rank
+    comms = [*model_comms, *([tp_comm] if tp_comm is not None else [])]
     if ddp is not None and ddp.shard:
-        grads, comms = ddp.grad_shards(), [*model_comms, ddp.comm]
+        grads, pieces = ddp.grad_shards(), ddp.grad_pieces()
+        comms.append(ddp.comm)
     else:
-        grads, comms = [p.grad for p in model.parameters() if p.grad is not None], model_comms
-    sq = torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads]).sum().reshape(1)
+        pieces = [(p, p.grad) for p in model.parameters() if p.grad is not None]
+        grads = [g for _, g in pieces]
+    counted = [g for p, g in pieces if counted_once(p, tp_rank)]
+    sq = torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    for g in counted:
+        sq += g.pow(2).sum(dtype=torch.float64)
     for c in comms:
         if c.size > 1:
             c.allreduce_(sq)
