@@ -95,7 +95,7 @@ def probe_cpu_tflops(
     return best / 1e12
 
 
-def _cpu_key(threads: int, dtype: torch.dtype) -> str:
+def _cpu_key(threads: int, dtype: torch.dtype, ranks_on_node: int) -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -104,12 +104,21 @@ def _cpu_key(threads: int, dtype: torch.dtype) -> str:
             )
     except OSError:
         pass
-    return f"{model}|{os.cpu_count()} cpus|{threads} threads|{dtype}|torch {torch.__version__}"
+    return (
+        f"{model}|{os.cpu_count()} cpus|{ranks_on_node} ranks x {threads} threads|{dtype}|"
+        f"torch {torch.__version__}"
+    )
 
 
-def cpu_peak_tflops(threads: int, dtype: torch.dtype = torch.float32, cache: Path = CACHE) -> float:
-    """The probe's figure for this CPU and thread count, measured once and cached."""
-    key = _cpu_key(threads, dtype)
+def cpu_peak_tflops(
+    threads: int, dtype: torch.dtype = torch.float32, cache: Path = CACHE, ranks_on_node: int = 1
+) -> float:
+    """The probe's figure for this CPU and thread count, measured once and cached.
+
+    Every rank of a node probes at the same time, as they will compute, so the figure is a
+    rank's share of the node; it is cached per number of ranks on the node (4 ranks on 2
+    cores get half the peak of 2 ranks each)."""
+    key = _cpu_key(threads, dtype, ranks_on_node)
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -131,14 +140,18 @@ def cpu_peak_tflops(threads: int, dtype: torch.dtype = torch.float32, cache: Pat
 
 
 def peak_tflops(
-    device: torch.device, dtype: torch.dtype, threads: int, override: float = 0.0
+    device: torch.device,
+    dtype: torch.dtype,
+    threads: int,
+    override: float = 0.0,
+    ranks_on_node: int = 1,
 ) -> float | None:
     """Per-rank peak TFLOP/s: `override` if set, else the GPU table or the cached CPU probe."""
     if override > 0:
         return override
     if device.type == "cuda":
         return gpu_peak_tflops(torch.cuda.get_device_name(device), dtype)
-    return cpu_peak_tflops(threads, torch.float32)
+    return cpu_peak_tflops(threads, torch.float32, ranks_on_node=ranks_on_node)
 
 
 def mfu(

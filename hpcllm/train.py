@@ -548,8 +548,9 @@ def agreed_peak_tflops(tr: Trainer, world) -> float | None:
     None if a rank's device is unknown (a GPU not in the table and no train.peak_tflops)."""
     t = tr.cfg.train
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+    _, ranks_on_node = node_local(world)
     peaks = world.allgather(
-        mfu.peak_tflops(tr.device, dtype, torch.get_num_threads(), t.peak_tflops)
+        mfu.peak_tflops(tr.device, dtype, torch.get_num_threads(), t.peak_tflops, ranks_on_node)
     )
     return None if None in peaks else sum(peaks) / len(peaks)
 

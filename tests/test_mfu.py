@@ -42,6 +42,9 @@ def test_cpu_peak_is_probed_once_then_cached(tmp_path, monkeypatch):
     assert mfu.cpu_peak_tflops(2, cache=cache) == pytest.approx(0.1)
     assert mfu.cpu_peak_tflops(1, cache=cache) == pytest.approx(0.05)
     assert calls == [2, 1]
+    # Two ranks probing together on the node are another figure than one alone.
+    assert mfu.cpu_peak_tflops(2, cache=cache, ranks_on_node=2) == pytest.approx(0.1)
+    assert calls == [2, 1, 2]
     cache.write_text("not json")  # a damaged cache is measured again, not fatal
     assert mfu.cpu_peak_tflops(2, cache=cache) == pytest.approx(0.1)
 
