@@ -123,10 +123,11 @@ def torch_stepper(cfg: ModelConfig, bucket_mb: float, ddp: bool):
     return step
 
 
-def run(args, world: MPI.Comm) -> dict:
-    import torch.distributed as dist
-
-    rank, size = world.Get_rank(), world.Get_size()
+def model_and_batches(
+    args, rank: int
+) -> tuple[ModelConfig, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The benchmark's model config and its synthetic data: uniform random tokens, different
+    on each rank, the same for every implementation, drawn before timing."""
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(
         vocab_size=args.vocab,
@@ -135,14 +136,19 @@ def run(args, world: MPI.Comm) -> dict:
         n_head=args.n_head,
         d_model=args.d_model,
     )
-    # Synthetic data: uniform random tokens, different on each rank, the same for both
-    # implementations, drawn before timing.
     gen = torch.Generator().manual_seed(1000 + rank)
     tokens = [
         torch.randint(cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
         for _ in range(4)
     ]
-    batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in tokens]
+    return cfg, [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in tokens]
+
+
+def run(args, world: MPI.Comm) -> dict:
+    import torch.distributed as dist
+
+    rank, size = world.Get_rank(), world.Get_size()
+    cfg, batches = model_and_batches(args, rank)
     port = None
     if rank == 0:
         with socket.socket() as s:  # a free port for gloo's rendezvous, chosen by rank 0

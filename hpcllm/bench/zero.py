@@ -11,13 +11,12 @@ import dataclasses
 import statistics
 import time
 
-import torch
 from mpi4py import MPI
 
 from hpcllm.bench.common import ForeignLoad, environment, slowest, table
-from hpcllm.bench.train import add_shared_arguments, hpcllm_stepper
+from hpcllm.bench.train import add_shared_arguments, hpcllm_stepper, model_and_batches
 from hpcllm.comm import TensorComm
-from hpcllm.model import GPT, ModelConfig
+from hpcllm.model import GPT
 from hpcllm.parallel.zero import optimizer_state_bytes
 from hpcllm.runtime import print0
 
@@ -29,20 +28,7 @@ def add_arguments(parser) -> None:
 
 def run(args, world: MPI.Comm) -> dict:
     rank, size = world.Get_rank(), world.Get_size()
-    torch.set_num_threads(args.threads)
-    cfg = ModelConfig(
-        vocab_size=args.vocab,
-        block_size=args.seq_len,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        d_model=args.d_model,
-    )
-    gen = torch.Generator().manual_seed(1000 + rank)
-    tokens = [
-        torch.randint(cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
-        for _ in range(4)
-    ]
-    batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in tokens]
+    cfg, batches = model_and_batches(args, rank)
     comm = TensorComm(world, name="dp")
     step_times: dict[int, list[float]] = {0: [], 1: []}
     state_bytes: dict[int, int] = {}
