@@ -68,6 +68,9 @@ class Watchdog:
         self._last_beat = time.monotonic()
         self._paused = 0
         self._thread: threading.Thread | None = None
+        # Set when the timeouts change, so the thread does not sleep out an interval chosen
+        # for the old ones (start-up's long limit) while peers judge its heartbeat by the new.
+        self._wake = threading.Event()
         self._heartbeats: Path | None = None  # <run.dir>/heartbeat once the run folder is ours
         self._backstop = False
 
@@ -120,6 +123,8 @@ class Watchdog:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="hpcllm-watchdog", daemon=True)
             self._thread.start()
+        else:
+            self._wake.set()
 
     def stop(self) -> None:
         """Disarm (the run has ended); this rank's heartbeat file goes with it."""
@@ -135,7 +140,9 @@ class Watchdog:
 
     def step_done(self, step: int) -> None:
         self.step = step
-        self._first_step_done = True
+        if not self._first_step_done:
+            self._first_step_done = True
+            self._wake.set()  # the limit drops from the first step's to the usual one
         self._last_beat = time.monotonic()
 
     @contextmanager
@@ -194,7 +201,9 @@ class Watchdog:
     def _run(self) -> None:
         while self.timeout > 0:
             limit = self._limit()
-            time.sleep(self._interval(limit))
+            if self._wake.wait(self._interval(limit)):
+                self._wake.clear()
+                continue  # new timeouts: recompute the interval and the limit
             self._write_heartbeat()
             idle = time.monotonic() - self._last_beat
             if self._paused or idle < limit or self.timeout <= 0:
