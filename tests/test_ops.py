@@ -419,7 +419,9 @@ def test_a_second_run_on_the_same_run_dir_is_refused_naming_the_holder(data_dir,
     run_dir = tmp_path / "run"
     job = Job(2, ops_settings(data_dir, run_dir, **{"train.max_steps": ENDLESS}), tmp_path)
     job.wait_for_step(2)
-    second = train(2, ops_settings(data_dir, run_dir, **{"train.max_steps": 5}), timeout=60)
+    # Refused in ~5 s on a quiet machine; the bound is generous because the first run's two
+    # ranks spin in MPI beside it on a 2-core CI machine.
+    second = train(2, ops_settings(data_dir, run_dir, **{"train.max_steps": 5}), timeout=180)
     assert second.returncode == 2, second
     holder = f"host {socket.gethostname()}, pid {job.rank_pid(0)}"
     assert f"run.dir {run_dir} is in use by another run: {holder}" in second.stderr, second
