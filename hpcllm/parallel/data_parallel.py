@@ -130,11 +130,15 @@ class DataParallel:
             bucket = self.buckets[self._next_launch]
             if bucket.pending and not force:
                 return
-            if bucket.grad_shard is not None:
-                bucket.work = self.comm.ireduce_scatter(bucket.buffer, bucket.grad_shard)
-            else:
-                bucket.work = self.comm.iallreduce_(bucket.buffer)
+            bucket.work = self._start_reduction(bucket)
             self._next_launch += 1
+
+    def _start_reduction(self, bucket: Bucket) -> Work:
+        """Start summing `bucket` over dp: the whole buffer, or only this rank's shard of it
+        under ZeRO-1. The one place a bucket's reduction is chosen."""
+        if bucket.grad_shard is not None:
+            return self.comm.ireduce_scatter(bucket.buffer, bucket.grad_shard)
+        return self.comm.iallreduce_(bucket.buffer)
 
     def finish(self) -> float:
         """Wait for every bucket's all-reduce (reduce-scatter under ZeRO-1) and average;
