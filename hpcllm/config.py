@@ -365,15 +365,17 @@ def validate(cfg: Config) -> None:
             "model.d_model and the MLP's 4 * model.d_model units); choose another parallel.tp "
             "or model.n_head"
         )
-    if p.tp > 1 and m.arch != "gpt2":
+    if p.tp > 1 and m.arch == "llama" and m.kv_heads() % p.tp:
         raise ConfigError(
-            f"parallel.tp = {p.tp} supports model.arch gpt2 only (llama's q/k/v, gate and up "
-            "projections are not split yet); use parallel.tp 1 with model.arch llama"
+            f"parallel.tp = {p.tp} must divide model.n_kv_head ({m.kv_heads()}): each "
+            "tensor-parallel rank holds the key/value heads of its own query heads; choose "
+            "another parallel.tp or model.n_kv_head"
         )
-    if p.tp > 1 and m.ffn_hidden % p.tp:
+    if p.tp > 1 and m.ffn_size() % p.tp:
         raise ConfigError(
-            f"parallel.tp = {p.tp} must divide model.ffn_hidden ({m.ffn_hidden}): each "
-            "tensor-parallel rank holds an equal share of the MLP's units"
+            f"parallel.tp = {p.tp} must divide the MLP's hidden width ({m.ffn_size()}, "
+            "model.ffn_hidden or its default): each tensor-parallel rank holds an equal share "
+            "of the MLP's units"
         )
     if p.tp > 1 and o.name == "muon":
         raise ConfigError(

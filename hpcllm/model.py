@@ -149,6 +149,7 @@ class GroupedQueryAttention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=RMS_NORM_EPS)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
+        self.dropout_rng: Callable[[], AbstractContextManager] = nullcontext  # as gpt2's
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         assert rope is not None, "llama attention needs the rotary tables"
@@ -159,14 +160,15 @@ class GroupedQueryAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=True,  # key/value head j serves query heads j*g .. j*g + g-1
-        )
+        with self.dropout_rng() if self.training and self.dropout else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=True,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=True,  # key/value head j serves query heads j*g .. j*g + g-1
+            )
         y = y.transpose(1, 2).reshape(B, T, -1)
         return F.dropout(self.proj(y), self.dropout, self.training)
 

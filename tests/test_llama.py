@@ -142,6 +142,14 @@ def test_llama_stages_equal_the_full_model():
         (["--model.n_kv_head", "2"], "model.n_kv_head = 2 applies to model.arch = llama only"),
         (["--model.qk_norm", "true"], "model.qk_norm = True applies to model.arch = llama only"),
         (["--model.arch", "mamba"], "model.arch must be gpt2 or llama, got 'mamba'"),
+        (
+            ["--model.arch", "llama", "--model.n_kv_head", "1", "--parallel.tp", "2"],
+            "parallel.tp = 2 must divide model.n_kv_head (1)",
+        ),
+        (
+            ["--model.arch", "llama", "--model.ffn_hidden", "99", "--parallel.tp", "2"],
+            "parallel.tp = 2 must divide the MLP's hidden width (99",
+        ),
         (["--model.arch", "llama", "--model.rope_theta", "0"], "model.rope_theta = 0.0 is out of"),
         (
             ["--model.arch", "llama", "--model.d_model", "36", "--model.n_head", "4"],

@@ -71,6 +71,18 @@ TIED_CFG = ModelConfig(
     d_model=D_MODEL,
     tie_embeddings=True,
 )
+# llama under tp: grouped-query attention (2 key/value heads, one per tp rank) and QK-norm,
+# whose replicated weights meet each rank's own heads only.
+LLAMA_TP_CFG = ModelConfig(
+    vocab_size=VOCAB,
+    block_size=SEQ_LEN,
+    n_layer=N_LAYER,
+    n_head=4,
+    d_model=D_MODEL,
+    arch="llama",
+    n_kv_head=2,
+    qk_norm=True,
+)
 CPU = torch.device("cpu")
 # AdamW's eps for the in-process layouts (test_pipeline explains why it is not 1e-8). Tensor
 # parallelism also changes the summation order inside every block (row-parallel partial sums,
@@ -350,6 +362,23 @@ def test_tp_layouts_match_single_rank(comm):
     assert not problems, "\n".join(problems)
     ref = reference[2, False]
     assert max(ref["grad_norms"]) > GRAD_CLIP  # clipping, by the norm over all shards, acted
+
+
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_llama_tp2_matches_single_rank(comm):
+    """llama (GQA, QK-norm, SwiGLU, RoPE) at tp 2: the single-rank run's losses, gradient
+    norms, validation loss and parameters, QK-norm weights included (their gradient is the
+    sum over both ranks' heads)."""
+    reference = (
+        single_rank_reference(2, cfg=LLAMA_TP_CFG, eps=TP_ADAM_EPS) if comm.rank == 0 else None
+    )
+    result = run_tp_layout(
+        comm, pp=1, dp=1, tp=2, schedule="1f1b", num_micro=2, micro_batch=2, cfg=LLAMA_TP_CFG
+    )
+    if comm.rank == 0:
+        assert "blocks.0.attn.q_norm.weight" in result["params"]
+        problems = differences("llama tp=2", result, reference)
+        assert not problems, "\n".join(problems)
 
 
 # ---------------------------------------------------------------- dropout and memory

@@ -119,12 +119,16 @@ def run_hpcllm(np_: int, data: Path, run_dir: Path, steps: int, warmup: int) -> 
     }
 
 
-def run_nanogpt(clone: Path, workdir: Path, steps: int, warmup: int) -> dict:
-    # train.py reads configurator.py, the config and data/ from its working folder: links to
-    # the clone's files there, beside the data written for it.
+def link_nanogpt(clone: Path, workdir: Path) -> None:
+    """nanoGPT's train.py reads configurator.py, the config and data/ from its working folder:
+    links to the clone's files there, beside the data written for it."""
     for name in ("train.py", "model.py", "configurator.py", "config"):
         if not (workdir / name).exists():
             (workdir / name).symlink_to(clone / name)
+
+
+def run_nanogpt(clone: Path, workdir: Path, steps: int, warmup: int) -> dict:
+    link_nanogpt(clone, workdir)
     cmd = [
         sys.executable,
         "train.py",

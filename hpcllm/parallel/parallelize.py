@@ -8,8 +8,9 @@ the weights do not depend on the layout.
 
 `parallelize(model, grid, cfg, tp_comm)` is then the one place where modules are swapped by
 name for their parallel versions, as torchtitan's `parallelize` does: model.py never learns
-about ranks. Tensor parallelism swaps `attn.qkv` and `mlp.fc` for column-parallel layers,
-`attn.proj` and `mlp.proj` for row-parallel ones, `wte` for a vocab-parallel embedding and
+about ranks. Tensor parallelism swaps `attn.qkv` and `mlp.fc` (llama: `attn.q/k/v`, `mlp.gate/up`) for
+column-parallel layers, `attn.proj` and `mlp.proj` for row-parallel ones, llama's QK-norms
+for `HeadNorm`s (their replicated weight meets a rank's own heads only), `wte` for a vocab-parallel embedding and
 `lm_head` for a column-parallel head over the vocabulary; `loss_function` gives the schedule
 the matching (vocab-parallel) loss.
 """
@@ -26,6 +27,7 @@ from hpcllm.model import GPT, cross_entropy
 from hpcllm.parallel.pipeline import LossFn, split_layers
 from hpcllm.parallel.tensor_parallel import (
     ColumnParallelLinear,
+    HeadNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
     dropout_rng,
@@ -67,8 +69,10 @@ def parallelize(model: GPT, grid: Grid, cfg: Config, tp_comm: TensorComm) -> GPT
         if name.endswith(".attn.qkv"):
             # Three segments (q, k, v): each rank keeps its heads' rows of all three.
             new = ColumnParallelLinear.from_dense(module, tp_comm, groups=3)
-        elif name.endswith(".mlp.fc"):
+        elif name.endswith((".mlp.fc", ".attn.q", ".attn.k", ".attn.v", ".mlp.gate", ".mlp.up")):
             new = ColumnParallelLinear.from_dense(module, tp_comm)
+        elif name.endswith((".attn.q_norm", ".attn.k_norm")):
+            new = HeadNorm(module, tp_comm)
         elif name.endswith((".attn.proj", ".mlp.proj")):
             new = RowParallelLinear.from_dense(module, tp_comm)
         elif name == "wte":

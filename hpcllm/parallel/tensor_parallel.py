@@ -4,8 +4,11 @@ A block's two matrix pairs are cut so that each needs one all-reduce forward and
 backward, on the tp communicator:
 
     attention:  qkv  column-parallel (each rank: its heads' q, k and v rows)
+                     (llama: q, k and v, each column-parallel: 1/tp of the query heads and
+                     of the key/value heads, so a query head's key/value head is local)
                 proj row-parallel    (each rank: the columns of its heads)
     MLP:        fc   column-parallel (1/tp of the 4 * d_model hidden units per rank)
+                     (llama: gate and up, each column-parallel over the same units)
                 proj row-parallel
 
 A column-parallel layer's input is replicated: `copy_to_parallel` (identity forward,
@@ -145,6 +148,24 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = reduce_from_parallel(F.linear(x, self.weight), self.comm)
         return y if self.bias is None else y + self.bias
+
+
+class HeadNorm(nn.Module):
+    """llama's per-head RMSNorm of queries or keys (QK-norm) on a rank's own heads.
+
+    Its weight (head_dim) is replicated, but each rank applies it to different heads, so
+    each rank's gradient is only a partial sum: `copy_to_parallel` on the weight (identity
+    forward, all-reduce of its gradient backward) makes it the full one on every rank.
+    """
+
+    def __init__(self, norm: nn.RMSNorm, comm: TensorComm):
+        super().__init__()
+        assert norm.weight is not None  # llama's norms are affine
+        self.weight, self.eps, self.comm = norm.weight, norm.eps, comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_parallel(self.weight, self.comm)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 class VocabParallelEmbedding(nn.Module):
