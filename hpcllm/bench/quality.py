@@ -82,7 +82,6 @@ def run_hpcllm(np_: int, overrides: list[str], run_dir: Path, steps: int, data: 
     mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
     has_data = any(o.startswith("--data.path") for o in overrides)
     cmd = [
-        *shlex.split(os.environ.get("HPCLLM_PREFIX", "")),
         mpirun if os.path.exists(mpirun) else "mpirun",
         *("-np", str(np_), sys.executable, "-m", "hpcllm.train"),
         *("--run.dir", str(run_dir), "--train.max_steps", str(steps)),
