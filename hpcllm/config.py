@@ -377,11 +377,6 @@ def validate(cfg: Config) -> None:
             "model.ffn_hidden or its default): each tensor-parallel rank holds an equal share "
             "of the MLP's units"
         )
-    if p.tp > 1 and o.name == "muon":
-        raise ConfigError(
-            f"optim.name muon with parallel.tp = {p.tp} is not supported yet (Muon "
-            "orthogonalises whole matrices, which tensor parallelism splits); use optim.name adamw"
-        )
     if p.tp > 1 and p.zero:
         raise ConfigError(
             f"parallel.zero 1 with parallel.tp = {p.tp} is not supported yet (the ZeRO shards "

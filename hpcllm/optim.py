@@ -31,6 +31,7 @@ def build_optimizer(
     dp_comm: TensorComm,
     device: torch.device,
     sharded: DataParallel | None = None,
+    tp_comm: TensorComm | None = None,
 ) -> torch.optim.Optimizer:
     """This rank's optimizer over its stage's parameters; with `sharded` (a DataParallel
     built with shard=True, ZeRO-1), AdamW over this dp rank's shard of them only."""
@@ -47,6 +48,7 @@ def build_optimizer(
             # on CPUs fp32 is as fast and keeps runs comparable across layouts bit for bit.
             ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
             comm=dp_comm,
+            tp_comm=tp_comm,
         )
     assert o.name == "adamw", o.name  # config.validate refuses other names
     groups = param_groups(model, o.weight_decay)

@@ -230,7 +230,12 @@ def setup(cfg: Config, world) -> Trainer:
     )
     # ZeRO-1 (parallel.zero 1) runs the same AdamW over this dp rank's shard only.
     optimizer = build_optimizer(
-        model, cfg.optim, dp_comm, device, sharded=ddp if cfg.parallel.zero == 1 else None
+        model,
+        cfg.optim,
+        dp_comm,
+        device,
+        sharded=ddp if cfg.parallel.zero == 1 else None,
+        tp_comm=tp_comm,
     )
     trainer = Trainer(
         cfg=cfg,

@@ -3,27 +3,44 @@
 import pytest
 import torch
 
+from hpcllm.checkpoint_index import placement_of
+from hpcllm.config import Config, ParallelConfig
 from hpcllm.model import GPT, ModelConfig, cross_entropy
 from hpcllm.muon import Muon, param_groups
+from hpcllm.parallel.parallelize import loss_function, parallelize
+from hpcllm.topology import Grid
 
 from helpers import TINY, losses, prepare_data, train
 
 CFG = ModelConfig(vocab_size=40, block_size=8, n_layer=3, n_head=2, d_model=16)
 
 
-def steps_of_muon(comm, num_steps=4) -> list[torch.Tensor]:
+def steps_of_muon(comm, num_steps=4, tp_comm=None) -> tuple[dict, dict]:
     """Parameters after `num_steps` of Muon on the same data everywhere (so every rank holds
-    the gradients that a dp all-reduce would give)."""
+    the gradients that a dp all-reduce would give), and their placements; with `tp_comm`,
+    this tp rank's shards."""
     model = GPT(CFG, init_seed=3)
+    loss_fn = cross_entropy
+    if tp_comm is not None:
+        grid = Grid.build(tp_comm.comm, dp=1, pp=1, tp=tp_comm.size)
+        config = Config(model=CFG, parallel=ParallelConfig(tp=tp_comm.size))
+        model = parallelize(model, grid, config, tp_comm)
+        loss_fn = loss_function(config, tp_comm)
     groups = param_groups(model.named_parameters(), lr=1e-2, muon_lr=0.05, weight_decay=0.1)
-    opt = Muon(groups, comm=comm)
+    # AdamW's eps 1e-5 for the embeddings and vectors: tensor parallelism changes summation
+    # orders, and the key bias's gradient is zero in exact arithmetic (softmax ignores a
+    # constant added to every key), so ~1e-9 noise there would become lr-sized steps with
+    # eps 1e-8 (test_tensor_parallel's TP_ADAM_EPS says more).
+    opt = Muon(groups, comm=comm, tp_comm=tp_comm, eps=1e-5)
     gen = torch.Generator().manual_seed(0)
     for _ in range(num_steps):
         x = torch.randint(CFG.vocab_size, (4, CFG.block_size), generator=gen)
         opt.zero_grad()
-        cross_entropy(model(x), x).backward()
+        loss_fn(model(x), x).backward()
         opt.step()
-    return [p.detach().clone() for p in model.parameters()]
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, {
+        n: placement_of(p) for n, p in model.named_parameters()
+    }
 
 
 @pytest.mark.mpi(ranks=[2, 4], timeout=120)
@@ -32,11 +49,32 @@ def test_distributed_muon_equals_single_rank_muon(comm):
 
     tc = TensorComm(comm, name="dp")
     start = [p.detach().clone() for p in GPT(CFG, init_seed=3).parameters()]
-    spread = steps_of_muon(tc)
-    alone = steps_of_muon(None)
+    spread = steps_of_muon(tc)[0].values()
+    alone = steps_of_muon(None)[0].values()
     for p, q in zip(spread, alone, strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     assert any(not torch.equal(p, s) for p, s in zip(spread, start, strict=True))
+
+
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_muon_under_tp_equals_single_rank_muon(comm):
+    """At tp 2 each rank holds half of every hidden matrix; Muon orthogonalises the whole
+    matrices (gathered over tp) and each rank keeps its slice: single-rank Muon's result."""
+    from test_tensor_parallel import local_part
+
+    from hpcllm.comm import TensorComm
+
+    sharded, placements = steps_of_muon(None, tp_comm=TensorComm(comm, name="tp"))
+    alone, _ = steps_of_muon(None)
+    assert sharded.keys() == alone.keys()
+    split = [n for n, p in placements.items() if p is not None and ".blocks." in f".{n}"]
+    assert len([n for n in split if n.endswith("weight")]) == 4 * CFG.n_layer  # qkv, proj, fc, proj
+    for name, mine in sharded.items():
+        placement = placements[name]
+        expected = (
+            alone[name] if placement is None else local_part(alone[name], placement, mine.shape)
+        )
+        torch.testing.assert_close(mine, expected, atol=1e-6, rtol=0, msg=name)
 
 
 def test_muon_training_dp2_equals_dp1_with_accumulation(tmp_path):
