@@ -156,7 +156,10 @@ class HalfPrecision(Compressor):
             return comm.iallgather_(send)
 
         def unpack() -> None:
-            bucket.buffer.copy_(self._unpack(send).reshape(-1)[:n])
+            if self.extra:
+                bucket.buffer.copy_(self._unpack(send).reshape(-1)[:n])
+            else:  # bf16: cast straight into the buffer, no fp32 copy in between
+                bucket.buffer.copy_(send.view(-1)[:n])
 
         chunk_bytes = send.shape[1] * send.element_size()
         wire = 2 * (comm.size - 1) * chunk_bytes  # all-to-all, then all-gather
