@@ -91,6 +91,38 @@ def test_reduction_math_of_each_mode(comm):
             torch.testing.assert_close(got[n], exact[n] * (step + 1), rtol=1e-4, atol=1e-5)
 
 
+def test_phased_work_advances_its_phases_inside_test():
+    """A bucket's later phases start from test() (the backward hooks call it) as soon as the
+    earlier MPI work is done, without waiting; a pending phase holds the rest back."""
+    from hpcllm.parallel.compression import PhasedWork
+
+    class Fake:
+        def __init__(self, done: bool):
+            self.done = done
+
+        def test(self) -> bool:
+            return self.done
+
+        def wait(self) -> None:
+            self.done = True
+
+    started = []
+    second = Fake(done=False)
+    work = PhasedWork(
+        [
+            lambda: started.append(1) or Fake(done=True),
+            lambda: started.append(2) or second,
+            lambda: started.append(3),
+        ],
+        wire_bytes=0,
+    )
+    assert started == [1]
+    assert not work.test() and started == [1, 2]
+    assert not work.test() and started == [1, 2]
+    second.done = True
+    assert work.test() and started == [1, 2, 3]
+
+
 # ----------------------------------------------------------------- training end to end
 
 STEPS = 12

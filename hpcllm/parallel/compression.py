@@ -32,6 +32,7 @@ on every rank.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -93,7 +94,7 @@ class PhasedWork:
             self._advance()
 
 
-class Compressor:
+class Compressor(ABC):
     """Reduces one bucket at a time, each on its own communicator (see the module doc)."""
 
     def __init__(self, comm: TensorComm, buckets: list[Bucket]):
@@ -106,9 +107,9 @@ class Compressor:
             for i, b in enumerate(buckets)
         }
 
+    @abstractmethod
     def start(self, bucket: Bucket) -> PhasedWork:
         """Start summing `bucket.buffer` over dp; the buffer holds the sum after wait()."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's state (names to tensors) for a checkpoint; empty if stateless."""
