@@ -222,14 +222,13 @@ def setup(cfg: Config, world) -> Trainer:
     torch.manual_seed(t.seed + world.Get_rank() // grid.size("tp"))
     model = agree(world, lambda: build_stage(cfg, grid, device, tp_comm))
     ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, shard=cfg.parallel.zero == 1)
-    p = cfg.parallel
     ddp.compressor = compression.build(
-        p.grad_compression,
+        cfg.parallel.grad_compression,
         dp_comm,
         ddp.buckets,
         model,
-        rank=p.powersgd_rank,
-        warmup=p.powersgd_warmup,
+        rank=cfg.parallel.powersgd_rank,
+        warmup=cfg.parallel.powersgd_warmup,
         seed=t.seed,
     )
     stage = PipelineStage(
@@ -319,8 +318,8 @@ def resume(trainer: Trainer, world) -> None:
 def resume_compression(trainer: Trainer, meta: dict, path) -> None:
     """Restore gradient compression's per-rank state (PowerSGD's error feedback and Q's).
     It belongs to one dp rank of one layout: in another layout, or from a checkpoint without
-    it (another grad_compression, powersgd_rank), it starts afresh, with a warning, warmup
-    steps included."""
+    it (another grad_compression, powersgd_rank), it starts afresh (zero error, seeded Q) with
+    a warning. The warmup counts training steps, so a resumed run does not repeat it."""
     compressor = trainer.ddp.compressor
     if compressor is None:
         return
