@@ -5,6 +5,8 @@ A checkpoint is a folder `<run.dir>/checkpoints/step_000100/` holding
     model-pp{p}-dp{d}-tp{t}.safetensors  parameters written by the rank at these coordinates
     optim-pp{p}-dp{d}-tp{t}.safetensors  their AdamW state
     rng.safetensors                      every rank's torch RNG state (gathered by rank 0)
+    rank-pp{p}-dp{d}-tp{t}.safetensors   state private to one rank (gradient compression's
+                                         error feedback), restored in the same layout only
     meta.json                            written last: step, loader position, config, grid,
                                          tokenizer, every file's size and CRC-32, tensor index
 
@@ -247,13 +249,34 @@ def _write_flat_ranges(tmp: Path, tag: str, pieces: list[Piece]) -> tuple[dict, 
     return files, entries
 
 
+def _write_rank_tensors(tmp: Path, grid, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    tag = f"pp{grid.rank('pp')}-dp{grid.rank('dp')}-tp{grid.rank('tp')}"
+    name = f"rank-{tag}.safetensors"
+    prefix = f"rank/{grid.world.Get_rank()}/"
+    stored = {prefix + k: t for k, t in tensors.items()}
+    entries = {
+        k: index.entry(t, [index.piece(name, k, index.whole(t.shape))]) for k, t in stored.items()
+    }
+    return {name: write_tensor_file(tmp / name, stored)}, entries
+
+
 def save(
-    run_dir: str, step: int, *, grid, model: nn.Module, optimizer, extra: dict, keep: int = 2
+    run_dir: str,
+    step: int,
+    *,
+    grid,
+    model: nn.Module,
+    optimizer,
+    extra: dict,
+    keep: int = 2,
+    rank_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
 
-    `extra` goes into meta.json (loader position, config, tokenizer). A failed write on any
-    rank (a full disk) ends the run on every rank with exit 2 and one line naming the folder.
+    `extra` goes into meta.json (loader position, config, tokenizer). `rank_tensors` is this
+    rank's private state, stored as `rank/<world rank>/<name>` (see load_newest). A failed
+    write on any rank (a full disk) ends the run on every rank with exit 2 and one line
+    naming the folder.
     """
     world = grid.world
     rank = world.Get_rank()
@@ -275,6 +298,10 @@ def save(
     if error is None:
         try:
             files, entries = write_own_files(tmp, grid, model, optimizer)
+            if rank_tensors:
+                more_files, more_entries = _write_rank_tensors(tmp, grid, rank_tensors)
+                files |= more_files
+                entries |= more_entries
         except OSError as e:
             error = f"rank {rank}: {e}"
     rng = torch.get_rng_state().numpy().tobytes()
@@ -512,8 +539,9 @@ def _check_index(meta: dict, path: Path) -> None:
 def load_newest(run_dir: str, *, grid, model: nn.Module, optimizer, check=None):
     """Collective: restore the newest undamaged checkpoint; returns (folder, meta) or None.
 
-    Each rank reads only the tensors of its own stage, plus its RNG state when the layout is
-    the one that wrote the checkpoint. If any rank finds damage, every rank warns (naming
+    Each rank reads only the tensors of its own stage, plus its RNG state and its private
+    `rank_tensors` (returned in meta["rank_tensors"], names without their prefix; empty in
+    another layout) when the layout is the one that wrote the checkpoint. If any rank finds damage, every rank warns (naming
     the file and the damage) and tries the previous checkpoint; when none is left, every
     rank raises StartupError (exit 2). `check(meta, folder)` may raise ValueError for a
     checkpoint the user cannot resume from (another model): that ends the run too.
@@ -542,6 +570,11 @@ def load_newest(run_dir: str, *, grid, model: nn.Module, optimizer, check=None):
             damage = "; ".join(dict.fromkeys(found)) if found else None
         if damage is None:
             _apply(state, model, optimizer)
+            assert state is not None  # no damage: every rank read its tensors
+            prefix = f"rank/{world.Get_rank()}/"
+            meta["rank_tensors"] = {
+                k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)
+            }
             return folder, meta
         rejected.append(damage)
         print0(f"warning: checkpoint {folder} is damaged: {damage}; trying the previous checkpoint")
@@ -608,6 +641,10 @@ def _wanted(meta: dict, grid, model: nn.Module, optimizer, folder: Path) -> dict
         if key not in tensors:
             raise CheckpointError(f"{folder / META}: the index has no {key}")
         wanted[key] = _Want(tensors[key], None, tuple(tensors[key]["shape"]))
+        mine = f"rank/{grid.world.Get_rank()}/"
+        for key, e in tensors.items():
+            if key.startswith(mine):
+                wanted[key] = _Want(e, None, tuple(e["shape"]))
     return wanted
 
 

@@ -21,6 +21,7 @@ import ctypes
 import os
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from mpi4py import MPI
@@ -50,6 +51,15 @@ def detect_cuda_aware(setting: str = "auto") -> bool:
     return (
         os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1" or os.environ.get("MV2_USE_CUDA") == "1"
     )
+
+
+class Pending(Protocol):
+    """Anything that completes later: a Work, or a reduction of several phases that advances
+    them inside test() and wait() (hpcllm/parallel/compression.py)."""
+
+    def test(self) -> bool: ...
+
+    def wait(self) -> None: ...
 
 
 class Work:
@@ -224,6 +234,27 @@ class TensorComm:
         buf, copy_back = self._buffer(tensor, reduce=False, incoming=True)
         request = self.comm.Iallgather(MPI.IN_PLACE, buf)
         return Work(request, copy_back, f"all-gather on {self.name}", tensor)
+
+    def ialltoall(self, tensor: torch.Tensor, out: torch.Tensor) -> Work:
+        """Non-blocking all-to-all: `tensor` (size * n, ...) is `size` chunks along dim 0,
+        chunk i for rank i; after wait() chunk j of `out` (same shape) holds what rank j sent
+        this rank. Any dtype: nothing is reduced, so bf16/fp16 travel as their raw bits."""
+        if tensor.dim() == 0 or tensor.shape[0] % self.size or out.shape != tensor.shape:
+            raise ValueError(
+                f"all-to-all on {self.name}: dim 0 of the input (shape {tuple(tensor.shape)}) "
+                f"must be a multiple of the {self.size} ranks and the output "
+                f"({tuple(out.shape)}) the same shape; pad it"
+            )
+        self._check_chunks("all-to-all", whole=out, chunk=tensor[: tensor.shape[0] // self.size])
+        send, _ = self._buffer(tensor, reduce=False, incoming=False)
+        recv, copy_back = self._buffer(out, reduce=False, incoming=True)
+
+        def finish() -> None:
+            if copy_back:
+                copy_back()
+            assert send is not None  # holds a staged copy of the input until MPI is done
+
+        return Work(self.comm.Ialltoall(send, recv), finish, f"all-to-all on {self.name}", out)
 
     def _check_chunks(self, what: str, *, whole: torch.Tensor, chunk: torch.Tensor) -> None:
         if whole.numel() != self.size * chunk.numel() or whole.dtype != chunk.dtype:

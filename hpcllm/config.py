@@ -51,6 +51,13 @@ class ParallelConfig:
     over the dp ranks, reduce-scattering gradients and all-gathering parameters."""
     cuda_aware: str = "auto"
     """CUDA tensors straight to MPI: 'auto' (detect), 'yes', or 'no' (stage through host)."""
+    grad_compression: str = "none"
+    """Gradient reduction over dp: 'none' (fp32 all-reduce), 'bf16' or 'fp16' (16 bits on the
+    wire, summed in fp32), or 'powersgd' (low-rank, with error feedback)."""
+    powersgd_rank: int = 4
+    """Rank of PowerSGD's factors (grad_compression powersgd)."""
+    powersgd_warmup: int = 10
+    """Uncompressed steps at the start of a PowerSGD run (grad_compression powersgd)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -301,6 +308,8 @@ RANGES: dict[str, Range] = {
     "parallel.tp": COUNT,
     "parallel.bucket_mb": POSITIVE,
     "parallel.zero": Range(0, 1),
+    "parallel.powersgd_rank": COUNT,
+    "parallel.powersgd_warmup": NON_NEGATIVE,
     "train.max_steps": COUNT,
     "train.micro_batch_size": COUNT,
     "train.grad_accum_steps": COUNT,
@@ -395,12 +404,34 @@ def validate(cfg: Config) -> None:
             "model.tie_embeddings needs the embeddings and the LM head on one stage, "
             f"but parallel.pp = {p.pp} puts them on the first and last; use one or the other"
         )
+    check_compression(p)
     if p.cuda_aware not in ("auto", "yes", "no"):
         raise ConfigError(f"parallel.cuda_aware must be auto, yes or no, got '{p.cuda_aware}'")
     if t.device not in ("cpu", "cuda"):
         raise ConfigError(f"train.device must be cpu or cuda, got '{t.device}'")
     if t.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.dtype must be float32 or bfloat16, got '{t.dtype}'")
+
+
+def check_compression(p: ParallelConfig) -> None:
+    """parallel.grad_compression's value and the layouts it supports."""
+    modes = ("none", "bf16", "fp16", "powersgd")
+    if p.grad_compression not in modes:
+        raise ConfigError(
+            f"parallel.grad_compression must be one of {', '.join(modes)}, got "
+            f"'{p.grad_compression}'"
+        )
+    if p.grad_compression != "none" and p.zero:
+        raise ConfigError(
+            f"parallel.grad_compression {p.grad_compression} with parallel.zero 1 is not "
+            "supported (ZeRO-1 reduce-scatters the gradients instead of all-reducing them); "
+            "use parallel.zero 0 or parallel.grad_compression none"
+        )
+    if p.grad_compression == "powersgd" and p.tp > 1:
+        raise ConfigError(
+            f"parallel.grad_compression powersgd with parallel.tp = {p.tp} is not supported "
+            "yet (untested on tensor-parallel shards); use parallel.tp 1, or bf16/fp16"
+        )
 
 
 def check_arch(m: ModelConfig) -> None:

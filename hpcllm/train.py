@@ -36,6 +36,7 @@ from hpcllm.data.shards import ShardSet, open_splits
 from hpcllm.generate import load_model, load_run_tokenizer, sample
 from hpcllm.model import GPT, ModelConfig
 from hpcllm.optim import build_optimizer, lr_scale, set_lr
+from hpcllm.parallel import compression
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage, loss_function
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
@@ -140,6 +141,7 @@ class Trainer:
                 model=self.model,
                 optimizer=self.optimizer,
                 keep=self.cfg.checkpoint.keep,
+                rank_tensors=self.ddp.compressor.state_dict() if self.ddp.compressor else None,
                 extra={
                     "loader": self.loader.state_dict(),
                     # Lets a load check the step against the loader position.
@@ -220,6 +222,15 @@ def setup(cfg: Config, world) -> Trainer:
     torch.manual_seed(t.seed + world.Get_rank() // grid.size("tp"))
     model = agree(world, lambda: build_stage(cfg, grid, device, tp_comm))
     ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, shard=cfg.parallel.zero == 1)
+    ddp.compressor = compression.build(
+        cfg.parallel.grad_compression,
+        dp_comm,
+        ddp.buckets,
+        model,
+        rank=cfg.parallel.powersgd_rank,
+        warmup=cfg.parallel.powersgd_warmup,
+        seed=t.seed,
+    )
     stage = PipelineStage(
         model,
         pp_comm,
@@ -302,10 +313,37 @@ def resume(trainer: Trainer, world) -> None:
         trainer.samples_since = (meta["step"], meta["loader"]["consumed_samples"])
     same_layout = meta["grid"] == trainer.grid.dims
     warn_if_not_exact_continuation(meta["config"], trainer, path)
+    resume_compression(trainer, meta, path)
     moved = "" if same_layout else f", layout {meta['grid']} -> {trainer.grid.dims}"
     print0(
         f"resumed from {path} at step {trainer.step} (sample {trainer.loader.consumed_samples}{moved})"
     )
+
+
+def resume_compression(trainer: Trainer, meta: dict, path) -> None:
+    """Restore gradient compression's per-rank state (PowerSGD's error feedback and Q's).
+    It belongs to one dp rank of one layout: in another layout, or from a checkpoint without
+    it (another grad_compression, powersgd_rank), it starts afresh (zero error, seeded Q) with
+    a warning. The warmup counts training steps, so a resumed run does not repeat it."""
+    compressor = trainer.ddp.compressor
+    if compressor is None:
+        return
+    compressor.steps = trainer.step  # on every rank: the warmup is decided alike
+    if not compressor.state_dict():
+        return
+    state = meta["rank_tensors"]
+    why: str | None
+    if meta["grid"] != trainer.grid.dims:
+        why = f"the layout changed ({meta['grid']} -> {trainer.grid.dims})"
+    elif not state:
+        why = "the checkpoint holds none"
+    else:
+        why = compressor.load_state_dict(state)
+    if why is not None:
+        print0(
+            f"warning: resuming from {path}, the gradient compression state (error feedback, "
+            f"warm-start Q) starts afresh: {why}"
+        )
 
 
 def warn_if_not_exact_continuation(saved: dict, trainer: Trainer, path) -> None:
@@ -445,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
                 tr.loader.next_step(read=tr.reads_data), tr.grid, tr.device
             )
             _inject_fault(tr.step, world.Get_rank(), tr.model)
+            wire_before = tr.ddp.wire_bytes
             loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
+            wire_bytes = tr.ddp.wire_bytes - wire_before  # this rank's, for gradients
             grad_norm = clip_grad_norm(
                 tr.model, cfg.optim.grad_clip, [tr.pp_comm], tr.tp_comm, tr.ddp
             )
@@ -484,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lr": lr,
                 **window.flush(),
                 "grad_norm": grad_norm,
+                "grad_wire_bytes": wire_bytes,
             }
             eta = (t.max_steps - tr.step) * record["ms_per_step"] / 1000
             print0(

@@ -10,6 +10,7 @@ plain baselines. One module of hpcllm.bench per subject; figures in BENCHMARKS.m
     mpirun -np 2 python -m hpcllm.bench zero --steps 30 --warmup 5
     python -m hpcllm.bench steps --nanogpt ../nanoGPT       # no mpirun: hpcllm vs nanoGPT
     python -m hpcllm.bench quality --budget-s 100 --nanogpt ../nanoGPT --variant base=
+    python -m hpcllm.bench compression --np 2 --steps 60    # no mpirun: one run per mode
 
 Times are medians over iterations, each iteration timed by its slowest rank. Results say how
 much of the CPUs other processes used meanwhile: on a shared machine, compare only quiet runs.
@@ -27,6 +28,7 @@ from mpi4py import MPI
 from hpcllm.bench import (
     allreduce,
     checkpoint,
+    compression,
     pipeline,
     quality,
     scaling,
@@ -45,6 +47,7 @@ SUBJECTS = {
     "stop": (stop, "time to stop, die and resume a job (runs mpirun itself)"),
     "checkpoint": (checkpoint, "checkpoint save and load time and size, one rank"),
     "zero": (zero, "ZeRO-1 vs plain dp: tokens/s and AdamW state per rank"),
+    "compression": (compression, "gradient compression modes in training runs (runs mpirun)"),
     "steps": (steps, "ms per small step: hpcllm np 1 and np 2 vs nanoGPT (runs both itself)"),
     "quality": (quality, "val bits/byte in a wall-clock budget: variants and nanoGPT (runs both)"),
 }

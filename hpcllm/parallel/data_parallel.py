@@ -17,6 +17,11 @@ rank ends up with the average of its own shard only (`Bucket.grad_shard`). The
 parameters become views into one flat fp32 buffer per bucket with the same layout:
 the optimizer (`hpcllm.parallel.zero.ShardedAdamW`) updates this rank's range of it and
 `gather_params()` all-gathers the ranges, so every rank has the whole model again.
+
+With a `compressor` (`parallel.grad_compression`, hpcllm/parallel/compression.py) a bucket's
+reduction is its compressed one instead; it leaves the sum in the buffer all the same.
+`wire_bytes` counts what this rank has sent for gradient reduction, from the message sizes
+and each algorithm's traffic.
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ import time
 import torch
 import torch.nn as nn
 
-from hpcllm.comm import TensorComm, Work
+from hpcllm.comm import Pending, TensorComm
+from hpcllm.parallel.compression import (
+    Compressor,
+    allreduce_wire_bytes,
+    reduce_scatter_wire_bytes,
+)
 
 
 class Bucket:
@@ -42,7 +52,7 @@ class Bucket:
         for p in params[:-1]:
             self.offsets.append(self.offsets[-1] + p.numel())
         self.pending = len(params)
-        self.work: Work | None = None
+        self.work: Pending | None = None
         # ZeRO-1 only: the parameters' flat buffer, and this rank's averaged gradient shard.
         self.param_buffer: torch.Tensor | None = None
         self.grad_shard: torch.Tensor | None = None
@@ -68,6 +78,8 @@ class DataParallel:
         self.shard = shard
         self.sync = True
         self.wait_seconds = 0.0
+        self.wire_bytes = 0
+        self.compressor: Compressor | None = None  # set by compression.build's caller
         params = [p for p in model.parameters() if p.requires_grad]
         if any(p.dtype != torch.float32 for p in params):
             raise ValueError("DataParallel expects fp32 parameters (use autocast for bf16 compute)")
@@ -133,11 +145,18 @@ class DataParallel:
             bucket.work = self._start_reduction(bucket)
             self._next_launch += 1
 
-    def _start_reduction(self, bucket: Bucket) -> Work:
+    def _start_reduction(self, bucket: Bucket) -> Pending:
         """Start summing `bucket` over dp: the whole buffer, or only this rank's shard of it
-        under ZeRO-1. The one place a bucket's reduction is chosen."""
+        under ZeRO-1, or its compressed reduction. The one place a bucket's reduction is chosen."""
+        if self.compressor is not None:
+            work = self.compressor.start(bucket)
+            self.wire_bytes += work.wire_bytes
+            return work
+        nbytes = bucket.buffer.numel() * bucket.buffer.element_size()
         if bucket.grad_shard is not None:
+            self.wire_bytes += reduce_scatter_wire_bytes(nbytes, self.comm.size)
             return self.comm.ireduce_scatter(bucket.buffer, bucket.grad_shard)
+        self.wire_bytes += allreduce_wire_bytes(nbytes, self.comm.size)
         return self.comm.iallreduce_(bucket.buffer)
 
     def finish(self) -> float:

@@ -1,0 +1,208 @@
+"""Gradient compression (`parallel.grad_compression`): the reduction math on 2 ranks, then
+training end to end against the uncompressed run, with accumulation, pp and exact resume."""
+
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hpcllm.config import Config, ConfigError, validate
+
+from helpers import losses, prepare_data, read_metrics, train
+
+
+class Shapes(nn.Module):
+    """Parameters of the shapes a GPT has: matrices, a vector, an odd-sized one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(12, 7))
+        self.b = nn.Parameter(torch.zeros(5))
+        self.c = nn.Parameter(torch.zeros(9, 16))
+        self.d = nn.Parameter(torch.zeros(3, 2, 4))
+
+
+def reduce_once(ddp, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put `grads` into the parameters' .grad (views into the buckets), reduce, return the
+    averages. Every bucket is launched by finish(), in order, as for unused parameters."""
+    ddp.zero_grad()
+    for bucket in ddp.buckets:
+        for p in bucket.params:
+            p.grad.copy_(grads[ddp.names[id(p)]])
+    ddp.finish()
+    return {ddp.names[id(p)]: p.grad.clone() for b in ddp.buckets for p in b.params}
+
+
+def make_ddp(comm, mode: str, bucket_mb: float, **powersgd):
+    from hpcllm.comm import TensorComm
+    from hpcllm.parallel import compression
+    from hpcllm.parallel.data_parallel import DataParallel
+
+    model = Shapes()
+    ddp = DataParallel(model, TensorComm(comm, name="dp"), bucket_mb)
+    if mode == "powersgd":
+        names = {id(p): n for n, p in model.named_parameters()}
+        ddp.compressor = compression.PowerSGD(ddp.comm, ddp.buckets, names, **powersgd)
+    else:
+        ddp.compressor = compression.build(mode, ddp.comm, ddp.buckets, model)
+    ddp.names = {id(p): n for n, p in model.named_parameters()}
+    return model, ddp
+
+
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_reduction_math_of_each_mode(comm):
+    """bf16: exactly the fp32 sum of the bf16-rounded inputs, rounded once; fp16: close to
+    the exact mean for huge and tiny gradients alike (scaled per chunk); powersgd at full
+    rank: the exact mean, step after step; the bytes each puts on the wire."""
+    size, rank = comm.size, comm.rank
+    gen = torch.Generator().manual_seed(7)
+    shapes = {n: p.shape for n, p in Shapes().named_parameters()}
+    # Every rank draws every rank's gradients: each knows the exact result.
+    every = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(size)]
+    exact = {n: sum(g[n] for g in every) / size for n in shapes}
+
+    _, ddp = make_ddp(comm, "bf16", bucket_mb=1e-4)  # several buckets of a few params
+    assert len(ddp.buckets) > 1
+    got = reduce_once(ddp, every[rank])
+    for n in shapes:
+        rounded = sum(g[n].bfloat16().float() for g in every).bfloat16().float() / size
+        assert torch.equal(got[n], rounded), n
+    numel = sum(b.buffer.numel() for b in ddp.buckets)
+    # Half the 2 (p-1)/p x 4 bytes of a fp32 ring all-reduce (chunks padded to p).
+    assert numel * 2 <= ddp.wire_bytes <= numel * 2 + 4 * len(ddp.buckets)
+
+    _, ddp = make_ddp(comm, "fp16", bucket_mb=1e-4)
+    for scale in (1e6, 1e-7):  # beyond fp16's range; below its smallest subnormal (6e-8)
+        got = reduce_once(ddp, {n: g * scale for n, g in every[rank].items()})
+        for n in shapes:
+            torch.testing.assert_close(got[n], exact[n] * scale, rtol=2e-3, atol=2e-3 * scale)
+
+    _, ddp = make_ddp(
+        comm, "powersgd", bucket_mb=1, rank=16, warmup=0, seed=1, compressible=lambda *a: True
+    )
+    plans = ddp.compressor.plans[id(ddp.buckets[0])]
+    assert len(plans[0]) == 3 and len(plans[1]) == 1  # three matrices, one vector
+    for step in range(3):
+        grads = [{n: g * (step + 1) for n, g in gs.items()} for gs in every]
+        got = reduce_once(ddp, grads[rank])
+        for n in shapes:
+            torch.testing.assert_close(got[n], exact[n] * (step + 1), rtol=1e-4, atol=1e-5)
+
+
+def test_phased_work_advances_its_phases_inside_test():
+    """A bucket's later phases start from test() (the backward hooks call it) as soon as the
+    earlier MPI work is done, without waiting; a pending phase holds the rest back."""
+    from hpcllm.parallel.compression import PhasedWork
+
+    class Fake:
+        def __init__(self, done: bool):
+            self.done = done
+
+        def test(self) -> bool:
+            return self.done
+
+        def wait(self) -> None:
+            self.done = True
+
+    started = []
+    second = Fake(done=False)
+    work = PhasedWork(
+        [
+            lambda: started.append(1) or Fake(done=True),
+            lambda: started.append(2) or second,
+            lambda: started.append(3),
+        ],
+        wire_bytes=0,
+    )
+    assert started == [1]
+    assert not work.test() and started == [1, 2]
+    assert not work.test() and started == [1, 2]
+    second.done = True
+    assert work.test() and started == [1, 2, 3]
+
+
+# ----------------------------------------------------------------- training end to end
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("compression-data") / "shards")
+
+
+def run_mode(data_dir, run_dir, np: int, mode: str, more: dict | None = None):
+    """A 12-step TINY run with checkpoints at 6 and 12; returns {step: loss}, the records."""
+    settings = {
+        "data.path": data_dir,
+        "run.dir": run_dir,
+        "train.max_steps": STEPS,
+        "checkpoint.every": STEPS // 2,
+        "parallel.grad_compression": mode,
+        "parallel.powersgd_warmup": 2,
+        **(more or {}),
+    }
+    result = train(np, settings, timeout=240)
+    assert result.returncode == 0, result
+    return losses(run_dir), read_metrics(run_dir)[0], result
+
+
+def test_compressed_training_follows_the_uncompressed_run(data_dir, tmp_path):
+    """dp 2: bf16 and fp16 within a hair of the fp32 all-reduce's losses, powersgd at rank 8
+    close, each with fewer bytes on the wire."""
+    ref, ref_records, _ = run_mode(data_dir, tmp_path / "none", 2, "none")
+    numel = ref_records[0]["grad_wire_bytes"] // 4  # ring all-reduce on 2 ranks: 4 bytes each
+    assert all(r["grad_wire_bytes"] == 4 * numel for r in ref_records)
+    assert ref[STEPS] < ref[1] - 0.2
+    for mode, tolerance in (("bf16", 1e-4), ("fp16", 1e-4), ("powersgd", 1e-2)):
+        got, records, _ = run_mode(
+            data_dir, tmp_path / mode, 2, mode, {"parallel.powersgd_rank": 8}
+        )
+        drift = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
+        assert drift < tolerance, (mode, got, ref)
+        wire = records[-1]["grad_wire_bytes"]
+        assert wire < (0.6 if mode != "powersgd" else 0.5) * 4 * numel, (mode, wire)
+    # powersgd's warm-up steps are plain all-reduces.
+    assert records[0]["grad_wire_bytes"] == 4 * numel
+
+
+def test_powersgd_with_pp_and_accumulation_resumes_exactly(data_dir, tmp_path):
+    """pp 2 x dp 2, 2 micro-batches a step, rank 1: trains, and a run stopped at step 6 and
+    resumed gives the uninterrupted run's losses bit for bit (error feedback and Q are in
+    the checkpoint). Resumed in another layout, the state starts afresh with a warning."""
+    more = {"parallel.pp": 2, "train.grad_accum_steps": 2, "parallel.powersgd_rank": 1}
+    ref, _, _ = run_mode(data_dir, tmp_path / "ref", 4, "powersgd", more)
+    assert ref[STEPS] < ref[1] - 0.2
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ref", resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:06d}")
+    (resumed / "checkpoints" / "latest").write_text(f"step_{STEPS // 2:06d}\n")
+    got, _, result = run_mode(data_dir, resumed, 4, "powersgd", more)
+    assert f"at step {STEPS // 2}" in result.stdout and "afresh" not in result.stdout
+    assert all(got[s] == ref[s] for s in range(STEPS // 2 + 1, STEPS + 1)), (got, ref)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(resumed, moved)
+    shutil.rmtree(moved / "checkpoints" / f"step_{STEPS:06d}")
+    (moved / "checkpoints" / "latest").write_text(f"step_{STEPS // 2:06d}\n")
+    got, _, result = run_mode(data_dir, moved, 2, "powersgd", {**more, "parallel.pp": 1})
+    assert "state (error feedback, warm-start Q) starts afresh: the layout changed" in (
+        result.stdout
+    ), result
+    assert all(math.isfinite(got[s]) for s in got)
+
+
+def test_compression_refuses_what_it_does_not_support():
+    for settings, words in (
+        ({"grad_compression": "int8"}, "must be one of none, bf16, fp16, powersgd"),
+        ({"grad_compression": "bf16", "zero": 1}, "with parallel.zero 1 is not supported"),
+        ({"grad_compression": "powersgd", "tp": 2}, "with parallel.tp = 2 is not supported"),
+        ({"powersgd_rank": 0}, "parallel.powersgd_rank = 0 is out of range"),
+    ):
+        cfg = Config()
+        for key, value in settings.items():
+            setattr(cfg.parallel, key, value)
+        with pytest.raises(ConfigError, match=words):
+            validate(cfg)
