@@ -51,6 +51,14 @@ class ParallelConfig:
     over the dp ranks, reduce-scattering gradients and all-gathering parameters."""
     cuda_aware: str = "auto"
     """CUDA tensors straight to MPI: 'auto' (detect), 'yes', or 'no' (stage through host)."""
+    sync_every: int = 1
+    """Local SGD: the dp ranks take this many optimizer steps on their own gradients (no
+    gradient all-reduce), then average their models; 1 averages gradients every step."""
+    outer_lr: float = 1.0
+    """With sync_every > 1: the outer (DiLoCo) step's rate on the averaged change of the
+    model since the last average; 1 with outer_momentum 0 is plain model averaging."""
+    outer_momentum: float = 0.0
+    """With sync_every > 1: the outer step's Nesterov momentum (DiLoCo uses 0.9)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -301,6 +309,9 @@ RANGES: dict[str, Range] = {
     "parallel.tp": COUNT,
     "parallel.bucket_mb": POSITIVE,
     "parallel.zero": Range(0, 1),
+    "parallel.sync_every": COUNT,
+    "parallel.outer_lr": POSITIVE,
+    "parallel.outer_momentum": FRACTION,
     "train.max_steps": COUNT,
     "train.micro_batch_size": COUNT,
     "train.grad_accum_steps": COUNT,
@@ -391,6 +402,7 @@ def validate(cfg: Config) -> None:
         # Muon already spreads its work over dp and keeps one momentum per parameter; its
         # state is not sharded (yet), so the combination would silently be plain Muon.
         raise ConfigError("optim.name muon does not support parallel.zero 1; use parallel.zero 0")
+    check_local_sgd(p, o)
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
     if p.pp > 1 and m.tie_embeddings:
@@ -404,6 +416,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device must be cpu or cuda, got '{t.device}'")
     if t.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.dtype must be float32 or bfloat16, got '{t.dtype}'")
+
+
+def check_local_sgd(p: ParallelConfig, o: OptimConfig) -> None:
+    """What local SGD (parallel.sync_every > 1) does not combine with."""
+    if p.sync_every == 1:
+        if p.outer_lr != 1.0 or p.outer_momentum != 0.0:
+            raise ConfigError(
+                "parallel.outer_lr and parallel.outer_momentum apply to local SGD only "
+                "(parallel.sync_every > 1); remove them or set parallel.sync_every"
+            )
+        return
+    if p.zero:
+        raise ConfigError(
+            f"parallel.sync_every = {p.sync_every} does not combine with parallel.zero 1: "
+            "ZeRO-1 shards the update over dp, which needs the averaged gradient every step; "
+            "use parallel.zero 0"
+        )
+    if o.name == "muon":
+        raise ConfigError(
+            f"parallel.sync_every = {p.sync_every} does not combine with optim.name muon: "
+            "Muon spreads its update over the dp ranks, which needs the same gradients on "
+            "each of them every step; use optim.name adamw"
+        )
 
 
 def check_arch(m: ModelConfig) -> None:
