@@ -74,6 +74,9 @@ def test_outer_step_is_model_averaging_or_diloco_nesterov():
             anchor = anchor - outer_lr * (delta + mu * momentum)
             torch.testing.assert_close(flat(model), anchor, rtol=0, atol=1e-6)
             assert not torch.allclose(flat(model), mean)
+        # Each rank clipped its own gradient; both log the root mean square of the two norms.
+        local.comm = OtherRank(torch.tensor([4.0**2], dtype=torch.float64))  # type: ignore[assignment]
+        assert local.agreed_norm(3.0) == pytest.approx(math.sqrt((9 + 16) / 2))
         # The outer state by parameter name round-trips (the checkpoint's path).
         state = local.state_by_name()
         again = LocalSGD(model, OtherRank(torch.zeros(0)), 4, outer_lr, mu)  # type: ignore[arg-type]

@@ -20,7 +20,6 @@ parameters and moments differ and every dp rank writes its own (hpcllm/checkpoin
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import nn
@@ -55,7 +54,6 @@ class LocalSGD:
         n = comm.size
         self.bytes_per_sync = 2 * (n - 1) * self.buffer.numel() * 4 // n
         self.synced = False
-        self.seconds = 0.0  # spent averaging, waits included
         self._window_bytes, self._window_steps = 0, 0
 
     @classmethod
@@ -100,7 +98,6 @@ class LocalSGD:
     def average(self) -> None:
         """All-reduce the parameters over dp and take the outer step; every dp rank ends with
         the new anchor as its parameters."""
-        start = time.perf_counter()
         views = self._views(self.buffer)
         for view, (_, p) in zip(views, self.named, strict=True):
             view.copy_(p)
@@ -117,7 +114,6 @@ class LocalSGD:
             self.anchor.sub_(step, alpha=self.outer_lr)
         for view, (_, p) in zip(self._views(self.anchor), self.named, strict=True):
             p.copy_(view)
-        self.seconds += time.perf_counter() - start
 
     def metrics(self) -> dict:
         """For the metrics record: whether the last step averaged, and the averaging's wire
