@@ -13,7 +13,10 @@ A checkpoint is a folder `<run.dir>/checkpoints/step_000100/` holding
 Each rank writes only what it owns, so there are no duplicate writers: dp rank 0 of each
 (pp, tp) coordinate writes its stage's tensor-parallel shards and their optimizer state, and
 tp rank 0 also the tensors replicated over tp; under ZeRO-1 (`parallel.zero 1`) every dp
-rank writes the flat ranges of them that it owns instead.
+rank writes the flat ranges of them that it owns instead. Under local SGD
+(`parallel.sync_every > 1`) the dp ranks keep their own AdamW moments, and their own
+parameters between model averages: dp rank d > 0 also writes its copies, under names
+prefixed `dp{d}/`, and dp rank 0 the outer state (`outer/<param>/anchor`, `.../momentum`).
 Tensors are stored under global names (`model/blocks.3.attn.qkv.weight`,
 `optim/blocks.3.attn.qkv.weight/exp_avg`, `rng/5`) and meta.json's index
 (`checkpoint_index.py`) says which file holds which region of each, so a rank of any other
@@ -50,6 +53,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hpcllm import checkpoint_index as index
+from hpcllm.parallel.local_sgd import LocalSGD
 from hpcllm.parallel.zero import Piece, ShardedAdamW
 from hpcllm.watchdog import WATCHDOG
 
@@ -177,40 +181,50 @@ def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) 
     return {names[id(p)]: optimizer.state[p] for p in params if p in optimizer.state}
 
 
-def write_own_files(tmp: Path, grid, model: nn.Module, optimizer) -> tuple[dict, dict]:
+def write_own_files(
+    tmp: Path, grid, model: nn.Module, optimizer, local_sgd: LocalSGD | None = None
+) -> tuple[dict, dict]:
     """This rank's own file writes: the model and optimizer shards it owns.
 
     Under ZeRO-1 every dp rank writes its own flat ranges of the parameters and their
     optimizer state. Otherwise dp replicas hold the same shards and dp rank 0 of each
     (pp, tp) coordinate writes them: its tensor-parallel shards (each as the boxes of its
-    placement) and, on tp rank 0 only, the tensors replicated over tp.
+    placement) and, on tp rank 0 only, the tensors replicated over tp. Under local SGD the
+    replicas differ, and every dp rank writes its own (dp rank d > 0 under `dp{d}/` names),
+    dp rank 0 also the outer state.
     Returns ({file: {"size", "crc32"}}, {tensor name: index entry}) for meta.json.
     """
-    tp_rank = grid.rank("tp")
-    tag = f"pp{grid.rank('pp')}-dp{grid.rank('dp')}-tp{tp_rank}"
+    tp_rank, dp_rank = grid.rank("tp"), grid.rank("dp")
+    tag = f"pp{grid.rank('pp')}-dp{dp_rank}-tp{tp_rank}"
     if isinstance(optimizer, ShardedAdamW):
         return _write_flat_ranges(tmp, tag, optimizer.owned_pieces())
-    if grid.rank("dp") != 0:
+    if dp_rank != 0 and local_sgd is None:
         return {}, {}
-    state = optimizer_state_by_name(model, optimizer)
+    prefix = f"dp{dp_rank}/" if dp_rank else ""
+    states = {"optim": optimizer_state_by_name(model, optimizer), "outer": {}}
+    if local_sgd is not None and dp_rank == 0:
+        states["outer"] = local_sgd.state_by_name()
     # kind -> {global name: (local tensor, its placement or None when whole)}
     groups: dict[str, dict[str, tuple[torch.Tensor, index.Placement | None]]] = {
         "model": {},
         "optim": {},
+        "outer": {},
     }
     # named_parameters() lists a tied weight once: safetensors refuses shared storage.
     for n, p in model.named_parameters():
         placement = index.placement_of(p)
         if placement is None and tp_rank != 0:
             continue  # replicated over tp: tp rank 0 writes it
-        groups["model"][f"model/{n}"] = (p, placement)
-        for k, v in state.get(n, {}).items():
-            v = torch.as_tensor(v)
-            # AdamW's moments are placed as their parameter; its 0-dim step is replicated.
-            if v.shape == p.shape:
-                groups["optim"][f"optim/{n}/{k}"] = (v, placement)
-            elif tp_rank == 0:
-                groups["optim"][f"optim/{n}/{k}"] = (v, None)
+        groups["model"][f"{prefix}model/{n}"] = (p, placement)
+        for kind, state in states.items():
+            for k, v in state.get(n, {}).items():
+                v = torch.as_tensor(v)
+                key = f"{prefix}{kind}/{n}/{k}"
+                # AdamW's moments are placed as their parameter; its 0-dim step is replicated.
+                if v.shape == p.shape:
+                    groups[kind][key] = (v, placement)
+                elif tp_rank == 0:
+                    groups[kind][key] = (v, None)
     files: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     for kind, tensors in groups.items():
@@ -270,11 +284,13 @@ def save(
     extra: dict,
     keep: int = 2,
     rank_tensors: dict[str, torch.Tensor] | None = None,
+    local_sgd: LocalSGD | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
 
     `extra` goes into meta.json (loader position, config, tokenizer). `rank_tensors` is this
-    rank's private state, stored as `rank/<world rank>/<name>` (see load_newest). A failed
+    rank's private state, stored as `rank/<world rank>/<name>` (see load_newest). With
+    `local_sgd` every dp rank also writes its own parameters and optimizer state. A failed
     write on any rank (a full disk) ends the run on every rank with exit 2 and one line
     naming the folder.
     """
@@ -297,7 +313,7 @@ def save(
     entries: dict[str, dict] = {}
     if error is None:
         try:
-            files, entries = write_own_files(tmp, grid, model, optimizer)
+            files, entries = write_own_files(tmp, grid, model, optimizer, local_sgd)
             if rank_tensors:
                 more_files, more_entries = _write_rank_tensors(tmp, grid, rank_tensors)
                 files |= more_files
@@ -536,12 +552,23 @@ def _check_index(meta: dict, path: Path) -> None:
 # ----------------------------------------------------------------- loading
 
 
-def load_newest(run_dir: str, *, grid, model: nn.Module, optimizer, check=None):
+def load_newest(
+    run_dir: str,
+    *,
+    grid,
+    model: nn.Module,
+    optimizer,
+    check=None,
+    local_sgd: LocalSGD | None = None,
+):
     """Collective: restore the newest undamaged checkpoint; returns (folder, meta) or None.
 
     Each rank reads only the tensors of its own stage, plus its RNG state and its private
     `rank_tensors` (returned in meta["rank_tensors"], names without their prefix; empty in
-    another layout) when the layout is the one that wrote the checkpoint. If any rank finds damage, every rank warns (naming
+    another layout) when the layout is the one that wrote the checkpoint. With `local_sgd`,
+    each dp rank reads its own copies of the parameters and optimizer state where the
+    checkpoint has them (else dp rank 0's), and the outer state. If any rank finds damage,
+    every rank warns (naming
     the file and the damage) and tries the previous checkpoint; when none is left, every
     rank raises StartupError (exit 2). `check(meta, folder)` may raise ValueError for a
     checkpoint the user cannot resume from (another model): that ends the run too.
@@ -565,11 +592,11 @@ def load_newest(run_dir: str, *, grid, model: nn.Module, optimizer, check=None):
         if damage is None:
             if check is not None:
                 agree(world, partial(check, meta, folder))
-            state, mine = _read_own(folder, meta, grid, model, optimizer)
+            state, mine = _read_own(folder, meta, grid, model, optimizer, local_sgd)
             found = [d for d in world.allgather(mine) if d is not None]
             damage = "; ".join(dict.fromkeys(found)) if found else None
         if damage is None:
-            _apply(state, model, optimizer)
+            _apply(state, model, optimizer, local_sgd)
             assert state is not None  # no damage: every rank read its tensors
             prefix = f"rank/{world.Get_rank()}/"
             meta["rank_tensors"] = {
@@ -603,14 +630,21 @@ class _Want(NamedTuple):
         return [box for _, _, box in self.placement.parts]
 
 
-def _wanted(meta: dict, grid, model: nn.Module, optimizer, folder: Path) -> dict[str, _Want]:
+def _wanted(
+    meta: dict, grid, model: nn.Module, optimizer, folder: Path, local_sgd: LocalSGD | None = None
+) -> dict[str, _Want]:
     """What this rank needs: its stage's parameters and their optimizer state (its
-    tensor-parallel shards of them, or under ZeRO-1 only the flat ranges it owns), and its
-    RNG state if the checkpoint was written by this layout."""
+    tensor-parallel shards of them, or under ZeRO-1 only the flat ranges it owns), the outer
+    state under local SGD, and its RNG state if the checkpoint was written by this layout.
+    Keyed by the names dp rank 0 stores them under: under local SGD dp rank d reads its own
+    `dp{d}/` copies into them where the checkpoint has them."""
     tensors = meta["tensors"]
     wanted: dict[str, _Want] = {}
+    dp_rank = grid.rank("dp")
     for n, p in model.named_parameters():
-        entry = tensors.get(f"model/{n}")
+        own = f"dp{dp_rank}/" if local_sgd is not None and dp_rank else ""
+        prefix = own if f"{own}model/{n}" in tensors else ""
+        entry = tensors.get(f"{prefix}model/{n}")
         if entry is None:
             raise CheckpointError(f"{folder / META}: the index has no parameter {n}")
         placement = index.placement_of(p)
@@ -620,10 +654,11 @@ def _wanted(meta: dict, grid, model: nn.Module, optimizer, folder: Path) -> dict
                 f"{folder / META}: parameter {n} has shape {entry['shape']} in the index, "
                 f"the model's is {list(shape)}"
             )
-        prefix = f"optim/{n}/"
-        for key, e in [(f"model/{n}", entry)] + [
-            (k, e) for k, e in tensors.items() if k.startswith(prefix)
+        kinds = [f"{prefix}optim/{n}/", *([f"outer/{n}/"] if local_sgd is not None else [])]
+        for stored, e in [(f"{prefix}model/{n}", entry)] + [
+            (k, e) for k, e in tensors.items() if k.startswith(tuple(kinds))
         ]:
+            key = stored[len(prefix) :] if stored.startswith(prefix) else stored
             if isinstance(optimizer, ShardedAdamW):
                 region = optimizer.owned_region(key, e["shape"])
                 if region is not None:
@@ -663,7 +698,7 @@ def _read_local(files: TensorFiles, name: str, want: _Want) -> torch.Tensor:
 
 
 def _read_own(
-    folder: Path, meta: dict, grid, model: nn.Module, optimizer
+    folder: Path, meta: dict, grid, model: nn.Module, optimizer, local_sgd: LocalSGD | None = None
 ) -> tuple[dict | None, str | None]:
     """This rank's tensors (its shards or owned ranges of them) and the damage it found.
 
@@ -675,7 +710,7 @@ def _read_own(
     reads: list[str] = []
     damage: str | None = None
     try:
-        wanted = _wanted(meta, grid, model, optimizer, folder)
+        wanted = _wanted(meta, grid, model, optimizer, folder, local_sgd)
         reads = sorted(
             set().union(*(index.files_of(w.entry, r) for w in wanted.values() for r in w.regions()))
         )
@@ -700,7 +735,9 @@ def _read_own(
         return None, str(e)
 
 
-def _apply(state: dict | None, model: nn.Module, optimizer) -> None:
+def _apply(
+    state: dict | None, model: nn.Module, optimizer, local_sgd: LocalSGD | None = None
+) -> None:
     assert state is not None
     rng = [v for k, v in state.items() if k.startswith("rng/")]
     if rng:
@@ -719,6 +756,13 @@ def _apply(state: dict | None, model: nn.Module, optimizer) -> None:
             optimizer.state[p] = {
                 k: v.to(p.device) if v.dim() else v for k, v in param_state.items()
             }
+    if local_sgd is not None:
+        outer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, v in state.items():
+            if key.startswith("outer/"):
+                n, _, k = key[len("outer/") :].rpartition("/")
+                outer.setdefault(n, {})[k] = v
+        local_sgd.load_state_by_name(outer)
 
 
 def read_model(folder: Path, meta: dict) -> dict[str, torch.Tensor]:

@@ -58,6 +58,14 @@ class ParallelConfig:
     """Rank of PowerSGD's factors (grad_compression powersgd)."""
     powersgd_warmup: int = 10
     """Uncompressed steps at the start of a PowerSGD run (grad_compression powersgd)."""
+    sync_every: int = 1
+    """Local SGD: the dp ranks take this many optimizer steps on their own gradients (no
+    gradient all-reduce), then average their models; 1 averages gradients every step."""
+    outer_lr: float = 1.0
+    """With sync_every > 1: the outer (DiLoCo) step's rate on the averaged change of the
+    model since the last average; 1 with outer_momentum 0 is plain model averaging."""
+    outer_momentum: float = 0.0
+    """With sync_every > 1: the outer step's Nesterov momentum (DiLoCo uses 0.9)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -310,6 +318,9 @@ RANGES: dict[str, Range] = {
     "parallel.zero": Range(0, 1),
     "parallel.powersgd_rank": COUNT,
     "parallel.powersgd_warmup": NON_NEGATIVE,
+    "parallel.sync_every": COUNT,
+    "parallel.outer_lr": POSITIVE,
+    "parallel.outer_momentum": FRACTION,
     "train.max_steps": COUNT,
     "train.micro_batch_size": COUNT,
     "train.grad_accum_steps": COUNT,
@@ -397,6 +408,7 @@ def validate(cfg: Config) -> None:
         # Muon already spreads its work over dp and keeps one momentum per parameter; its
         # state is not sharded (yet), so the combination would silently be plain Muon.
         raise ConfigError("optim.name muon does not support parallel.zero 1; use parallel.zero 0")
+    check_local_sgd(p, o)
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
     if p.pp > 1 and m.tie_embeddings:
@@ -431,6 +443,35 @@ def check_compression(p: ParallelConfig) -> None:
         raise ConfigError(
             f"parallel.grad_compression powersgd with parallel.tp = {p.tp} is not supported "
             "yet (untested on tensor-parallel shards); use parallel.tp 1, or bf16/fp16"
+        )
+
+
+def check_local_sgd(p: ParallelConfig, o: OptimConfig) -> None:
+    """What local SGD (parallel.sync_every > 1) does not combine with."""
+    if p.sync_every == 1:
+        if p.outer_lr != 1.0 or p.outer_momentum != 0.0:
+            raise ConfigError(
+                "parallel.outer_lr and parallel.outer_momentum apply to local SGD only "
+                "(parallel.sync_every > 1); remove them or set parallel.sync_every"
+            )
+        return
+    if p.zero:
+        raise ConfigError(
+            f"parallel.sync_every = {p.sync_every} does not combine with parallel.zero 1: "
+            "ZeRO-1 shards the update over dp, which needs the averaged gradient every step; "
+            "use parallel.zero 0"
+        )
+    if p.grad_compression != "none":
+        raise ConfigError(
+            f"parallel.sync_every = {p.sync_every} does not combine with "
+            f"parallel.grad_compression {p.grad_compression}: local SGD averages models, not "
+            "gradients, so there is no gradient all-reduce to compress; use one of them"
+        )
+    if o.name == "muon":
+        raise ConfigError(
+            f"parallel.sync_every = {p.sync_every} does not combine with optim.name muon: "
+            "Muon spreads its update over the dp ranks, which needs the same gradients on "
+            "each of them every step; use optim.name adamw"
         )
 
 

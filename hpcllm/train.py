@@ -38,6 +38,7 @@ from hpcllm.model import GPT, ModelConfig
 from hpcllm.optim import build_optimizer, lr_scale, set_lr
 from hpcllm.parallel import compression
 from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.local_sgd import LocalSGD, check_resume
 from hpcllm.parallel.parallelize import build_stage, loss_function
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
@@ -110,6 +111,8 @@ class Trainer:
     reads_data: bool
     # Bytes of text per scored validation token, so val loss converts to bits per byte.
     val_bytes_per_token: float = 1.0
+    # Local SGD (parallel.sync_every > 1): models averaged every H steps instead of gradients.
+    local_sgd: LocalSGD | None = None
     step: int = 0
     # (step, samples consumed) where the current global batch size took over: (0, 0), or a
     # resume that changed it.
@@ -132,6 +135,7 @@ class Trainer:
                 load_run_tokenizer(self.cfg.data.path), self.cfg.data.path
             )
         since_step, since_sample = self.samples_since
+        max_steps = self.cfg.train.max_steps
         # Watched: a peer that stops during the save must not hang this rank in its barriers.
         with WATCHDOG.watch(f"checkpoint save at step {self.step}"):
             return checkpoint.save(
@@ -152,7 +156,13 @@ class Trainer:
                     },
                     "config": self.cfg.to_dict(),
                     "tokenizer": tokenizer,
+                    **(
+                        {"local_sgd": self.local_sgd.checkpoint_record(self.step, max_steps)}
+                        if self.local_sgd
+                        else {}
+                    ),
                 },
+                local_sgd=self.local_sgd,
             )
 
 
@@ -264,6 +274,7 @@ def setup(cfg: Config, world) -> Trainer:
         autocast=autocast,
         reads_data=reads_data,
         val_bytes_per_token=val_bytes_per_token(cfg, val, [pp_comm, dp_comm]),
+        local_sgd=LocalSGD.build(model, dp_comm, cfg.parallel),
     )
     if cfg.checkpoint.resume:
         resume(trainer, world)
@@ -299,7 +310,8 @@ def resume(trainer: Trainer, world) -> None:
         grid=trainer.grid,
         model=trainer.model,
         optimizer=trainer.optimizer,
-        check=lambda meta, path: check_same_model(meta["config"]["model"], cfg, path),
+        check=lambda meta, path: check_resumable(meta, cfg, trainer.grid, path),
+        local_sgd=trainer.local_sgd,
     )
     if found is None:
         return
@@ -407,6 +419,13 @@ def diverged(tr: Trainer, run: RunDir | None, loss: float, grad_norm: float) -> 
     raise Diverged(message)
 
 
+def check_resumable(meta: dict, cfg: Config, grid: Grid, path) -> None:
+    """Refuse a checkpoint of another model, or one between local SGD's model averages that
+    this layout cannot continue."""
+    check_same_model(meta["config"]["model"], cfg, path)
+    check_resume(meta, cfg.parallel.sync_every, grid.size("dp"), path)
+
+
 def check_same_model(saved: dict, cfg: Config, path) -> None:
     keys = (
         *("n_layer", "n_head", "d_model", "vocab_size", "block_size", "tie_embeddings"),
@@ -484,11 +503,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             _inject_fault(tr.step, world.Get_rank(), tr.model)
             wire_before = tr.ddp.wire_bytes
-            loss_sum = train_step(tr.schedule, tr.ddp, micro_batches, tr.autocast)
+            # Under local SGD each dp rank steps on its own gradient, clipped by its own norm.
+            loss_sum = train_step(
+                tr.schedule, tr.ddp, micro_batches, tr.autocast, average_grads=not tr.local_sgd
+            )
             wire_bytes = tr.ddp.wire_bytes - wire_before  # this rank's, for gradients
             grad_norm = clip_grad_norm(
                 tr.model, cfg.optim.grad_clip, [tr.pp_comm], tr.tp_comm, tr.ddp
             )
+            if tr.local_sgd:
+                grad_norm = tr.local_sgd.agreed_norm(grad_norm)
             computed, comm_computed = time.perf_counter(), tr.comm_seconds()
             # The mean loss over the whole global batch and the whole model's gradient norm
             # are known to every rank, so the finiteness check is the same decision everywhere.
@@ -502,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             optimizer_start = time.perf_counter()
             tr.optimizer.step()
             optimizer_s = time.perf_counter() - optimizer_start
+            if tr.local_sgd:  # every sync_every steps: average the models, the outer step
+                tr.local_sgd.after_step(tr.step, t.max_steps)
         WATCHDOG.step_done(tr.step)
         now, comm_now = time.perf_counter(), tr.comm_seconds()
         window.add(
@@ -525,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                 **window.flush(),
                 "grad_norm": grad_norm,
                 "grad_wire_bytes": wire_bytes,
+                **(tr.local_sgd.metrics() if tr.local_sgd else {}),
             }
             eta = (t.max_steps - tr.step) * record["ms_per_step"] / 1000
             print0(

@@ -150,6 +150,11 @@ def test_reference_run_writes_metrics_config_checkpoints_and_sample(dp2_run):
         and meta["grid"] == {"pp": 1, "dp": 2, "tp": 1}
     )
     assert meta["loader"]["consumed_samples"] == STEPS * 2 * 2  # steps x micro_batch x dp
+    # parallel.sync_every 1 (the default) averages gradients: no local SGD state or metrics.
+    assert "local_sgd" not in meta and not any(
+        k.startswith(("dp1/", "outer/")) for k in meta["tensors"]
+    )
+    assert not any("synced" in r for r in train_records)
     assert "world 2 = pp 1 x dp 2 x tp 1" in result.stdout
     assert "\nsample:\n" in result.stdout
 

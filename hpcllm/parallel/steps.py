@@ -60,18 +60,23 @@ def clip_grad_norm(
     return norm
 
 
-def train_step(schedule: Schedule, ddp: DataParallel, micro_batches, autocast) -> torch.Tensor:
+def train_step(
+    schedule: Schedule, ddp: DataParallel, micro_batches, autocast, average_grads: bool = True
+) -> torch.Tensor:
     """Forward and backward of one step's micro-batches through this rank's pipeline stage,
-    then the dp gradient average. Returns the summed loss (non-zero on the last stage only)."""
+    then the dp gradient average (skipped with `average_grads=False`: local SGD, where each
+    dp rank steps on its own gradients). Returns the summed loss (non-zero on the last stage
+    only)."""
     ddp.zero_grad()
 
     def before_backward(i: int) -> None:
         # Gradients are reduced only during the last backward of the step; the
         # earlier micro-batches just accumulate into the same buckets.
-        ddp.sync = i == len(micro_batches) - 1
+        ddp.sync = average_grads and i == len(micro_batches) - 1
 
     loss_sum = schedule.run(micro_batches, autocast, before_backward)
-    ddp.finish()
+    if average_grads:
+        ddp.finish()
     return loss_sum
 
 
