@@ -91,6 +91,7 @@ def test_config_refuses_what_local_sgd_does_not_combine_with():
     refused = {
         "parallel.zero 1": ["--parallel.zero", "1"],
         "optim.name muon": ["--optim.name", "muon"],
+        "parallel.grad_compression bf16": ["--parallel.grad_compression", "bf16"],
     }
     for name, args in refused.items():
         with pytest.raises(ConfigError, match=f"sync_every = 4 does not combine with {name}"):
