@@ -7,103 +7,31 @@ its activations (ActivationMeter's peak) and its traffic (within 10%) with the p
 """
 
 import sys
-from contextlib import nullcontext
 
 import pytest
 import torch
-from mpi4py import MPI
 
-from hpcllm.comm import TensorComm
+from hpcllm.bench.layouts import CountingComm, build_rank, held_bytes
 from hpcllm.config import Config, ParallelConfig, TrainConfig
 from hpcllm.model import ModelConfig
-from hpcllm.optim import build_optimizer
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.parallelize import build_stage, loss_function
-from hpcllm.parallel.pipeline import PipelineStage, Schedule
-from hpcllm.parallel.steps import clip_grad_norm, stage_inputs, train_step
-from hpcllm.parallel.zero import optimizer_state_bytes
 from hpcllm.plan import make_plan, rank_memory
-from hpcllm.topology import Grid
 
 from helpers import run
 
 CPU = torch.device("cpu")
 
 
-class CountingComm(TensorComm):
-    """A TensorComm that adds up the bytes of every tensor it hands to MPI."""
-
-    def __init__(self, comm, name):
-        super().__init__(comm, name=name)
-        self.payload = 0
-
-    def _count(self, tensor):
-        self.payload += tensor.numel() * tensor.element_size()
-
-    def allreduce_(self, tensor, op=MPI.SUM):
-        self._count(tensor)
-        return super().allreduce_(tensor, op)
-
-    def iallreduce_(self, tensor, op=MPI.SUM):
-        self._count(tensor)
-        return super().iallreduce_(tensor, op)
-
-    def ireduce_scatter(self, tensor, out=None, op=MPI.SUM):
-        self._count(tensor)
-        return super().ireduce_scatter(tensor, out, op)
-
-    def iallgather_(self, tensor):
-        self._count(tensor)
-        return super().iallgather_(tensor)
-
-    def isend(self, tensor, dest, tag=0):
-        self._count(tensor)
-        return super().isend(tensor, dest, tag)
-
-
-def unique_bytes(tensors) -> int:
-    """Bytes of the distinct storages under `tensors` (views of one bucket count once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
 def measure(comm, cfg: Config) -> dict:
     """One training step of this rank as hpcllm.train sets it up; what it held and sent."""
-    p, t = cfg.parallel, cfg.train
-    grid = Grid.build(comm, pp=p.pp, tp=p.tp)
-    comms = {a: CountingComm(grid.comm(a), a) for a in ("dp", "pp", "tp")}
-    model = build_stage(cfg, grid, CPU, comms["tp"])
-    ddp = DataParallel(model, comms["dp"], p.bucket_mb, shard=p.zero == 1)
-    stage = PipelineStage(
-        model,
-        comms["pp"],
-        stage=grid.rank("pp"),
-        num_stages=grid.size("pp"),
-        act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
-        device=CPU,
-    )
-    schedule = Schedule(stage, p.schedule, loss_fn=loss_function(cfg, comms["tp"]))
-    optimizer = build_optimizer(model, cfg.optim, comms["dp"], CPU, sharded=ddp if p.zero else None)
-    g = torch.Generator().manual_seed(grid.rank("dp"))
-    tokens = torch.randint(
-        cfg.model.vocab_size, (t.grad_accum_steps, t.micro_batch_size, 17), generator=g
-    )
-    batches = stage_inputs([(x[:, :-1], x[:, 1:]) for x in tokens], grid, CPU)
-    train_step(schedule, ddp, batches, nullcontext())
-    clip_grad_norm(model, 1.0, [comms["pp"]], comms["tp"], ddp)
-    optimizer.step()
-    grads = [q.grad for q in model.parameters()] + [
-        b.grad_shard for b in ddp.buckets if b.grad_shard is not None
-    ]
+    rank = build_rank(cfg, comm, CountingComm)
+    rank.step(rank.batches(0))
     result = {
-        "coords": dict(grid.coords),
-        "params": unique_bytes(model.parameters()),
-        "grads": unique_bytes(grads),
-        "optimizer": optimizer_state_bytes(optimizer),
-        "activations": schedule.meter.peak,
-        "payload": {a: c.payload for a, c in comms.items()},
+        "coords": dict(rank.grid.coords),
+        **held_bytes(rank),
+        "activations": rank.schedule.meter.peak,
+        "payload": {a: c.payload for a, c in rank.comms.items()},
     }
-    grid.free()
+    rank.free()
     return result
 
 

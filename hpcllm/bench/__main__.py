@@ -9,6 +9,9 @@ plain baselines. One module of hpcllm.bench per subject; figures in BENCHMARKS.m
     python -m hpcllm.bench checkpoint --n-layer 12 --d-model 768 --vocab 8192
     mpirun -np 2 python -m hpcllm.bench zero --steps 30 --warmup 5
     python -m hpcllm.bench steps --nanogpt ../nanoGPT       # no mpirun: hpcllm vs nanoGPT
+    mpirun -np 2 python -m hpcllm.bench collectives --mb 1 8 64
+    mpirun -np 2 python -m hpcllm.bench tp --steps 10
+    python -m hpcllm.bench memory         # no mpirun: one mpirun -np 2 per layout
 
 Times are medians over iterations, each iteration timed by its slowest rank. Results say how
 much of the CPUs other processes used meanwhile: on a shared machine, compare only quiet runs.
@@ -23,7 +26,19 @@ import sys
 
 from mpi4py import MPI
 
-from hpcllm.bench import allreduce, checkpoint, pipeline, scaling, steps, stop, train, zero
+from hpcllm.bench import (
+    allreduce,
+    checkpoint,
+    collectives,
+    memory,
+    pipeline,
+    scaling,
+    steps,
+    stop,
+    tp,
+    train,
+    zero,
+)
 from hpcllm.runtime import spmd_main
 
 SUBJECTS = {
@@ -35,6 +50,9 @@ SUBJECTS = {
     "checkpoint": (checkpoint, "checkpoint save and load time and size, one rank"),
     "zero": (zero, "ZeRO-1 vs plain dp: tokens/s and AdamW state per rank"),
     "steps": (steps, "ms per small step: hpcllm np 1 and np 2 vs nanoGPT (runs both itself)"),
+    "collectives": (collectives, "all-gather and reduce-scatter: TensorComm vs raw mpi4py"),
+    "tp": (tp, "tp 2 vs tp 1 step time, tp all-reduce share vs the planner's traffic"),
+    "memory": (memory, "peak memory per rank of 4 layouts vs the planner (runs mpirun itself)"),
 }
 
 
