@@ -14,9 +14,10 @@ that trains, not from a second model of it:
   applies as in training), its saved tensors counted by the pipeline's own `ActivationMeter`;
   times the micro-batches the schedule keeps in flight (1f1b: min(pp - stage, m), gpipe: m).
 - Traffic: the tp all-reduces are counted on that same forward and backward (a planning
-  communicator records each message instead of sending it); the dp buckets' all-reduce
-  (or reduce-scatter + all-gather under ZeRO-1) and the pipeline's activations and their
-  gradients follow from the buckets and the message shape. "Sent" is what one rank puts on
+  communicator records each message instead of sending it), and Muon's all-gather of its
+  updates over dp on that optimizer step; the dp buckets' all-reduce (or reduce-scatter +
+  all-gather under ZeRO-1) and the pipeline's activations and their gradients follow from
+  the buckets and the message shape. "Sent" is what one rank puts on
   the wire with the bandwidth-optimal algorithms: 2(p-1)/p of an all-reduce's payload,
   (p-1)/p of a reduce-scatter's or an all-gather's, all of a point-to-point message.
   Scalars (the loss and gradient-norm reductions) are left out.
@@ -76,6 +77,7 @@ class PlanningComm(TensorComm):
         self.cuda_aware = False
         self.wait_seconds = 0.0
         self.allreduced = 0  # bytes handed to all-reduces (bf16/fp16 travel as fp32)
+        self.gathered = 0  # bytes of the outputs of blocking all-gathers (Muon's updates)
 
     def allreduce_(self, tensor, op=None):
         itemsize = 4 if tensor.dtype in _REDUCED_IN_FP32 else tensor.element_size()
@@ -92,6 +94,7 @@ class PlanningComm(TensorComm):
         return _Done(tensor)
 
     def allgather(self, tensor, out=None):
+        self.gathered += self.size * tensor.numel() * tensor.element_size()
         return tensor.new_empty((self.size * tensor.shape[0], *tensor.shape[1:]))
 
 
@@ -109,6 +112,7 @@ class RankMemory:
     grads: int
     optimizer: int
     bucket_bytes: int  # the (padded) gradient buckets, as reduced over dp
+    gathered: int  # the optimizer's all-gathers over dp (Muon's orthogonalised updates)
 
 
 def rank_memory(cfg: Config, dims: dict[str, int], coords: dict[str, int]) -> RankMemory:
@@ -134,6 +138,7 @@ def rank_memory(cfg: Config, dims: dict[str, int], coords: dict[str, int]) -> Ra
         grads=bucket_bytes + shards,
         optimizer=optimizer_state_bytes(optimizer),
         bucket_bytes=bucket_bytes,
+        gathered=dp_comm.gathered,
     )
 
 
@@ -231,7 +236,8 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         pp_payload = m * message * ((s < dims["pp"] - 1) + (s > 0))
         tp_payload = m * (micro.tp_forward + micro.tp_backward)
         # Under ZeRO-1 the buckets are reduce-scattered, then the parameters all-gathered.
-        dp_payload = memory.bucket_bytes * (2 if p.zero else 1)
+        buckets = memory.bucket_bytes * (2 if p.zero else 1)
+        dp_payload = buckets + memory.gathered
         dp, tp = dims["dp"], dims["tp"]
         plan.stages.append(
             StagePlan(
@@ -242,7 +248,8 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
                 in_flight=in_flight(p.schedule, s, dims["pp"], m),
                 payload={"dp": dp_payload, "pp": pp_payload, "tp": tp_payload},
                 sent={
-                    "dp": dp_payload * 2 * (dp - 1) // (2 * dp if p.zero else dp),
+                    "dp": buckets * 2 * (dp - 1) // (2 * dp if p.zero else dp)
+                    + memory.gathered * (dp - 1) // dp,
                     "pp": pp_payload,
                     "tp": tp_payload * 2 * (tp - 1) // tp,
                 },

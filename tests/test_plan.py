@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpcllm.bench.layouts import CountingComm, build_rank, held_bytes
-from hpcllm.config import Config, ParallelConfig, TrainConfig
+from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
 from hpcllm.model import ModelConfig
 from hpcllm.plan import make_plan, rank_memory
 
@@ -35,11 +35,12 @@ def measure(comm, cfg: Config) -> dict:
     return result
 
 
-def tiny(**parallel) -> Config:
+def tiny(optim: str = "adamw", **parallel) -> Config:
     model = ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=32)
     accum = 4 if parallel.get("pp", 1) > 1 else 2
     train = TrainConfig(seq_len=16, micro_batch_size=2, grad_accum_steps=accum)
-    return Config(model=model, train=train, parallel=ParallelConfig(bucket_mb=0.002, **parallel))
+    parallel_cfg = ParallelConfig(bucket_mb=0.002, **parallel)
+    return Config(model=model, train=train, parallel=parallel_cfg, optim=OptimConfig(name=optim))
 
 
 @pytest.mark.mpi(ranks=2, timeout=180)
@@ -47,6 +48,7 @@ def test_plan_matches_what_each_rank_holds_and_sends(comm):
     layouts = {
         "dp2": tiny(),
         "dp2 zero1": tiny(zero=1),
+        "dp2 muon": tiny("muon"),
         "tp2": tiny(tp=2),
         "pp2 1f1b": tiny(pp=2),
         "pp2 gpipe": tiny(pp=2, schedule="gpipe"),
@@ -75,6 +77,8 @@ def test_plan_matches_what_each_rank_holds_and_sends(comm):
                 problems.append(
                     f"{label} rank {comm.rank}: {axis} payload {s.payload[axis]} planned, {measured} measured"
                 )
+        if label == "dp2 muon":
+            assert mine.gathered > 0  # the plan sees Muon's all-gather of its updates
         if label == "tp2":
             assert got["payload"]["tp"] > 10_000  # the test sees the tp all-reduces at all
         if label.startswith("pp2"):

@@ -50,6 +50,10 @@ class CountingComm(TensorComm):
         self._count(tensor)
         return super().iallgather_(tensor)
 
+    def allgather(self, tensor, out=None):
+        self.payload += self.size * tensor.numel() * tensor.element_size()  # the gathered whole
+        return super().allgather(tensor, out)
+
     def isend(self, tensor, dest, tag=0):
         self._count(tensor)
         return super().isend(tensor, dest, tag)
