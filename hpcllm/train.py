@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hpcllm import checkpoint, mfu
+from hpcllm import checkpoint, mfu, plan
 from hpcllm.comm import TensorComm, detect_cuda_aware
 from hpcllm.config import Config, check_device, parse_args, to_toml
 from hpcllm.data.loader import Loader, val_batches
@@ -55,7 +55,7 @@ from hpcllm.runtime import (
     spmd_main,
 )
 from hpcllm.stop import StopRequest
-from hpcllm.topology import Grid, describe, resolve_dims
+from hpcllm.topology import Grid, describe
 from hpcllm.watchdog import WATCHDOG
 
 DEFAULT_DATA = "data/stdlib"
@@ -452,11 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, options = agree(world, lambda: parse_args(sys.argv[1:] if argv is None else argv))
     if options["dry_run"]:
         size = options["world_size"] or world.Get_size()
-        dims = agree(
-            world,
-            lambda: resolve_dims(size, dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp),
-        )
-        print0(describe(dims))
+        print0(agree(world, lambda: plan.dry_run(cfg, size, DEFAULT_DATA)))
         return 0
     stop = StopRequest(cfg.run.time_limit_s)
     run = agree(world, lambda: RunDir(cfg.run.dir) if world.Get_rank() == 0 else None)

@@ -151,7 +151,7 @@ def dry_run(*args: str):
 
 
 def test_dry_run_prints_a_1024_rank_layout_without_mpirun():
-    result = dry_run("--world-size", "1024", "--parallel.pp", "4")
+    result = dry_run("--world-size", "1024", "--parallel.pp", "4", "--model.vocab_size", "257")
     assert result.returncode == 0, result
     assert result.stdout.splitlines()[0] == "world 1024 = pp 4 x dp 256 x tp 1", result
     assert "pp groups (size 4): [0,256,512,768]" in result.stdout

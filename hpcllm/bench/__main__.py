@@ -11,6 +11,9 @@ plain baselines. One module of hpcllm.bench per subject; figures in BENCHMARKS.m
     python -m hpcllm.bench steps --nanogpt ../nanoGPT       # no mpirun: hpcllm vs nanoGPT
     python -m hpcllm.bench quality --budget-s 100 --nanogpt ../nanoGPT --variant base=
     python -m hpcllm.bench compression --np 2 --steps 60    # no mpirun: one run per mode
+    mpirun -np 2 python -m hpcllm.bench collectives --mb 1 8 64
+    mpirun -np 2 python -m hpcllm.bench tp --steps 10
+    python -m hpcllm.bench memory         # no mpirun: one mpirun -np 2 per layout
 
 Times are medians over iterations, each iteration timed by its slowest rank. Results say how
 much of the CPUs other processes used meanwhile: on a shared machine, compare only quiet runs.
@@ -28,12 +31,15 @@ from mpi4py import MPI
 from hpcllm.bench import (
     allreduce,
     checkpoint,
+    collectives,
     compression,
+    memory,
     pipeline,
     quality,
     scaling,
     steps,
     stop,
+    tp,
     train,
     zero,
 )
@@ -50,6 +56,9 @@ SUBJECTS = {
     "compression": (compression, "gradient compression modes in training runs (runs mpirun)"),
     "steps": (steps, "ms per small step: hpcllm np 1 and np 2 vs nanoGPT (runs both itself)"),
     "quality": (quality, "val bits/byte in a wall-clock budget: variants and nanoGPT (runs both)"),
+    "collectives": (collectives, "all-gather and reduce-scatter: TensorComm vs raw mpi4py"),
+    "tp": (tp, "tp 2 vs tp 1 step time, tp all-reduce share vs the planner's traffic"),
+    "memory": (memory, "peak memory per rank of 4 layouts vs the planner (runs mpirun itself)"),
 }
 
 

@@ -40,6 +40,14 @@ from hpcllm.topology import Grid
 def build_stage(cfg: Config, grid: Grid, device, tp_comm: TensorComm | None = None) -> GPT:
     """This rank's pipeline stage of the GPT (the whole model when pp = 1), with this tp
     rank's shards of its weights (`tp_comm` by default the grid's tp group, host buffers)."""
+    if tp_comm is None:
+        tp_comm = TensorComm(grid.comm("tp"), name="tp")
+    return stage_module(cfg, grid, tp_comm).to(device)
+
+
+def stage_module(cfg: Config, grid: Grid, tp_comm: TensorComm) -> GPT:
+    """`build_stage` before its move to the device: created wherever tensors are created by
+    default (the layout planner builds it on meta or fake tensors)."""
     layers = split_layers(cfg.model.n_layer, grid.size("pp"), cfg.parallel.stage_layers)
     model = GPT(
         cfg.model,
@@ -48,9 +56,7 @@ def build_stage(cfg: Config, grid: Grid, device, tp_comm: TensorComm | None = No
         last=grid.is_last_stage,
         init_seed=cfg.train.seed,
     )
-    if tp_comm is None:
-        tp_comm = TensorComm(grid.comm("tp"), name="tp")
-    return parallelize(model, grid, cfg, tp_comm).to(device)
+    return parallelize(model, grid, cfg, tp_comm)
 
 
 def parallelize(model: GPT, grid: Grid, cfg: Config, tp_comm: TensorComm) -> GPT:

@@ -1,0 +1,126 @@
+"""One rank of a (pp, dp, tp, zero) layout built as hpcllm.train builds it, for the subjects
+that compare layouts (`tp`, `memory`) and for the planner's tests: the grid, the three
+communicators (of a chosen TensorComm class, e.g. one that counts bytes), the stage,
+DataParallel, the schedule with its loss, the optimizer, and one optimizer step."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from mpi4py import MPI
+
+from hpcllm.comm import TensorComm
+from hpcllm.config import Config
+from hpcllm.model import GPT
+from hpcllm.optim import build_optimizer
+from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.parallelize import build_stage, loss_function
+from hpcllm.parallel.pipeline import PipelineStage, Schedule
+from hpcllm.parallel.steps import clip_grad_norm, stage_inputs, train_step
+from hpcllm.topology import Grid
+
+CPU = torch.device("cpu")
+
+
+class CountingComm(TensorComm):
+    """A TensorComm that adds up the bytes of every tensor it hands to MPI (`payload`)."""
+
+    def __init__(self, comm: MPI.Comm, cuda_aware: bool = False, name: str = "world"):
+        super().__init__(comm, cuda_aware, name)
+        self.payload = 0
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        self.payload += tensor.numel() * tensor.element_size()
+
+    def allreduce_(self, tensor, op=MPI.SUM):
+        self._count(tensor)
+        return super().allreduce_(tensor, op)
+
+    def iallreduce_(self, tensor, op=MPI.SUM):
+        self._count(tensor)
+        return super().iallreduce_(tensor, op)
+
+    def ireduce_scatter(self, tensor, out=None, op=MPI.SUM):
+        self._count(tensor)
+        return super().ireduce_scatter(tensor, out, op)
+
+    def iallgather_(self, tensor):
+        self._count(tensor)
+        return super().iallgather_(tensor)
+
+    def allgather(self, tensor, out=None):
+        self.payload += self.size * tensor.numel() * tensor.element_size()  # the gathered whole
+        return super().allgather(tensor, out)
+
+    def isend(self, tensor, dest, tag=0):
+        self._count(tensor)
+        return super().isend(tensor, dest, tag)
+
+
+@dataclass
+class Rank:
+    cfg: Config
+    grid: Grid
+    comms: dict[str, TensorComm]
+    model: GPT
+    ddp: DataParallel
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+
+    def batches(self, step: int) -> list:
+        """This dp rank's micro-batches of `step`: random tokens, the same on every tp and pp
+        rank of a dp coordinate (inputs on the first stage, targets on the last)."""
+        t, vocab = self.cfg.train, self.cfg.model.vocab_size
+        g = torch.Generator().manual_seed(1000 * step + self.grid.rank("dp"))
+        shape = (t.grad_accum_steps, t.micro_batch_size, t.seq_len + 1)
+        tokens = torch.randint(vocab, shape, generator=g)
+        return stage_inputs([(x[:, :-1], x[:, 1:]) for x in tokens], self.grid, CPU)
+
+    def step(self, batches: list) -> None:
+        """One optimizer step as the training loop takes it (the loss reduction aside)."""
+        train_step(self.schedule, self.ddp, batches, nullcontext())
+        clip_grad_norm(self.model, 1.0, [self.comms["pp"]], self.comms["tp"], self.ddp)
+        self.optimizer.step()
+
+    def free(self) -> None:
+        self.grid.free()
+
+
+def build_rank(cfg: Config, world: MPI.Comm, comm_class=TensorComm) -> Rank:
+    """This rank of `cfg`'s layout on `world`, on the CPU, fp32."""
+    p, t = cfg.parallel, cfg.train
+    grid = Grid.build(world, dp=p.dp, pp=p.pp, tp=p.tp)
+    comms = {a: comm_class(grid.comm(a), name=a) for a in ("dp", "pp", "tp")}
+    model = build_stage(cfg, grid, CPU, comms["tp"])
+    ddp = DataParallel(model, comms["dp"], p.bucket_mb, shard=p.zero == 1)
+    stage = PipelineStage(
+        model,
+        comms["pp"],
+        stage=grid.rank("pp"),
+        num_stages=grid.size("pp"),
+        act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
+        device=CPU,
+    )
+    schedule = Schedule(stage, p.schedule, loss_fn=loss_function(cfg, comms["tp"]))
+    sharded = ddp if p.zero == 1 else None
+    optimizer = build_optimizer(model, cfg.optim, comms["dp"], CPU, sharded=sharded)
+    return Rank(cfg, grid, comms, model, ddp, schedule, optimizer)
+
+
+def held_bytes(rank: Rank) -> dict[str, int]:
+    """What the rank's tensors occupy, by distinct storage: parameters, gradients (buckets and
+    ZeRO-1's reduced shard) and optimizer state."""
+    from hpcllm.parallel.zero import optimizer_state_bytes
+
+    def unique(tensors) -> int:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+    shards = [b.grad_shard for b in rank.ddp.buckets if b.grad_shard is not None]
+    return {
+        "params": unique(rank.model.parameters()),
+        "grads": unique([q.grad for q in rank.model.parameters()] + shards),
+        "optimizer": optimizer_state_bytes(rank.optimizer),
+    }

@@ -1,0 +1,114 @@
+"""The layout planner (`--dry-run --world-size N`) against what real ranks hold and send.
+
+One 2-rank test trains one step of a tiny GPT under dp 2, dp 2 + ZeRO-1, tp 2 and pp 2 (1f1b,
+4 micro-batches), built as hpcllm.train builds it, with communicators that count the bytes
+handed to MPI; each rank compares its parameters, gradients and optimizer state (exactly),
+its activations (ActivationMeter's peak) and its traffic (within 10%) with the plan.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from hpcllm.bench.layouts import CountingComm, build_rank, held_bytes
+from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
+from hpcllm.model import ModelConfig
+from hpcllm.plan import make_plan, rank_memory
+
+from helpers import run
+
+CPU = torch.device("cpu")
+
+
+def measure(comm, cfg: Config) -> dict:
+    """One training step of this rank as hpcllm.train sets it up; what it held and sent."""
+    rank = build_rank(cfg, comm, CountingComm)
+    rank.step(rank.batches(0))
+    result = {
+        "coords": dict(rank.grid.coords),
+        **held_bytes(rank),
+        "activations": rank.schedule.meter.peak,
+        "payload": {a: c.payload for a, c in rank.comms.items()},
+    }
+    rank.free()
+    return result
+
+
+def tiny(optim: str = "adamw", **parallel) -> Config:
+    model = ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=32)
+    accum = 4 if parallel.get("pp", 1) > 1 else 2
+    train = TrainConfig(seq_len=16, micro_batch_size=2, grad_accum_steps=accum)
+    parallel_cfg = ParallelConfig(bucket_mb=0.002, **parallel)
+    return Config(model=model, train=train, parallel=parallel_cfg, optim=OptimConfig(name=optim))
+
+
+@pytest.mark.mpi(ranks=2, timeout=180)
+def test_plan_matches_what_each_rank_holds_and_sends(comm):
+    layouts = {
+        "dp2": tiny(),
+        "dp2 zero1": tiny(zero=1),
+        "dp2 muon": tiny("muon"),
+        "tp2": tiny(tp=2),
+        "pp2 1f1b": tiny(pp=2),
+        "pp2 gpipe": tiny(pp=2, schedule="gpipe"),
+    }
+    problems = []
+    for label, cfg in layouts.items():
+        got = measure(comm, cfg)
+        plan = make_plan(cfg, comm.size)
+        coords = got["coords"]
+        s = plan.stages[coords["pp"]]
+        # This very rank's figures (the plan's table shows dp rank 0's and tp rank 0's).
+        mine = rank_memory(cfg, plan.dims, coords)
+        for key in ("params", "grads", "optimizer"):
+            if getattr(mine, key) != got[key]:
+                problems.append(
+                    f"{label} rank {comm.rank}: {key} {getattr(mine, key)} planned, {got[key]} held"
+                )
+        assert s.memory.params == mine.params and s.memory.grads == mine.grads
+        if abs(s.activations - got["activations"]) > 0.1 * got["activations"]:
+            problems.append(
+                f"{label} rank {comm.rank}: activations {s.activations} planned, {got['activations']} measured"
+            )
+        for axis, measured in got["payload"].items():
+            # The plan leaves out the scalars (a gradient norm's 8 bytes per communicator).
+            if abs(s.payload[axis] - measured) > 0.1 * measured + 16:
+                problems.append(
+                    f"{label} rank {comm.rank}: {axis} payload {s.payload[axis]} planned, {measured} measured"
+                )
+        if label == "dp2 muon":
+            assert mine.gathered > 0  # the plan sees Muon's all-gather of its updates
+        if label == "tp2":
+            assert got["payload"]["tp"] > 10_000  # the test sees the tp all-reduces at all
+        if label.startswith("pp2"):
+            assert s.in_flight == (4 if "gpipe" in label else 2 - coords["pp"])
+            assert got["payload"]["pp"] > 10_000
+    problems = [p for part in comm.allgather(problems) for p in part]
+    assert not problems, "\n".join(problems)
+
+
+def dry_run(*args: str):
+    return run(
+        [sys.executable, "-m", "hpcllm.train", "--dry-run", *args], timeout=400
+    )  # generous: a loaded 2-core machine
+
+
+def test_dry_run_prints_the_plan_and_refuses_a_bad_layout_in_one_line():
+    result = dry_run(
+        "--world-size", "1024", "--parallel.pp", "2", "--parallel.tp", "4", "--model.vocab_size", "50257",
+        "--model.n_layer", "2", "--model.n_head", "4", "--model.d_model", "64",
+    )  # fmt: skip
+    assert result.returncode == 0, result
+    out = result.stdout
+    assert out.startswith("world 1024 = pp 2 x dp 128 x tp 4"), result
+    assert "vocab 50257 (padded to 50260)" in out, result
+    for text in ("memory per rank", "optimizer", "activations", "traffic per rank", "tp (size 4)"):
+        assert text in out, (text, result)
+    assert "largest rank:" in out, result
+
+    result = dry_run("--world-size", "6", "--parallel.tp", "4", "--model.vocab_size", "257")
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result
+    assert "world size 6" in lines[0] and "tp=4" in lines[0], result
