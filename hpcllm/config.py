@@ -31,6 +31,9 @@ class ConfigError(ValueError):
     """A configuration file, key or value the user must fix."""
 
 
+OVERLAP_MODES = ("auto", "on", "off")  # parallel.overlap
+
+
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
     dp: int = 0
@@ -51,6 +54,12 @@ class ParallelConfig:
     over the dp ranks, reduce-scattering gradients and all-gathering parameters."""
     cuda_aware: str = "auto"
     """CUDA tensors straight to MPI: 'auto' (detect), 'yes', or 'no' (stage through host)."""
+    overlap: str = "auto"
+    """Gradient reduction: 'on' overlaps it with backward, 'off' reduces bucket after bucket
+    once backward is done, 'auto' times both on the first 9 steps and keeps the faster."""
+    comm_thread: bool = False
+    """Overlap from a communication thread that owns the reduction's MPI calls (needs
+    MPI_THREAD_MULTIPLE), instead of launching from the gradient hooks."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -391,6 +400,10 @@ def validate(cfg: Config) -> None:
         # Muon already spreads its work over dp and keeps one momentum per parameter; its
         # state is not sharded (yet), so the combination would silently be plain Muon.
         raise ConfigError("optim.name muon does not support parallel.zero 1; use parallel.zero 0")
+    if p.overlap not in OVERLAP_MODES:
+        raise ConfigError(
+            f"parallel.overlap must be one of {', '.join(OVERLAP_MODES)}, got '{p.overlap}'"
+        )
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
     if p.pp > 1 and m.tie_embeddings:

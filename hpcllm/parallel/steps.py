@@ -70,8 +70,10 @@ def train_step(schedule: Schedule, ddp: DataParallel, micro_batches, autocast) -
         # earlier micro-batches just accumulate into the same buckets.
         ddp.sync = i == len(micro_batches) - 1
 
-    loss_sum = schedule.run(micro_batches, autocast, before_backward)
-    ddp.finish()
+    # Each loss is divided by the dp size as well, so the dp sum of the gradients is already
+    # their average and finish() skips a pass over them (exact for a power-of-two dp size).
+    loss_sum = schedule.run(micro_batches, autocast, before_backward, ddp.comm.size)
+    ddp.finish(average=False)
     return loss_sum
 
 
