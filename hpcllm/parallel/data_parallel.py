@@ -267,9 +267,8 @@ class DataParallel:
         self._trial += 1
         if self._trial < len(AUTO_PLAN):
             return
-        # The slowest rank's median step of each mode: a collective decision, so no rank
-        # reduces bucket by bucket while another overlaps (the same calls either way, but
-        # the choice must not depend on one rank's clock).
+        # The slowest rank's median step of each mode decides, for every rank alike: a step
+        # lasts as long as its slowest rank, and one rank's clock must not pick the schedule.
         medians = torch.tensor(
             [statistics.median(self._trial_seconds[m]) for m in ("off", "on")], dtype=torch.float64
         )
