@@ -31,6 +31,9 @@ class ConfigError(ValueError):
     """A configuration file, key or value the user must fix."""
 
 
+OVERLAP_MODES = ("auto", "on", "off")  # parallel.overlap
+
+
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
     dp: int = 0
@@ -66,6 +69,12 @@ class ParallelConfig:
     model since the last average; 1 with outer_momentum 0 is plain model averaging."""
     outer_momentum: float = 0.0
     """With sync_every > 1: the outer step's Nesterov momentum (DiLoCo uses 0.9)."""
+    overlap: str = "auto"
+    """Gradient reduction: 'on' overlaps it with backward, 'off' reduces bucket after bucket
+    once backward is done, 'auto' times both on the first 9 steps and keeps the faster."""
+    comm_thread: bool = False
+    """Overlap from a communication thread that owns the reduction's MPI calls (needs
+    MPI_THREAD_MULTIPLE), instead of launching from the gradient hooks."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -409,6 +418,10 @@ def validate(cfg: Config) -> None:
         # state is not sharded (yet), so the combination would silently be plain Muon.
         raise ConfigError("optim.name muon does not support parallel.zero 1; use parallel.zero 0")
     check_local_sgd(p, o)
+    if p.overlap not in OVERLAP_MODES:
+        raise ConfigError(
+            f"parallel.overlap must be one of {', '.join(OVERLAP_MODES)}, got '{p.overlap}'"
+        )
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
     if p.pp > 1 and m.tie_embeddings:

@@ -4,6 +4,7 @@ collective agreement on user errors, rank-0 printing, and per-rank thread/device
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import sys
@@ -66,6 +67,30 @@ def agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]  # no failure anywhere: fn() returned
 
 
+def keep_large_allocations() -> bool:
+    """Make glibc keep freed memory of up to 32 MiB for reuse instead of returning it to the OS.
+
+    Open MPI's non-blocking all-reduce allocates a temporary as large as the bucket on every
+    call. glibc serves such sizes with fresh mmaps, or trims them off the heap when freed, so
+    each step page-faulted ~32 MiB of new memory per rank (8,163 minor faults per step of
+    three 24/24/16 MiB buckets, 0 after this; BENCHMARKS.md section 9). 32 MiB is the largest
+    mmap threshold glibc accepts. Skipped where the user set MALLOC_MMAP_THRESHOLD_ or
+    MALLOC_TRIM_THRESHOLD_ (glibc applied those), with HPCLLM_MALLOPT=0, or without glibc.
+    Returns whether the setting was applied.
+    """
+    env = os.environ
+    if env.get("HPCLLM_MALLOPT") == "0" or any(
+        k in env for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    ):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 * 2**20) and mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def spmd_main(fn: Callable[[], int | None]) -> None:
     """Run an SPMD entry point so that no failure leaves other ranks hanging.
 
@@ -74,6 +99,7 @@ def spmd_main(fn: Callable[[], int | None]) -> None:
     - Any other exception on any rank: that rank prints its rank, host and
       traceback, then MPI_Abort ends every rank of the job at once.
     """
+    keep_large_allocations()
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     try:

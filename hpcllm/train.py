@@ -231,7 +231,15 @@ def setup(cfg: Config, world) -> Trainer:
     # weights use init_seed.
     torch.manual_seed(t.seed + world.Get_rank() // grid.size("tp"))
     model = agree(world, lambda: build_stage(cfg, grid, device, tp_comm))
-    ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, shard=cfg.parallel.zero == 1)
+    ddp = DataParallel(
+        model,
+        dp_comm,
+        cfg.parallel.bucket_mb,
+        shard=cfg.parallel.zero == 1,
+        overlap=cfg.parallel.overlap,
+        comm_thread=cfg.parallel.comm_thread,
+        log=print0,
+    )
     ddp.compressor = compression.build(
         cfg.parallel.grad_compression,
         dp_comm,

@@ -133,6 +133,8 @@ def test_reference_run_writes_metrics_config_checkpoints_and_sample(dp2_run):
     assert train_records[0]["loss"] == pytest.approx(math.log(257), abs=0.2)
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.1
     assert [r["step"] for r in val_records] == [STEPS] and math.isfinite(val_records[0]["val_loss"])
+    # parallel.overlap auto (the default) timed both schedules and says which it kept.
+    assert result.stdout.count("parallel.overlap auto: ") == 1, result
 
     saved = load_toml_file(run_dir / "config.toml")
     assert saved.train.max_steps == STEPS and saved.parallel.dp == 2
@@ -233,7 +235,12 @@ def test_one_failing_rank_ends_the_job(data_dir, tmp_path):
     run_dir = tmp_path / "fail"
     result = train(
         2,
-        settings(data_dir, run_dir, {"train.max_steps": 200}),
+        # Rank 0's communication thread is waiting for rank 1 in a reduction when it aborts.
+        settings(
+            data_dir,
+            run_dir,
+            {"train.max_steps": 200, "parallel.overlap": "on", "parallel.comm_thread": True},
+        ),
         timeout=90,
         env={"HPCLLM_FAIL_AT_STEP": "3", "HPCLLM_FAIL_RANK": "1"},
     )

@@ -10,6 +10,14 @@ bucket has been accumulated, a hook starts a non-blocking `Iallreduce` on it;
 Buckets are launched strictly in index order on every rank: MPI requires all
 ranks to start their collectives in the same order.
 
+Scheduling (`overlap`, the config's `parallel.overlap`): 'on' starts each bucket's reduction
+as soon as it is ready, 'off' reduces the buckets one after another once backward is done
+(nothing runs beside backward), and 'auto' times both on the first steps and keeps the faster,
+the same choice on every dp rank. With `comm_thread`, 'on' hands ready buckets to a
+communication thread that owns the MPI calls of the reduction (Horovod's background thread):
+the gradient hook only enqueues, so on a GPU the autograd thread never waits for the device.
+Every mode reduces the same buffers with the same collective, so the sums are bit-identical.
+
 With `shard=True` (ZeRO-1, `parallel.zero 1`) every bucket is padded to a multiple of
 the dp size and dp rank r owns the r-th contiguous 1/dp of it. A non-blocking
 `Ireduce_scatter_block` replaces the all-reduce, launched from the same hooks, so each
@@ -26,17 +34,33 @@ and each algorithm's traffic.
 
 from __future__ import annotations
 
+import statistics
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from mpi4py import MPI
 
 from hpcllm.comm import Pending, TensorComm
+from hpcllm.config import OVERLAP_MODES
 from hpcllm.parallel.compression import (
     Compressor,
     allreduce_wire_bytes,
     reduce_scatter_wire_bytes,
 )
+from hpcllm.watchdog import WATCHDOG
+
+# parallel.overlap auto: the modes of its first steps. The first step warms up (allocations,
+# first touches) and is not counted; then off and on take turns, two steps each, so a slow
+# minute on a shared machine does not fall on one mode only.
+AUTO_PLAN = ("on",) + ("off", "off", "on", "on") * 2
+# How long the communication thread sleeps between MPI progress calls while reductions are
+# in flight and no new bucket is queued (a new bucket wakes it at once). Open MPI advances
+# non-blocking collectives only inside MPI calls; shorter polls steal more of the CPU.
+_POLL_S = 2e-4
 
 
 class Bucket:
@@ -72,7 +96,14 @@ class DataParallel:
     """
 
     def __init__(
-        self, model: nn.Module, comm: TensorComm, bucket_mb: float = 25.0, shard: bool = False
+        self,
+        model: nn.Module,
+        comm: TensorComm,
+        bucket_mb: float = 25.0,
+        shard: bool = False,
+        overlap: str = "on",
+        comm_thread: bool = False,
+        log: Callable[[str], None] | None = None,
     ):
         self.comm = comm
         self.shard = shard
@@ -80,6 +111,8 @@ class DataParallel:
         self.wait_seconds = 0.0
         self.wire_bytes = 0
         self.compressor: Compressor | None = None  # set by compression.build's caller
+        self._log = log or (lambda message: None)
+        self._thread: _CommThread | None = None
         params = [p for p in model.parameters() if p.requires_grad]
         if any(p.dtype != torch.float32 for p in params):
             raise ValueError("DataParallel expects fp32 parameters (use autocast for bf16 compute)")
@@ -101,6 +134,47 @@ class DataParallel:
                 self._bucket_of[id(p)] = bucket
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
         self._next_launch = 0
+        self.set_overlap(overlap, comm_thread)
+
+    def set_overlap(self, overlap: str, comm_thread: bool = False) -> None:
+        """Choose how reductions are scheduled (see the module docstring); between steps only.
+
+        `comm_thread` needs MPI_THREAD_MULTIPLE (the thread's collectives run while this thread
+        sends pipeline activations or tensor-parallel sums); where MPI granted less, 'on'
+        launches from the hooks on this thread instead, and says so through `log`.
+        """
+        if overlap not in OVERLAP_MODES:
+            raise ValueError(
+                f"parallel.overlap must be one of {', '.join(OVERLAP_MODES)}, got '{overlap}'"
+            )
+        self.overlap = overlap
+        # With one dp rank nothing travels, so there is nothing to overlap or to time.
+        self.choice: str | None = overlap
+        if overlap == "auto":
+            self.choice = None if self.comm.size > 1 else "off"
+        self._mode = "on" if self.choice is None else self.choice
+        self._trial = 0
+        self._trial_seconds: dict[str, list[float]] = {"off": [], "on": []}
+        self._step_start = 0.0
+        comm_thread = comm_thread and self.choice != "off"
+        if comm_thread and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            self._log(
+                "parallel.comm_thread: MPI granted thread level "
+                f"{MPI.Query_thread()}, not MPI_THREAD_MULTIPLE; reductions launch from the "
+                "gradient hooks instead"
+            )
+            comm_thread = False
+        if comm_thread and self._thread is None:
+            self._thread = _CommThread(self._start_reduction, self.buckets[0].buffer.device)
+        elif not comm_thread and self._thread is not None:
+            self._thread.close()
+            self._thread = None
+
+    def close(self) -> None:
+        """End the communication thread, if any (it is a daemon: a process may also just exit)."""
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
 
     @staticmethod
     def _make_buckets(params: list[nn.Parameter], bucket_bytes: int, multiple: int) -> list[Bucket]:
@@ -121,6 +195,10 @@ class DataParallel:
         return buckets
 
     def zero_grad(self) -> None:
+        """Start a step: clear the gradients (and, under overlap auto, pick this step's mode)."""
+        if self.choice is None:
+            self._mode = AUTO_PLAN[self._trial]
+        self._step_start = time.perf_counter()
         for bucket in self.buckets:
             bucket.buffer.zero_()
 
@@ -129,20 +207,26 @@ class DataParallel:
             return
         bucket = self._bucket_of[id(param)]
         bucket.pending -= 1
+        if self._mode == "off":
+            return
         if bucket.pending == 0:
             self._launch_ready()
-        # Open MPI progresses non-blocking collectives only inside MPI calls: poke
-        # the ones in flight so they advance while backward computes.
-        for b in self.buckets[: self._next_launch]:
-            if b.work is not None:
-                b.work.test()
+        if self._thread is None:
+            # Open MPI progresses non-blocking collectives only inside MPI calls: poke
+            # the ones in flight so they advance while backward computes.
+            for b in self.buckets[: self._next_launch]:
+                if b.work is not None:
+                    b.work.test()
 
     def _launch_ready(self, force: bool = False) -> None:
         while self._next_launch < len(self.buckets):
             bucket = self.buckets[self._next_launch]
             if bucket.pending and not force:
                 return
-            bucket.work = self._start_reduction(bucket)
+            if self._thread is not None:
+                self._thread.submit(bucket)
+            else:
+                bucket.work = self._start_reduction(bucket)
             self._next_launch += 1
 
     def _start_reduction(self, bucket: Bucket) -> Pending:
@@ -159,24 +243,63 @@ class DataParallel:
         self.wire_bytes += allreduce_wire_bytes(nbytes, self.comm.size)
         return self.comm.iallreduce_(bucket.buffer)
 
-    def finish(self) -> float:
+    def finish(self, average: bool = True) -> float:
         """Wait for every bucket's all-reduce (reduce-scatter under ZeRO-1) and average;
-        returns seconds spent waiting."""
-        # Buckets whose parameters got no gradient this step (unused parameters)
-        # never became ready through hooks; reduce them now, still in order.
-        self._launch_ready(force=True)
+        returns seconds spent waiting.
+
+        `average=False`: only sum, for callers that divided each loss by the dp size already
+        (train_step does), which saves a pass over the gradients.
+        """
         start = time.perf_counter()
-        for bucket in self.buckets:
-            assert bucket.work is not None  # every bucket was launched just above
-            bucket.work.wait()
+        if self._mode == "off":
+            # One bucket after another, each waited before the next starts.
+            for bucket in self.buckets:
+                bucket.work = self._start_reduction(bucket)
+                bucket.work.wait()
+        else:
+            # Buckets whose parameters got no gradient this step (unused parameters)
+            # never became ready through hooks; reduce them now, still in order.
+            self._launch_ready(force=True)
+            if self._thread is not None:
+                self._thread.drain(f"gradient reduction on {self.comm.name} (communication thread)")
+            for bucket in self.buckets:
+                assert bucket.work is not None  # every bucket was launched just above
+                bucket.work.wait()
         waited = time.perf_counter() - start
         self.wait_seconds += waited
         for bucket in self.buckets:
-            (bucket.buffer if bucket.grad_shard is None else bucket.grad_shard).div_(self.comm.size)
+            if average:
+                (bucket.buffer if bucket.grad_shard is None else bucket.grad_shard).div_(
+                    self.comm.size
+                )
             bucket.pending = len(bucket.params)
             bucket.work = None
         self._next_launch = 0
+        if self.choice is None:
+            self._time_trial(time.perf_counter() - self._step_start)
         return waited
+
+    def _time_trial(self, seconds: float) -> None:
+        """overlap auto: count a trial step; after the last, every dp rank keeps the same mode."""
+        if self._trial > 0:  # the first step is the warm-up
+            self._trial_seconds[self._mode].append(seconds)
+        self._trial += 1
+        if self._trial < len(AUTO_PLAN):
+            return
+        # The slowest rank's median step of each mode decides, for every rank alike: a step
+        # lasts as long as its slowest rank, and one rank's clock must not pick the schedule.
+        medians = torch.tensor(
+            [statistics.median(self._trial_seconds[m]) for m in ("off", "on")], dtype=torch.float64
+        )
+        self.comm.allreduce_(medians, op=MPI.MAX)
+        off_s, on_s = medians.tolist()
+        self.choice = self._mode = "on" if on_s <= off_s else "off"
+        how = "communication thread" if self._thread is not None else "hooks"
+        self._log(
+            f"parallel.overlap auto: {self.choice} (median step {1e3 * on_s:.1f} ms "
+            f"overlapped by the {how}, {1e3 * off_s:.1f} ms reducing after backward; "
+            f"slowest of {self.comm.size} dp ranks)"
+        )
 
     def grad_shards(self) -> list[torch.Tensor]:
         """This rank's part of the averaged gradient after finish(): every gradient under
@@ -211,3 +334,90 @@ class DataParallel:
         for work in works:
             work.wait()
         self.wait_seconds += time.perf_counter() - start
+
+
+class _CommThread:
+    """A thread that owns the MPI calls of the gradient reductions during backward.
+
+    The gradient hook only enqueues a ready bucket (`submit`); the thread starts its
+    reduction (DataParallel._start_reduction, so any kind of Work runs here), and drives
+    every one in flight with test() until all are complete; `drain` waits for that on the
+    training thread. The training thread calls MPI only once the thread is idle (finish's
+    wait(), which then has nothing left to do but copy results back), so every MPI call on
+    the dp communicator during a step is made by this one thread, in bucket order.
+
+    CUDA: the hook records an event on the stream that produced the gradients, and the
+    thread waits for that event alone, not for the whole stream, so the autograd thread
+    goes on launching kernels. The thread's own current stream is a side stream with
+    nothing queued, so TensorComm's stream synchronisation before handing a buffer to MPI
+    costs nothing there.
+    """
+
+    def __init__(self, start: Callable[[Bucket], Pending], device: torch.device):
+        self._start = start
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[Bucket, torch.cuda.Event | None]] = deque()
+        self._unfinished = 0  # submitted, not yet complete
+        self._error: BaseException | None = None
+        self._closing = False
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # A daemon: a job that fails while reductions are in flight ends through MPI_Abort
+        # (runtime.spmd_main), which must not wait for this thread.
+        self._thread = threading.Thread(target=self._run, name="hpcllm-dp-comm", daemon=True)
+        self._thread.start()
+
+    def submit(self, bucket: Bucket) -> None:
+        event = None
+        if bucket.buffer.is_cuda:
+            event = torch.cuda.Event()
+            event.record()  # on the stream that computed these gradients
+        with self._cv:
+            self._queue.append((bucket, event))
+            self._unfinished += 1
+            self._cv.notify_all()
+
+    def drain(self, what: str) -> None:
+        """Block until every submitted reduction is complete; re-raise the thread's error."""
+        with WATCHDOG.watch(what), self._cv:
+            while self._unfinished and self._error is None:
+                self._cv.wait()
+        if self._error is not None:
+            raise RuntimeError(f"the communication thread failed: {self._error!r}") from self._error
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        if self._stream is not None:
+            torch.cuda.set_device(self._stream.device)
+            torch.cuda.set_stream(self._stream)
+        in_flight: list[Bucket] = []
+        try:
+            while True:
+                with self._cv:
+                    while not (self._queue or in_flight or self._closing):
+                        self._cv.wait()
+                    if self._closing:
+                        return
+                    if not self._queue:
+                        self._cv.wait(_POLL_S)  # a submit wakes it at once
+                    ready = list(self._queue)
+                    self._queue.clear()
+                for bucket, event in ready:
+                    if event is not None:
+                        event.synchronize()
+                    bucket.work = self._start(bucket)
+                    in_flight.append(bucket)
+                done = [b for b in in_flight if b.work is not None and b.work.test()]
+                if done:
+                    in_flight = [b for b in in_flight if b not in done]
+                    with self._cv:
+                        self._unfinished -= len(done)
+                        self._cv.notify_all()
+        except BaseException as e:  # handed to the training thread, which raises it
+            with self._cv:
+                self._error = e
+                self._cv.notify_all()

@@ -251,6 +251,8 @@ class Schedule:
     `micro_batches` holds (x, y) per micro-batch: x only on the first stage and y only
     on the last (None elsewhere). `before_backward(i)` is called before the backward
     of micro-batch i (data parallelism uses it to reduce only during the last one).
+    Each micro-batch's loss is divided by their number and by `loss_divisor` before its
+    backward, so the accumulated gradient is their mean (over the dp ranks too, once summed).
     The last stage turns its module's output and y into a loss with `loss_fn` (Megatron's
     loss_func: the model returns logits, and a vocab-parallel loss can take their shards).
     Returns the summed loss of the micro-batches on the last stage, 0 elsewhere.
@@ -273,7 +275,11 @@ class Schedule:
         self.loss_fn = loss_fn
 
     def run(
-        self, micro_batches: list, autocast, before_backward: Callable[[int], None]
+        self,
+        micro_batches: list,
+        autocast,
+        before_backward: Callable[[int], None],
+        loss_divisor: int = 1,
     ) -> torch.Tensor:
         s, m = self.stage, len(micro_batches)
         inputs: dict[int, torch.Tensor | None] = {}
@@ -296,7 +302,7 @@ class Schedule:
                     out = self.loss_fn(out, y)
             if s.is_last:
                 loss_sum = loss_sum + out.detach()
-                outputs[i] = out / m  # the accumulated gradient is the mean over micro-batches
+                outputs[i] = out / (m * loss_divisor)
             else:
                 outputs[i] = get_gradient_edge(out)
                 s.send_forward(out)

@@ -74,9 +74,14 @@ def train_step(
         # earlier micro-batches just accumulate into the same buckets.
         ddp.sync = average_grads and i == len(micro_batches) - 1
 
-    loss_sum = schedule.run(micro_batches, autocast, before_backward)
+    # Each loss is divided by the dp size as well, so the dp sum of the gradients is already
+    # their average and finish() skips a pass over them (exact for a power-of-two dp size).
+    # Under local SGD (average_grads False) nothing is summed: each rank keeps its own mean.
+    loss_sum = schedule.run(
+        micro_batches, autocast, before_backward, ddp.comm.size if average_grads else 1
+    )
     if average_grads:
-        ddp.finish()
+        ddp.finish(average=False)
     return loss_sum
 
 
