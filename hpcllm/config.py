@@ -51,6 +51,10 @@ class ParallelConfig:
     over the dp ranks, reduce-scattering gradients and all-gathering parameters."""
     cuda_aware: str = "auto"
     """CUDA tensors straight to MPI: 'auto' (detect), 'yes', or 'no' (stage through host)."""
+    allreduce: str = "flat"
+    """Gradient all-reduce over dp: 'flat' (one MPI all-reduce), 'hierarchical' (inside each
+    node, then across nodes: for dp groups spanning nodes), or 'auto' (times both at start-up,
+    keeps the faster)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -391,6 +395,10 @@ def validate(cfg: Config) -> None:
         # Muon already spreads its work over dp and keeps one momentum per parameter; its
         # state is not sharded (yet), so the combination would silently be plain Muon.
         raise ConfigError("optim.name muon does not support parallel.zero 1; use parallel.zero 0")
+    if p.allreduce not in ("flat", "hierarchical", "auto"):
+        raise ConfigError(
+            f"parallel.allreduce must be flat, hierarchical or auto, got '{p.allreduce}'"
+        )
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
     if p.pp > 1 and m.tie_embeddings:

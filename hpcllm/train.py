@@ -37,6 +37,7 @@ from hpcllm.generate import load_model, load_run_tokenizer, sample
 from hpcllm.model import GPT, ModelConfig
 from hpcllm.optim import build_optimizer, lr_scale, set_lr
 from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.hierarchical import select_allreduce
 from hpcllm.parallel.parallelize import build_stage, loss_function
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
@@ -219,7 +220,16 @@ def setup(cfg: Config, world) -> Trainer:
     # weights use init_seed.
     torch.manual_seed(t.seed + world.Get_rank() // grid.size("tp"))
     model = agree(world, lambda: build_stage(cfg, grid, device, tp_comm))
-    ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, shard=cfg.parallel.zero == 1)
+    # parallel.allreduce: auto probes one bucket's worth (or the whole model, if smaller).
+    hierarchical, how = select_allreduce(
+        cfg.parallel.allreduce,
+        grid,
+        dp_comm,
+        min(int(cfg.parallel.bucket_mb * 2**18), sum(p.numel() for p in model.parameters())),
+        shard=cfg.parallel.zero == 1,
+    )
+    print0(f"gradient all-reduce over dp: {how}")
+    ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, cfg.parallel.zero == 1, hierarchical)
     stage = PipelineStage(
         model,
         pp_comm,

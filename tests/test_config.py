@@ -189,6 +189,7 @@ def test_unreadable_config_files(tmp_path):
         ),
         (["--train.dtype", "fp8"], "train.dtype must be float32 or bfloat16"),
         (["--parallel.cuda_aware", "maybe"], "parallel.cuda_aware must be auto, yes or no"),
+        (["--parallel.allreduce", "ring"], "parallel.allreduce must be flat, hierarchical or auto"),
     ],
 )
 def test_validate_names_the_key(args, message):

@@ -22,11 +22,15 @@ the optimizer (`hpcllm.parallel.zero.ShardedAdamW`) updates this rank's range of
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from hpcllm.comm import TensorComm, Work
+
+if TYPE_CHECKING:
+    from hpcllm.parallel.hierarchical import HierarchicalAllreduce
 
 
 class Bucket:
@@ -59,20 +63,32 @@ class DataParallel:
     Use: `zero_grad()` before a step; set `sync = False` for all but the last
     micro-batch of a step (their gradients only accumulate locally); after the
     last backward, `finish()` returns once every gradient is the dp average.
+    With `hierarchical` (hpcllm.parallel.hierarchical, parallel.allreduce) buckets are summed
+    in two levels, node then across nodes, and padded to a multiple of the ranks per node.
     """
 
     def __init__(
-        self, model: nn.Module, comm: TensorComm, bucket_mb: float = 25.0, shard: bool = False
+        self,
+        model: nn.Module,
+        comm: TensorComm,
+        bucket_mb: float = 25.0,
+        shard: bool = False,
+        hierarchical: HierarchicalAllreduce | None = None,
     ):
+        if shard and hierarchical is not None:
+            raise ValueError("ZeRO-1 reduce-scatters its buckets: no hierarchical all-reduce")
         self.comm = comm
         self.shard = shard
+        self.hierarchical = hierarchical
         self.sync = True
         self.wait_seconds = 0.0
         params = [p for p in model.parameters() if p.requires_grad]
         if any(p.dtype != torch.float32 for p in params):
             raise ValueError("DataParallel expects fp32 parameters (use autocast for bf16 compute)")
         self.buckets = self._make_buckets(
-            list(reversed(params)), int(bucket_mb * 2**20), comm.size if shard else 1
+            list(reversed(params)),
+            int(bucket_mb * 2**20),
+            comm.size if shard else hierarchical.multiple if hierarchical else 1,
         )
         self._bucket_of: dict[int, Bucket] = {}
         for bucket in self.buckets:
@@ -104,7 +120,7 @@ class DataParallel:
         device = params[0].device
         buckets = []
         for g in groups:
-            numel = -(-sum(p.numel() for p in g) // multiple) * multiple  # padded for ZeRO-1
+            numel = -(-sum(p.numel() for p in g) // multiple) * multiple  # padded to split evenly
             buckets.append(Bucket(torch.zeros(numel, dtype=torch.float32, device=device), g))
         return buckets
 
@@ -138,6 +154,8 @@ class DataParallel:
         under ZeRO-1. The one place a bucket's reduction is chosen."""
         if bucket.grad_shard is not None:
             return self.comm.ireduce_scatter(bucket.buffer, bucket.grad_shard)
+        if self.hierarchical is not None:
+            return self.hierarchical.start(bucket.buffer)
         return self.comm.iallreduce_(bucket.buffer)
 
     def finish(self) -> float:
