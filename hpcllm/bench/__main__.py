@@ -9,6 +9,7 @@ plain baselines. One module of hpcllm.bench per subject; figures in BENCHMARKS.m
     python -m hpcllm.bench checkpoint --n-layer 12 --d-model 768 --vocab 8192
     mpirun -np 2 python -m hpcllm.bench zero --steps 30 --warmup 5
     python -m hpcllm.bench steps --nanogpt ../nanoGPT       # no mpirun: hpcllm vs nanoGPT
+    python -m hpcllm.bench multinode --rates 1gbit 100mbit  # no mpirun; root: emulated hosts
 
 Times are medians over iterations, each iteration timed by its slowest rank. Results say how
 much of the CPUs other processes used meanwhile: on a shared machine, compare only quiet runs.
@@ -23,7 +24,17 @@ import sys
 
 from mpi4py import MPI
 
-from hpcllm.bench import allreduce, checkpoint, pipeline, scaling, steps, stop, train, zero
+from hpcllm.bench import (
+    allreduce,
+    checkpoint,
+    multinode,
+    pipeline,
+    scaling,
+    steps,
+    stop,
+    train,
+    zero,
+)
 from hpcllm.runtime import spmd_main
 
 SUBJECTS = {
@@ -35,6 +46,7 @@ SUBJECTS = {
     "checkpoint": (checkpoint, "checkpoint save and load time and size, one rank"),
     "zero": (zero, "ZeRO-1 vs plain dp: tokens/s and AdamW state per rank"),
     "steps": (steps, "ms per small step: hpcllm np 1 and np 2 vs nanoGPT (runs both itself)"),
+    "multinode": (multinode, "all-reduce and training over 2 emulated hosts, capped link (root)"),
 }
 
 
