@@ -1,6 +1,6 @@
-"""`python -m hpcllm.bench multinode`: gradient all-reduce and training across 2 emulated hosts
-(tests/emulated_hosts.py: network namespaces, needs root) x 2 ranks, with the link between them
-capped by `tc tbf`. Run it without mpirun: it starts the hosts and its mpirun jobs itself.
+"""`python -m hpcllm.bench multinode`: gradient all-reduce and training across 2 emulated
+hosts (tests/emulated_hosts.py: network namespaces, needs root) x 2 ranks (--ranks-per-host),
+the link between them capped by `tc tbf`. Run it without mpirun: it starts its own jobs.
 
     python -m hpcllm.bench multinode --rates 1gbit 100mbit --mb 4 25
     python -m hpcllm.bench multinode --rates 100mbit --steps 60 \\
@@ -43,7 +43,7 @@ from hpcllm.runtime import print0
 from hpcllm.topology import Grid
 
 REPO = Path(__file__).resolve().parents[2]
-NUM_HOSTS, RANKS_PER_HOST = 2, 2
+NUM_HOSTS = 2
 RESULT = "multinode-result: "  # prefix of the ranks' JSON line that the driver reads
 # Open MPI's selection log (coll_base_verbose) names the component chosen per communicator.
 SELECTED = re.compile(r"coll:base:comm_select: selecting\s+(\w+)")
@@ -64,6 +64,15 @@ def add_arguments(parser) -> None:
         help="all-reduce sizes in MiB (default 4: the default model's gradients; 25: a bucket)",
     )
     parser.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
+    parser.add_argument(
+        "--ranks-per-host", type=int, default=2, help="ranks on each of the 2 hosts (default 2)"
+    )
+    parser.add_argument(
+        "--placement",
+        choices=["block", "round-robin"],
+        default="block",
+        help="ranks 0..k-1 on host 0 (block, default) or alternating between the hosts",
+    )
     parser.add_argument(
         "--variant",
         action="append",
@@ -167,9 +176,13 @@ def busbw(nbytes: int, ms: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes / ms / 1e6
 
 
-def _mpirun(hosts, extra: list[str], argv: list[str], timeout: int) -> str:
-    cmd = [*hosts.mpirun_args(NUM_HOSTS * RANKS_PER_HOST), *extra, sys.executable, *argv]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env())
+def _mpirun(hosts, args, extra: list[str], argv: list[str]) -> str:
+    cmd = [*hosts.mpirun_args(NUM_HOSTS * args.ranks_per_host), *extra, sys.executable, *argv]
+    if args.placement == "round-robin":  # rank r on host r % 2: neighbours on different hosts
+        cmd[cmd.index("--map-by") + 1] = "node"
+    out = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=_env()
+    )
     if out.returncode != 0:
         raise RuntimeError(
             f"{shlex.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -187,13 +200,10 @@ def collectives(args, hosts, rate: str) -> dict:
     common += ["--iters", str(args.iters)]
     verbose = ["--mca", "coll_base_verbose", "10"]
     flat_out = _mpirun(
-        hosts, ["--mca", "coll", "^han", *verbose], [*common, "--role", "ranks"], args.timeout
+        hosts, args, ["--mca", "coll", "^han", *verbose], [*common, "--role", "ranks"]
     )
     han_out = _mpirun(
-        hosts,
-        ["--mca", "coll_han_priority", "100", *verbose],
-        [*common, "--role", "han"],
-        args.timeout,
+        hosts, args, ["--mca", "coll_han_priority", "100", *verbose], [*common, "--role", "han"]
     )
     ours, han = (_result(out) for out in (flat_out, han_out))
     han_selected = SELECTED.findall(han_out).count("han")
@@ -218,7 +228,7 @@ def collectives(args, hosts, rate: str) -> dict:
             {**mine, "ms": ms, "faster": faster, "auto_is_faster": mine["auto"] == faster}
         )
     print(
-        f"\nlink {rate}: {NUM_HOSTS} emulated hosts x {RANKS_PER_HOST} ranks; {ours['hierarchical']}; "
+        f"\nlink {rate}: {NUM_HOSTS} emulated hosts x {args.ranks_per_host} ranks ({args.placement}); {ours['hierarchical']}; "
         f"medians of {args.iters} iterations (slowest rank); HAN selected on {han_selected} "
         f"communicator(s) in its run, on {flat_han} in the other; other processes used "
         f"{100 * ours['foreign_load']:.0f}% of the CPUs",
@@ -236,6 +246,8 @@ def collectives(args, hosts, rate: str) -> dict:
         print("warning: Open MPI did not select HAN: the HAN row is its default path", flush=True)
     return {
         "rate": rate,
+        "ranks_per_host": args.ranks_per_host,
+        "placement": args.placement,
         "sizes": per_size,
         "han_selected_comms": han_selected,
         "han_log_example": example.strip(),
@@ -312,7 +324,7 @@ def train_variants(args, hosts, rate: str) -> dict:
                 *overrides,
             ]
             before, start = link_bytes(veth), time.perf_counter()
-            out = _mpirun(hosts, [], argv, args.timeout)
+            out = _mpirun(hosts, args, [], argv)
             wall, moved = time.perf_counter() - start, link_bytes(veth) - before
             status = run_dir / "status.json"
             if not status.is_file() or json.loads(status.read_text())["state"] != "complete":
@@ -348,7 +360,7 @@ def train_variants(args, hosts, rate: str) -> dict:
             ]
         )
     print(
-        f"\nlink {rate}: {NUM_HOSTS} emulated hosts x {RANKS_PER_HOST} ranks, {args.steps} steps, "
+        f"\nlink {rate}: {NUM_HOSTS} emulated hosts x {args.ranks_per_host} ranks, {args.steps} steps, "
         f"validation every {args.eval_every}; baseline {results[0]['variant']} "
         f"(final val loss {target:.4f})",
         flush=True,
