@@ -268,7 +268,7 @@ def _result(output: str) -> dict:
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, eq, overrides = text.partition("=")
-    if not eq or not name:
+    if not eq or not name or name.startswith("-"):
         raise ValueError(f"--variant {text!r}: expected NAME=OVERRIDES, e.g. bf16=--x.y=z")
     return name, shlex.split(overrides)
 
@@ -303,6 +303,11 @@ def summarise(metrics: Path) -> dict:
         "steps": prev,
         "train_s": train_s,
     }
+
+
+def time_to_loss(vals: list[tuple[int, float, float]], target: float) -> float | None:
+    """Training seconds at the first validation (step, loss, seconds) at or below `target`."""
+    return next((seconds for _, loss, seconds in vals if loss <= target), None)
 
 
 def train_variants(args, hosts, rate: str) -> dict:
@@ -344,7 +349,7 @@ def train_variants(args, hosts, rate: str) -> dict:
     target = results[0]["final_val_loss"]
     rows = []
     for r in results:
-        reached = next((s for step, v, s in r["vals"] if v <= target), None)
+        reached = time_to_loss(r["vals"], target)
         r["train_s_to_baseline_loss"] = reached
         rows.append(
             [
