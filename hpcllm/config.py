@@ -75,6 +75,10 @@ class ParallelConfig:
     comm_thread: bool = False
     """Overlap from a communication thread that owns the reduction's MPI calls (needs
     MPI_THREAD_MULTIPLE), instead of launching from the gradient hooks."""
+    allreduce: str = "flat"
+    """Gradient all-reduce over dp: 'flat' (one MPI all-reduce), 'hierarchical' (inside each
+    node, then across nodes: for dp groups spanning nodes), or 'auto' (times both at start-up,
+    keeps the faster)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -421,6 +425,16 @@ def validate(cfg: Config) -> None:
     if p.overlap not in OVERLAP_MODES:
         raise ConfigError(
             f"parallel.overlap must be one of {', '.join(OVERLAP_MODES)}, got '{p.overlap}'"
+        )
+    if p.allreduce not in ("flat", "hierarchical", "auto"):
+        raise ConfigError(
+            f"parallel.allreduce must be flat, hierarchical or auto, got '{p.allreduce}'"
+        )
+    if p.allreduce == "hierarchical" and p.grad_compression != "none":
+        raise ConfigError(
+            f"parallel.allreduce hierarchical does not combine with parallel.grad_compression "
+            f"{p.grad_compression} (the compressed reduction has its own collectives); use "
+            "one of them"
         )
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")

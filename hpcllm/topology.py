@@ -13,6 +13,11 @@ group), then dp, and pp slowest. A worked example, 16 ranks with pp=2, dp=4, tp=
 The arithmetic is pure functions (testable for any world size without MPI);
 `Grid.build` turns it into MPI communicators with `Create_cart` + `Sub`, and a
 check that MPI agrees with the arithmetic.
+
+Nodes cut across the grid: `Grid.node_comms(axis)` splits one axis's group into the ranks that
+share a node (`Split_type(COMM_TYPE_SHARED)`) and, across nodes, the ranks with the same index
+on their node. With dp 4 on 2 nodes of 2 ranks each (dp ranks 0,1 on node A, 2,3 on node B):
+local groups [0,1] [2,3], cross-node groups [0,2] [1,3]. `node_layout` is the arithmetic.
 """
 
 from __future__ import annotations
@@ -88,6 +93,58 @@ def describe(dims: dict[str, int], max_groups: int = 8) -> str:
 
 
 @dataclass
+class NodeLayout:
+    """How one group's ranks sit on nodes: `num_nodes` nodes with `local_size` ranks each, or
+    `reason` why a two-level (node, then across nodes) collective cannot or need not be used."""
+
+    num_nodes: int
+    local_size: int
+    reason: str | None = None
+
+
+def node_layout(nodes: list[int]) -> NodeLayout:
+    """The layout of a group from the node of each of its ranks (`nodes[r]`: any id of rank r's
+    node, the same for ranks on one node). Two levels need at least two nodes, more than one rank
+    on each, and the same number on every node: else `reason` says which fails."""
+    counts: dict[int, int] = {}
+    for node in nodes:
+        counts[node] = counts.get(node, 0) + 1
+    sizes = sorted(set(counts.values()))
+    if len(sizes) > 1:
+        per_node = ", ".join(
+            f"{n} on the node of rank {nodes.index(node)}" for node, n in counts.items()
+        )
+        return NodeLayout(
+            len(counts),
+            0,
+            f"uneven nodes: the group's ranks per node differ ({per_node}); two levels need the "
+            "same number of the group's ranks on every node (launch with --map-by ppr:K:node)",
+        )
+    layout = NodeLayout(len(counts), sizes[0])
+    if layout.num_nodes == 1:
+        layout.reason = f"all {layout.local_size} ranks of the group are on one node"
+    elif layout.local_size == 1:
+        layout.reason = f"one rank of the group per node ({layout.num_nodes} nodes)"
+    return layout
+
+
+@dataclass
+class NodeComms:
+    """One group's communicators on two levels: `local` holds its ranks on this rank's node,
+    `cross` the ranks with the same local index on the other nodes (None when `layout.reason`
+    says two levels do not apply). The caller frees them."""
+
+    local: MPI.Comm
+    cross: MPI.Comm | None
+    layout: NodeLayout
+
+    def free(self) -> None:
+        self.local.Free()
+        if self.cross is not None:
+            self.cross.Free()
+
+
+@dataclass
 class Grid:
     """This rank's place in the grid and its named communicators.
 
@@ -119,6 +176,26 @@ class Grid:
 
     def comm(self, axis: str):
         return self.comms[axis]
+
+    def node_comms(self, axis: str = "dp", colour: int | None = None) -> NodeComms:
+        """This rank's group along `axis` split by node (collective over the group).
+
+        Nodes are what MPI calls shared memory (`Split_type(COMM_TYPE_SHARED)`), or, given
+        `colour`, the ranks passing the same colour: tests emulate nodes on one host that way.
+        """
+        from mpi4py import MPI
+
+        comm = self.comms[axis]
+        rank = comm.Get_rank()
+        if colour is None:
+            local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        else:
+            local = comm.Split(colour, key=rank)
+        # A node's id: the lowest group rank on it; every rank learns every rank's node.
+        layout = node_layout(comm.allgather(local.allreduce(rank, op=MPI.MIN)))
+        # Every rank computed the same layout, so all of them split, or none.
+        cross = comm.Split(local.Get_rank(), key=rank) if layout.reason is None else None
+        return NodeComms(local, cross, layout)
 
     def rank(self, axis: str) -> int:
         return self.coords[axis]

@@ -38,6 +38,7 @@ from hpcllm.model import GPT, ModelConfig
 from hpcllm.optim import build_optimizer, lr_scale, set_lr
 from hpcllm.parallel import compression
 from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.hierarchical import select_allreduce
 from hpcllm.parallel.local_sgd import LocalSGD, check_resume
 from hpcllm.parallel.parallelize import build_stage, loss_function
 from hpcllm.parallel.pipeline import PipelineStage, Schedule
@@ -231,11 +232,21 @@ def setup(cfg: Config, world) -> Trainer:
     # weights use init_seed.
     torch.manual_seed(t.seed + world.Get_rank() // grid.size("tp"))
     model = agree(world, lambda: build_stage(cfg, grid, device, tp_comm))
+    # parallel.allreduce: auto probes one bucket's worth (or the whole model, if smaller).
+    hierarchical, how = select_allreduce(
+        cfg.parallel.allreduce,
+        grid,
+        dp_comm,
+        min(int(cfg.parallel.bucket_mb * 2**18), sum(p.numel() for p in model.parameters())),
+        shard=cfg.parallel.zero == 1,
+    )
+    print0(f"gradient all-reduce over dp: {how}")
     ddp = DataParallel(
         model,
         dp_comm,
         cfg.parallel.bucket_mb,
         shard=cfg.parallel.zero == 1,
+        hierarchical=hierarchical,
         overlap=cfg.parallel.overlap,
         comm_thread=cfg.parallel.comm_thread,
         log=print0,

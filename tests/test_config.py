@@ -189,6 +189,11 @@ def test_unreadable_config_files(tmp_path):
         ),
         (["--train.dtype", "fp8"], "train.dtype must be float32 or bfloat16"),
         (["--parallel.cuda_aware", "maybe"], "parallel.cuda_aware must be auto, yes or no"),
+        (["--parallel.allreduce", "ring"], "parallel.allreduce must be flat, hierarchical or auto"),
+        (
+            ["--parallel.allreduce", "hierarchical", "--parallel.grad_compression", "bf16"],
+            "parallel.allreduce hierarchical does not combine with parallel.grad_compression bf16",
+        ),
     ],
 )
 def test_validate_names_the_key(args, message):

@@ -70,8 +70,12 @@ def single_host_run(data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "np, layout",
-    [(2, {"parallel.dp": 2}), (4, {"parallel.dp": 2, "parallel.pp": 2})],
-    ids=["dp2", "dp2xpp2"],
+    [
+        (2, {"parallel.dp": 2}),
+        (4, {"parallel.dp": 2, "parallel.pp": 2}),
+        (4, {"parallel.dp": 4, "parallel.allreduce": "hierarchical"}),
+    ],
+    ids=["dp2", "dp2xpp2", "dp4-hierarchical"],
 )
 def test_layout_over_two_hosts_equals_the_single_host_run(
     np, layout, data_dir, single_host_run, tmp_path
@@ -99,6 +103,8 @@ def test_layout_over_two_hosts_equals_the_single_host_run(
     per_host = np // 2
     assert f"{names[0]} (rank{'s 0-1' if per_host == 2 else ' 0'})" in result.stdout, result
     assert f"{names[1]} (rank{'s 2-3' if per_host == 2 else ' 1'})" in result.stdout, result
+    if layout.get("parallel.allreduce") == "hierarchical":  # found the hosts as nodes
+        assert "all-reduce over dp: hierarchical (2 nodes x 2 dp ranks)" in result.stdout, result
     ref, got = losses(single_host_run), losses(run_dir)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:

@@ -11,6 +11,7 @@ from hpcllm.topology import (
     coords_of,
     describe,
     group_ranks,
+    node_layout,
     rank_of,
     resolve_dims,
 )
@@ -108,6 +109,17 @@ def test_describe_first_line_and_truncation():
     assert lines[1].startswith("  pp groups (size 4): [0,256,512,768] [1,257,513,769]")
     assert lines[1].endswith("... (256 groups)")
     assert lines[3].endswith("... (1024 groups)")
+
+
+def test_node_layout_even_degenerate_and_uneven():
+    even = node_layout([7, 7, 9, 9, 4, 4])  # any node ids, ranks of a node need not be adjacent
+    assert (even.num_nodes, even.local_size, even.reason) == (3, 2, None)
+    assert node_layout([0, 1, 0, 1]).reason is None
+    assert "one node" in (node_layout([3, 3, 3]).reason or "")
+    assert "one rank of the group per node (3 nodes)" == node_layout([0, 1, 2]).reason
+    uneven = node_layout([0, 1, 1, 1]).reason or ""
+    assert uneven.startswith("uneven nodes") and "1 on the node of rank 0" in uneven, uneven
+    assert "3 on the node of rank 1" in uneven, uneven
 
 
 # ------------------------------------------------------------------ MPI communicators

@@ -14,6 +14,7 @@ plain baselines. One module of hpcllm.bench per subject; figures in BENCHMARKS.m
     mpirun -np 2 python -m hpcllm.bench collectives --mb 1 8 64
     mpirun -np 2 python -m hpcllm.bench tp --steps 10
     python -m hpcllm.bench memory         # no mpirun: one mpirun -np 2 per layout
+    python -m hpcllm.bench multinode --rates 1gbit 100mbit  # no mpirun; root: emulated hosts
 
 Times are medians over iterations, each iteration timed by its slowest rank. Results say how
 much of the CPUs other processes used meanwhile: on a shared machine, compare only quiet runs.
@@ -34,6 +35,7 @@ from hpcllm.bench import (
     collectives,
     compression,
     memory,
+    multinode,
     pipeline,
     quality,
     scaling,
@@ -59,6 +61,7 @@ SUBJECTS = {
     "collectives": (collectives, "all-gather and reduce-scatter: TensorComm vs raw mpi4py"),
     "tp": (tp, "tp 2 vs tp 1 step time, tp all-reduce share vs the planner's traffic"),
     "memory": (memory, "peak memory per rank of 4 layouts vs the planner (runs mpirun itself)"),
+    "multinode": (multinode, "all-reduce and training over 2 emulated hosts, capped link (root)"),
 }
 
 

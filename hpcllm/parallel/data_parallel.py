@@ -39,6 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -61,6 +62,9 @@ AUTO_PLAN = ("on",) + ("off", "off", "on", "on") * 2
 # in flight and no new bucket is queued (a new bucket wakes it at once). Open MPI advances
 # non-blocking collectives only inside MPI calls; shorter polls steal more of the CPU.
 _POLL_S = 2e-4
+
+if TYPE_CHECKING:
+    from hpcllm.parallel.hierarchical import HierarchicalAllreduce
 
 
 class Bucket:
@@ -93,6 +97,8 @@ class DataParallel:
     Use: `zero_grad()` before a step; set `sync = False` for all but the last
     micro-batch of a step (their gradients only accumulate locally); after the
     last backward, `finish()` returns once every gradient is the dp average.
+    With `hierarchical` (hpcllm.parallel.hierarchical, parallel.allreduce) buckets are summed
+    in two levels, node then across nodes, and padded to a multiple of the ranks per node.
     """
 
     def __init__(
@@ -104,9 +110,13 @@ class DataParallel:
         overlap: str = "on",
         comm_thread: bool = False,
         log: Callable[[str], None] | None = None,
+        hierarchical: HierarchicalAllreduce | None = None,
     ):
+        if shard and hierarchical is not None:
+            raise ValueError("ZeRO-1 reduce-scatters its buckets: no hierarchical all-reduce")
         self.comm = comm
         self.shard = shard
+        self.hierarchical = hierarchical
         self.sync = True
         self.wait_seconds = 0.0
         self.wire_bytes = 0
@@ -117,7 +127,9 @@ class DataParallel:
         if any(p.dtype != torch.float32 for p in params):
             raise ValueError("DataParallel expects fp32 parameters (use autocast for bf16 compute)")
         self.buckets = self._make_buckets(
-            list(reversed(params)), int(bucket_mb * 2**20), comm.size if shard else 1
+            list(reversed(params)),
+            int(bucket_mb * 2**20),
+            comm.size if shard else hierarchical.multiple if hierarchical else 1,
         )
         self._bucket_of: dict[int, Bucket] = {}
         for bucket in self.buckets:
@@ -190,7 +202,7 @@ class DataParallel:
         device = params[0].device
         buckets = []
         for g in groups:
-            numel = -(-sum(p.numel() for p in g) // multiple) * multiple  # padded for ZeRO-1
+            numel = -(-sum(p.numel() for p in g) // multiple) * multiple  # padded to split evenly
             buckets.append(Bucket(torch.zeros(numel, dtype=torch.float32, device=device), g))
         return buckets
 
@@ -240,6 +252,12 @@ class DataParallel:
         if bucket.grad_shard is not None:
             self.wire_bytes += reduce_scatter_wire_bytes(nbytes, self.comm.size)
             return self.comm.ireduce_scatter(bucket.buffer, bucket.grad_shard)
+        if self.hierarchical is not None:
+            local, cross, _ = self.hierarchical.phases
+            # reduce-scatter and all-gather inside the node, an all-reduce of 1/local across
+            self.wire_bytes += 2 * reduce_scatter_wire_bytes(nbytes, local.size)
+            self.wire_bytes += allreduce_wire_bytes(nbytes // local.size, cross.size)
+            return self.hierarchical.start(bucket.buffer)
         self.wire_bytes += allreduce_wire_bytes(nbytes, self.comm.size)
         return self.comm.iallreduce_(bucket.buffer)
 
