@@ -83,9 +83,9 @@ class ParallelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
-    max_steps: int = 600
+    max_steps: int = 500
     """Optimizer steps to train for (the run ends there)."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = 16
     """Sequences per rank per forward/backward."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
@@ -112,11 +112,11 @@ class TrainConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    name: str = "adamw"
-    """adamw, or muon: Muon for the blocks' hidden matrices, AdamW for the rest."""
-    lr: float = 1e-3
+    name: str = "muon"
+    """muon (Muon for the blocks' hidden matrices, AdamW for the rest), or adamw."""
+    lr: float = 2e-3
     """Peak learning rate (AdamW's, also under muon for the embeddings, head and vectors)."""
-    min_lr: float = 1e-4
+    min_lr: float = 2e-4
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 30
     """Steps of linear warmup from 0 to lr."""
@@ -165,9 +165,13 @@ class CheckpointConfig:
     """Resume from the newest complete checkpoint in run.dir/checkpoints if there is one."""
 
 
+# The defaults of a training job (the shape and arch of [model], micro_batch_size, max_steps,
+# the optimizer and its lr, the default corpus's BPE vocabulary) are the winner of a sweep for
+# the lowest validation bits per byte in ~100 s of training on 2 cores (BENCHMARKS.md section
+# 14). model.py's own ModelConfig() stays the plain gpt2 that code and tests build directly.
 @dataclass(kw_only=True, slots=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="llama"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -420,7 +424,10 @@ def validate(cfg: Config) -> None:
     if o.name == "muon" and p.zero:
         # Muon already spreads its work over dp and keeps one momentum per parameter; its
         # state is not sharded (yet), so the combination would silently be plain Muon.
-        raise ConfigError("optim.name muon does not support parallel.zero 1; use parallel.zero 0")
+        raise ConfigError(
+            "optim.name muon does not support parallel.zero 1; for ZeRO-1 add "
+            "--optim.name adamw (muon is the default), or use parallel.zero 0"
+        )
     check_local_sgd(p, o)
     if p.overlap not in OVERLAP_MODES:
         raise ConfigError(
@@ -498,7 +505,7 @@ def check_local_sgd(p: ParallelConfig, o: OptimConfig) -> None:
         raise ConfigError(
             f"parallel.sync_every = {p.sync_every} does not combine with optim.name muon: "
             "Muon spreads its update over the dp ranks, which needs the same gradients on "
-            "each of them every step; use optim.name adamw"
+            "each of them every step; add --optim.name adamw (muon is the default)"
         )
 
 

@@ -21,6 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The smallest model and batch that still exercise every code path; seconds per run.
 TINY = {
+    # The tests' own fixed model and optimizer, whatever the job's defaults (llama, muon).
+    "model.arch": "gpt2",
+    "optim.name": "adamw",
+    "optim.lr": 1e-3,
+    "optim.min_lr": 1e-4,
     "model.n_layer": 2,
     "model.n_head": 2,
     "model.d_model": 32,

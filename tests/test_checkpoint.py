@@ -347,6 +347,7 @@ def test_a_run_with_no_usable_checkpoint_exits_2_with_the_reasons(damaged_run, d
 def tiny_stage(grid: Grid):
     """A 2-block GPT stage of `grid`'s layout after one AdamW step, and its run config."""
     cfg = Config()
+    cfg.model.arch = "gpt2"
     cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model = 2, 2, 16
     cfg.model.vocab_size, cfg.model.block_size, cfg.train.seq_len = 257, 8, 8
     cfg.parallel.pp = grid.size("pp")

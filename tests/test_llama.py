@@ -164,7 +164,7 @@ def test_bad_llama_settings_are_refused_naming_the_keys(args, message):
 
 def test_good_llama_settings_pass():
     cfg, _ = parse_args(["--model.arch", "llama", "--model.n_head", "4", "--model.n_kv_head", "2"])
-    assert cfg.model.kv_heads() == 2 and parse_args([])[0].model.arch == "gpt2"
+    assert cfg.model.kv_heads() == 2 and parse_args([])[0].model.arch == "llama"
 
 
 def test_resume_refuses_another_architecture():

@@ -209,7 +209,10 @@ def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypa
 def test_parallel_zero_is_range_checked():
     from hpcllm.config import ConfigError, parse_args
 
-    assert parse_args(["--parallel.zero", "1"])[0].parallel.zero == 1
+    adamw = ["--optim.name", "adamw"]  # muon, the default, refuses zero 1 (it says so)
+    assert parse_args(["--parallel.zero", "1", *adamw])[0].parallel.zero == 1
+    with pytest.raises(ConfigError, match=r"for ZeRO-1 add --optim\.name adamw"):
+        parse_args(["--parallel.zero", "1"])
     with pytest.raises(
         ConfigError, match=r"parallel.zero = 2 is out of range: it must be in \[0, 1\]"
     ):

@@ -23,7 +23,7 @@ from mpi4py import MPI
 
 from hpcllm.bench.common import MPI_ENV, environment, table
 from hpcllm.bench.layouts import build_rank, held_bytes
-from hpcllm.config import Config, ParallelConfig, TrainConfig
+from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
 from hpcllm.model import GPT, ModelConfig
 from hpcllm.plan import make_plan
 
@@ -60,7 +60,12 @@ def layout(args, name: str) -> Config:
         d_model=args.d_model,
     )
     train = TrainConfig(seq_len=args.seq_len, micro_batch_size=micro, grad_accum_steps=accum)
-    return Config(model=model, train=train, parallel=ParallelConfig(pp=pp, tp=tp, zero=zero))
+    return Config(
+        model=model,
+        train=train,
+        parallel=ParallelConfig(pp=pp, tp=tp, zero=zero),
+        optim=OptimConfig(name="adamw"),
+    )
 
 
 def _rss_bytes() -> int:

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from hpcllm.bench.common import ForeignLoad, environment, slowest, table
 from hpcllm.bench.layouts import CountingComm, build_rank
-from hpcllm.config import Config, ParallelConfig, TrainConfig
+from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
 from hpcllm.model import ModelConfig
 from hpcllm.plan import make_plan
 from hpcllm.runtime import print0
@@ -48,7 +48,9 @@ def layout(args, tp: int) -> Config:
     )
     # The global batch stays 2 x micro-batch: two dp ranks, or one tp group with all of it.
     train = TrainConfig(seq_len=args.seq_len, micro_batch_size=args.micro_batch * tp)
-    return Config(model=model, train=train, parallel=ParallelConfig(tp=tp))
+    return Config(
+        model=model, train=train, parallel=ParallelConfig(tp=tp), optim=OptimConfig(name="adamw")
+    )
 
 
 def run(args, world: MPI.Comm) -> dict:
