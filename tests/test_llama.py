@@ -139,8 +139,14 @@ def test_llama_stages_equal_the_full_model():
             "model.n_head (4) must be divisible by model.n_kv_head (3)",
         ),
         (["--model.arch", "llama", "--model.n_kv_head", "-1"], "model.n_kv_head = -1 is out of"),
-        (["--model.n_kv_head", "2"], "model.n_kv_head = 2 applies to model.arch = llama only"),
-        (["--model.qk_norm", "true"], "model.qk_norm = True applies to model.arch = llama only"),
+        (
+            ["--model.arch", "gpt2", "--model.n_kv_head", "2"],
+            "model.n_kv_head = 2 applies to model.arch = llama only",
+        ),
+        (
+            ["--model.arch", "gpt2", "--model.qk_norm", "true"],
+            "model.qk_norm = True applies to model.arch = llama only",
+        ),
         (["--model.arch", "mamba"], "model.arch must be gpt2 or llama, got 'mamba'"),
         (
             ["--model.arch", "llama", "--model.n_kv_head", "1", "--parallel.tp", "2"],

@@ -95,7 +95,8 @@ def test_config_refuses_what_local_sgd_does_not_combine_with():
     }
     for name, args in refused.items():
         with pytest.raises(ConfigError, match=f"sync_every = 4 does not combine with {name}"):
-            parse_args(["--parallel.sync_every", "4", *args])
+            # adamw first: muon, the default, refuses zero 1 on its own (a later --optim.name wins)
+            parse_args(["--parallel.sync_every", "4", "--optim.name", "adamw", *args])
     with pytest.raises(ConfigError, match="apply to local SGD only"):
         parse_args(["--parallel.outer_momentum", "0.9"])
     with pytest.raises(ConfigError, match=r"parallel\.outer_momentum = 1\.0 is out of range"):
