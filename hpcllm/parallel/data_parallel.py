@@ -67,6 +67,19 @@ if TYPE_CHECKING:
     from hpcllm.parallel.hierarchical import HierarchicalAllreduce
 
 
+class _Done:
+    """A reduction that completed when it was started (the blocking calls of overlap off)."""
+
+    def test(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+
+DONE = _Done()
+
+
 class Bucket:
     """Parameters whose gradients are reduced together: `buffer` holds their gradients
     back to back (`offsets[i]` is where params[i] starts), padded under ZeRO-1."""
@@ -241,9 +254,13 @@ class DataParallel:
                 bucket.work = self._start_reduction(bucket)
             self._next_launch += 1
 
-    def _start_reduction(self, bucket: Bucket) -> Pending:
+    def _start_reduction(self, bucket: Bucket, blocking: bool = False) -> Pending:
         """Start summing `bucket` over dp: the whole buffer, or only this rank's shard of it
-        under ZeRO-1, or its compressed reduction. The one place a bucket's reduction is chosen."""
+        under ZeRO-1, or its compressed reduction. The one place a bucket's reduction is chosen.
+
+        `blocking` (overlap off) completes a one-call reduction before returning: Open MPI's
+        blocking Allreduce and Reduce_scatter are faster than their non-blocking forms
+        (measured: 6.5 vs 13 ms for 64 MiB at np 2), and nothing overlaps them anyway."""
         if self.compressor is not None:
             work = self.compressor.start(bucket)
             self.wire_bytes += work.wire_bytes
@@ -251,6 +268,9 @@ class DataParallel:
         nbytes = bucket.buffer.numel() * bucket.buffer.element_size()
         if bucket.grad_shard is not None:
             self.wire_bytes += reduce_scatter_wire_bytes(nbytes, self.comm.size)
+            if blocking:
+                self.comm.reduce_scatter(bucket.buffer, bucket.grad_shard)
+                return DONE
             return self.comm.ireduce_scatter(bucket.buffer, bucket.grad_shard)
         if self.hierarchical is not None:
             local, cross, _ = self.hierarchical.phases
@@ -259,6 +279,9 @@ class DataParallel:
             self.wire_bytes += allreduce_wire_bytes(nbytes // local.size, cross.size)
             return self.hierarchical.start(bucket.buffer)
         self.wire_bytes += allreduce_wire_bytes(nbytes, self.comm.size)
+        if blocking:
+            self.comm.allreduce_(bucket.buffer)
+            return DONE
         return self.comm.iallreduce_(bucket.buffer)
 
     def finish(self, average: bool = True) -> float:
@@ -272,7 +295,7 @@ class DataParallel:
         if self._mode == "off":
             # One bucket after another, each waited before the next starts.
             for bucket in self.buckets:
-                bucket.work = self._start_reduction(bucket)
+                bucket.work = self._start_reduction(bucket, blocking=True)
                 bucket.work.wait()
         else:
             # Buckets whose parameters got no gradient this step (unused parameters)
