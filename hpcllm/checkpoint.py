@@ -44,6 +44,7 @@ import shutil
 import socket
 import zlib
 from functools import partial
+from math import prod
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,7 +55,7 @@ from safetensors.torch import save_file
 
 from hpcllm import checkpoint_index as index
 from hpcllm.parallel.local_sgd import LocalSGD
-from hpcllm.parallel.zero import Piece, ShardedAdamW
+from hpcllm.parallel.zero import Piece, Run, ShardedAdamW
 from hpcllm.watchdog import WATCHDOG
 
 FORMAT_VERSION = 2
@@ -197,7 +198,7 @@ def write_own_files(
     tp_rank, dp_rank = grid.rank("tp"), grid.rank("dp")
     tag = f"pp{grid.rank('pp')}-dp{dp_rank}-tp{tp_rank}"
     if isinstance(optimizer, ShardedAdamW):
-        return _write_flat_ranges(tmp, tag, optimizer.owned_pieces())
+        return _write_flat_ranges(tmp, tag, optimizer.owned_pieces(tp_rank))
     if dp_rank != 0 and local_sgd is None:
         return {}, {}
     prefix = f"dp{dp_rank}/" if dp_rank else ""
@@ -248,7 +249,7 @@ def write_own_files(
 
 
 def _write_flat_ranges(tmp: Path, tag: str, pieces: list[Piece]) -> tuple[dict, dict]:
-    """ZeRO-1: this rank's (name, global shape, flat region, tensor) pieces, one file per kind."""
+    """ZeRO-1: this rank's (name, global shape, region, tensor) pieces, one file per kind."""
     files: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     for kind in ("model", "optim"):
@@ -256,10 +257,18 @@ def _write_flat_ranges(tmp: Path, tag: str, pieces: list[Piece]) -> tuple[dict, 
         if not mine:
             continue
         name = f"{kind}-{tag}.safetensors"
-        # A rank holds at most one region of a tensor, so the global name is a unique key.
-        files[name] = write_tensor_file(tmp / name, {key: t for key, _, _, t in mine})
+        count: dict[str, int] = {}
+        for p in mine:
+            count[p[0]] = count.get(p[0], 0) + 1
+        stored: dict[str, torch.Tensor] = {}
         for key, shape, region, t in mine:
-            entries[key] = index.entry(t, [index.piece(name, key, region)]) | {"shape": shape}
+            # One region of a tensor is stored under its global name; several (the boxes of
+            # a range of a tp shard) as key#0, key#1, ...
+            entry = entries.setdefault(key, index.entry(t, [], shape))
+            part_key = key if count[key] == 1 else f"{key}#{len(entry['pieces'])}"
+            stored[part_key] = t
+            entry["pieces"].append(index.piece(name, part_key, region))
+        files[name] = write_tensor_file(tmp / name, stored)
     return files, entries
 
 
@@ -358,6 +367,14 @@ def _commit(
                 entries[key]["pieces"] += entry["pieces"]
             else:
                 entries[key] = entry
+    for key, entry in entries.items():
+        # One writer per element: the pieces tile the tensor (overlapping ones would add up
+        # to more, and a reader could get either writer's copy).
+        held = sum(
+            p["flat"][1] - p["flat"][0] if "flat" in p else prod(p["length"])
+            for p in entry["pieces"]
+        )
+        assert held == prod(entry["shape"]), (key, held, entry["shape"])
     rng = {
         f"rng/{r}": torch.frombuffer(bytearray(g[2]), dtype=torch.uint8)
         for r, g in enumerate(gathered)
@@ -620,11 +637,12 @@ class _Want(NamedTuple):
     entry: dict  # its index entry
     placement: index.Placement | None  # its tensor-parallel shard; None: not tp-sharded
     local_shape: tuple[int, ...]  # the shape of the local tensor it fills
-    region: index.Region | None = None  # ZeRO-1: the flat range this rank owns
+    # ZeRO-1: the runs of the flat range this rank owns (zero.Run), local_shape its length
+    runs: tuple[Run, ...] | None = None
 
     def regions(self) -> list[index.Region]:
-        if self.region is not None:
-            return [self.region]
+        if self.runs is not None:
+            return [region for _, _, region in self.runs]
         if self.placement is None:
             return [index.whole(self.entry["shape"])]
         return [box for _, _, box in self.placement.parts]
@@ -660,9 +678,9 @@ def _wanted(
         ]:
             key = stored[len(prefix) :] if stored.startswith(prefix) else stored
             if isinstance(optimizer, ShardedAdamW):
-                region = optimizer.owned_region(key, e["shape"])
-                if region is not None:
-                    wanted[key] = _Want(e, None, tuple(e["shape"]), region)
+                owned = optimizer.owned_runs(key, e["shape"])
+                if owned is not None:
+                    wanted[key] = _Want(e, None, owned[0], tuple(owned[1]))
                 continue
             # State shaped as the parameter is sharded as it is; the rest is whole.
             like_param = tuple(e["shape"]) == shape
@@ -686,8 +704,13 @@ def _wanted(
 def _read_local(files: TensorFiles, name: str, want: _Want) -> torch.Tensor:
     """The local tensor of `want`: whole, this rank's flat range of it (ZeRO-1), or its
     tensor-parallel parts (zeros elsewhere: the padding of a vocab-parallel shard)."""
-    if want.region is not None:
-        return files.read(name, want.entry, want.region)
+    if want.runs is not None:
+        if not want.local_shape:  # a 0-dim step
+            return files.read(name, want.entry)
+        local = torch.zeros(want.local_shape, dtype=getattr(torch, want.entry["dtype"]))
+        for start, stop, region in want.runs:
+            local[start:stop] = files.read(name, want.entry, region).reshape(-1)
+        return local
     if want.placement is None:
         return files.read(name, want.entry)
     local = torch.zeros(want.local_shape, dtype=getattr(torch, want.entry["dtype"]))

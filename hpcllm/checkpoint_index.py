@@ -13,10 +13,14 @@ and each piece names the safetensors file and key that hold one region of the te
 
 A box piece is stored with shape `length`, a flat piece as a 1-D tensor. A replicated
 tensor is one piece, a whole box. A tensor-parallel shard is one box or several (its
-`Placement`: the fused qkv weight of a rank's heads is three boxes, its q, k and v rows);
-ZeRO-1 writes flat ranges of optimizer state; `read` assembles any requested region from whichever
-pieces overlap it, so neither needs a format change, and a rank reads only what overlaps
-the region it asks for (safetensors reads a slice without loading the rest of the file).
+`Placement`: the fused qkv weight of a rank's heads is three boxes, its q, k and v rows).
+ZeRO-1 writes flat ranges of the parameters and their optimizer state; under tensor
+parallelism these are flat ranges of a rank's local (tp-sliced) tensors, written as the
+boxes of the global tensor that hold them (`placed_runs`: at most a partial row, whole rows
+and a partial row per placement part). `read` assembles any requested region from whichever
+pieces overlap it, so none of these needs a format change, and a rank reads only what
+overlaps the region it asks for (safetensors reads a slice without loading the rest of the
+file).
 """
 
 from __future__ import annotations
@@ -75,6 +79,58 @@ class Placement:
     shape: tuple[int, ...]
     dim: int
     parts: tuple[tuple[int, int, Box], ...]
+
+
+def flat_boxes(shape: Sequence[int], start: int, stop: int) -> list[Box]:
+    """Elements [start, stop) of a tensor of `shape`, flattened in row-major order, as the
+    boxes that hold them, in order: a partial row, whole rows, a partial row (recursively
+    inside a row), so their flattened contents laid end to end are the range."""
+    if start >= stop:
+        return []
+    if not shape:
+        return [whole(())]
+    row = prod(shape[1:])
+    inner = list(shape[1:])
+
+    def in_row(r: int, a: int, b: int) -> list[Box]:
+        return [Box((r, *box.offset), (1, *box.length)) for box in flat_boxes(inner, a, b)]
+
+    first, last = start // row, (stop - 1) // row
+    if first == last:
+        return in_row(first, start - first * row, stop - first * row)
+    boxes = in_row(first, start % row, row) if start % row else []
+    lo, hi = -(-start // row), stop // row  # the whole rows
+    if lo < hi:
+        boxes.append(Box((lo, *(0,) * len(inner)), (hi - lo, *inner)))
+    return boxes + (in_row(hi, 0, stop % row) if stop % row else [])
+
+
+def placed_runs(
+    placement: Placement, local_shape: Sequence[int], start: int, stop: int
+) -> list[tuple[int, int, Box]]:
+    """Elements [start, stop) of a rank's flattened local tensor with `placement` as boxes
+    of the global tensor: (local start, local stop, box) per box, in order. Local elements
+    in no part (padding) are in no run. ZeRO-1 under tensor parallelism cuts its flat
+    ranges out of the local tensors; this is how they are written to and read from the
+    index, as ordinary boxes.
+
+    Each part must be a contiguous run of the flattened local tensor: a cut along dim 0, or
+    one part covering the whole local tensor (a row-parallel weight's columns).
+    """
+    runs = []
+    row = prod(local_shape[placement.dim + 1 :])
+    for first, last, box in placement.parts:
+        if placement.dim == 0:
+            lo, hi = first * row, last * row
+        else:
+            assert len(placement.parts) == 1 and (first, last) == (0, local_shape[placement.dim])
+            lo, hi = 0, prod(local_shape)
+        a, b = max(start, lo), min(stop, hi)
+        for sub in flat_boxes(box.length, a - lo, b - lo):
+            offset = tuple(o + s for o, s in zip(box.offset, sub.offset, strict=True))
+            runs.append((a, a + prod(sub.length), Box(offset, sub.length)))
+            a += prod(sub.length)
+    return runs
 
 
 def placement_of(tensor: torch.Tensor) -> Placement | None:

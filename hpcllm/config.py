@@ -414,11 +414,6 @@ def validate(cfg: Config) -> None:
             "model.ffn_hidden or its default): each tensor-parallel rank holds an equal share "
             "of the MLP's units"
         )
-    if p.tp > 1 and p.zero:
-        raise ConfigError(
-            f"parallel.zero 1 with parallel.tp = {p.tp} is not supported yet (the ZeRO shards "
-            "would cut across tensor-parallel shards); use one of them"
-        )
     if o.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, got '{o.name}'")
     if o.name == "muon" and p.zero:

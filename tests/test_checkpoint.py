@@ -39,14 +39,43 @@ OPTIM_FILE = "optim-pp0-dp0-tp0.safetensors"
 # ----------------------------------------------------------------- the index, as pure functions
 
 
-def split_pieces(full: torch.Tensor, cuts: list[tuple[ix.Region, slice | tuple]]):
-    """Files holding the given regions of `full`: ({file: tensor}, index entry)."""
+def split_pieces(full: torch.Tensor, cuts: list[tuple[ix.Region, slice | tuple | torch.Tensor]]):
+    """Files holding the given regions of `full` (or the given tensors): ({file: tensor},
+    index entry)."""
     files, pieces = {}, []
     for i, (region, where) in enumerate(cuts):
         name = f"f{i}"
-        files[name] = full[where].clone() if isinstance(region, ix.Box) else full.reshape(-1)[where]
+        if isinstance(where, torch.Tensor):
+            files[name] = where
+        else:
+            files[name] = (
+                full[where].clone() if isinstance(region, ix.Box) else full.reshape(-1)[where]
+            )
         pieces.append(ix.piece(name, "t", region))
     return files, ix.entry(full, pieces)
+
+
+def zero_in_tp_cuts(full: torch.Tensor) -> list[tuple[ix.Region, torch.Tensor]]:
+    """ZeRO-1 under tp, as it writes: two tp ranks' local tensors (rows of two segments each,
+    like a fused qkv, and a padding row), each cut into dp ranges that end inside rows and in
+    the padding; every range's runs (`placed_runs`) stored as the local elements they hold."""
+    cuts = []
+    for rows, local_rows, ranges in (
+        ([(0, 2), (3, 5)], 5, [(0, 25), (25, 60)]),  # local row 4 is padding
+        ([(2, 3), (5, 6)], 2, [(0, 7), (7, 24)]),
+    ):
+        parts, at = [], 0
+        local = torch.zeros(local_rows, *full.shape[1:])
+        for first, stop in rows:
+            length = (stop - first, *full.shape[1:])
+            parts.append((at, at + stop - first, ix.Box((first, 0, 0), length)))
+            local[at : at + stop - first] = full[first:stop]
+            at += stop - first
+        placement = ix.Placement(tuple(full.shape), 0, tuple(parts))
+        for start, stop in ranges:
+            for a, b, box in ix.placed_runs(placement, local.shape, start, stop):
+                cuts.append((box, local.reshape(-1)[a:b].reshape(box.length)))
+    return cuts
 
 
 FULL = torch.arange(6 * 4 * 3, dtype=torch.float32).reshape(6, 4, 3)
@@ -67,6 +96,8 @@ LAYOUTS = {
         (ix.Flat(29, 50), slice(29, 50)),
         (ix.Flat(50, 72), slice(50, 72)),
     ],
+    # ZeRO-1 flat ranges of tensor-parallel shards, written as boxes
+    "zero-in-tp": zero_in_tp_cuts(FULL),
 }
 REQUESTS = {
     "whole": (ix.Box((0, 0, 0), (6, 4, 3)), lambda t: t),

@@ -12,8 +12,13 @@ before the next forward.
 
 For checkpoints, a segment is described per parameter (`Part`): which flat range of which
 parameter it holds. A rank writes, and on load reads, exactly those ranges of the parameters
-and of their optimizer state (`owned_pieces`, `owned_region`, `load_owned`); `hpcllm.checkpoint`
+and of their optimizer state (`owned_pieces`, `owned_runs`, `load_owned`); `hpcllm.checkpoint`
 stores them as flat-range pieces of the global tensors, so any other layout can read them.
+
+Under tensor parallelism each tp rank has its own DataParallel over its local (tp-sliced)
+parameters, so its buckets, shards and flat ranges are those of the local tensors; a range
+of a tp-sliced parameter is stored as the boxes of the global tensor that hold it
+(`checkpoint_index.placed_runs`), and a parameter replicated over tp by tp rank 0 only.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from hpcllm.parallel.data_parallel import DataParallel
 
 # (global tensor name, its global shape, the region of it, the tensor holding that region)
 Piece = tuple[str, list[int], index.Region, torch.Tensor]
+# (start, stop) of a run of a rank's flat range of a parameter, and the global region it holds
+Run = tuple[int, int, index.Region]
 
 
 @dataclass(frozen=True)
@@ -98,41 +105,60 @@ class ShardedAdamW(torch.optim.AdamW):
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def owned_pieces(self) -> list[Piece]:
+    def owned_pieces(self, tp_rank: int = 0) -> list[Piece]:
         """(global name, global shape, region, tensor) of everything this rank writes: its flat
         ranges of the parameters and of their AdamW moments, and a parameter's 0-dim `step`
-        by the rank that owns its first element."""
+        by the rank that owns its first element.
+
+        Under tensor parallelism (`tp_rank` is this rank's) a range of a tp-sliced parameter
+        is written as the boxes of the global tensor that hold it, on every tp rank; the
+        ranges of a parameter replicated over tp, and every `step`, by tp rank 0 only."""
         pieces: list[Piece] = []
         for part in self.parts:
-            shape = list(part.param.shape)
-            region = index.Flat(part.start, part.stop)
-            span = slice(part.at, part.at + part.stop - part.start)
-            pieces.append((f"model/{part.name}", shape, region, part.segment[span]))
-            for key, value in self.state.get(part.segment, {}).items():
+            placement = index.placement_of(part.param)
+            if placement is None and tp_rank != 0:
+                continue  # replicated over tp: tp rank 0's dp ranks write it
+            shape = list(part.param.shape if placement is None else placement.shape)
+            for key, value in [("", part.segment), *self.state.get(part.segment, {}).items()]:
+                name = f"optim/{part.name}/{key}" if key else f"model/{part.name}"
                 if value.dim() == 0:
-                    if part.start == 0:
+                    if part.start == 0 and tp_rank == 0:
                         # Parameters of one segment share its counter; safetensors wants copies.
-                        step = value.clone()
-                        pieces.append((f"optim/{part.name}/{key}", [], index.whole(()), step))
-                else:
-                    pieces.append((f"optim/{part.name}/{key}", shape, region, value[span]))
+                        pieces.append((name, [], index.whole(()), value.clone()))
+                    continue
+                for at, stop, region in self._runs(part, placement):
+                    tensor = value[part.at + at : part.at + stop]
+                    if isinstance(region, index.Box):
+                        tensor = tensor.view(region.length)
+                    pieces.append((name, shape, region, tensor))
         return pieces
 
-    def owned_region(self, name: str, shape: list[int]) -> index.Region | None:
-        """The region of tensor `name` (model/<param> or optim/<param>/<key>) of global
-        `shape` that this rank reads on load; None if it owns none of that parameter."""
+    @staticmethod
+    def _runs(part: Part, placement: index.Placement | None) -> list[Run]:
+        """Part's range as (start, stop) within it and the global region each run holds."""
+        if placement is None:
+            return [(0, part.stop - part.start, index.Flat(part.start, part.stop))]
+        runs = index.placed_runs(placement, part.param.shape, part.start, part.stop)
+        return [(a - part.start, b - part.start, box) for a, b, box in runs]
+
+    def owned_runs(self, name: str, shape: list[int]) -> tuple[tuple[int, ...], list[Run]] | None:
+        """What this rank reads on load of tensor `name` (model/<param> or
+        optim/<param>/<key>) of global `shape`: the shape of what it fills, (n,) for its flat
+        range of n elements of the local tensor, and the runs of that range with the global
+        region each holds (none for a tp shard's padding); () and one run of the whole
+        tensor for a 0-dim `step`; None if it owns none of that parameter."""
         param = name.split("/")[1]
         parts = self._parts_of.get(param)
         if not parts:
             return None
         if not shape:
-            return index.whole(())
+            return (), [(0, 1, index.whole(()))]
         (part,) = parts  # a rank owns one contiguous range of a parameter
-        return index.Flat(part.start, part.stop)
+        return (part.stop - part.start,), self._runs(part, index.placement_of(part.param))
 
     @torch.no_grad()
     def load_owned(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore this rank's ranges (read by `owned_region`), then all-gather the parameters."""
+        """Restore this rank's ranges (read by `owned_runs`), then all-gather the parameters."""
         for part in self.parts:
             span = slice(part.at, part.at + part.stop - part.start)
             part.segment[span].copy_(tensors[f"model/{part.name}"])
