@@ -54,6 +54,7 @@ from hpcllm.parallel.tensor_parallel import (
     padded_vocab,
     vocab_parallel_cross_entropy,
 )
+from hpcllm.parallel.zero import ShardedAdamW
 from hpcllm.topology import Grid
 
 from helpers import prepare_data
@@ -228,10 +229,21 @@ def test_parallel_layers_match_dense(comm):
 
 
 def run_tp_layout(
-    comm, *, pp: int, dp: int, tp: int, schedule: str, num_micro: int, micro_batch: int, cfg
+    comm,
+    *,
+    pp: int,
+    dp: int,
+    tp: int,
+    schedule: str,
+    num_micro: int,
+    micro_batch: int,
+    cfg,
+    zero: int = 0,
 ) -> dict | None:
     """Train `cfg`'s GPT for 10 steps on `comm` laid out as pp x dp x tp, as hpcllm.train does
-    (build, parallelize, schedule with the vocab-parallel loss, dp, clip, AdamW).
+    (build, parallelize, schedule with the vocab-parallel loss, dp, clip, AdamW; under `zero`
+    1 ZeRO-1's sharded AdamW, with small buckets so shards cut through sharded, replicated
+    and padded parameters alike).
 
     On rank 0 of `comm`: losses, gradient norms, validation loss, every parameter assembled
     from its tp shards under its global name, and which replicas (over dp, or over tp for a
@@ -249,7 +261,7 @@ def run_tp_layout(
         init_seed=INIT_SEED,
     )
     model = parallelize(model, grid, config, tp_comm)
-    ddp = DataParallel(model, dp_comm)
+    ddp = DataParallel(model, dp_comm, 0.01 if zero else 25.0, shard=zero == 1)
     stage = PipelineStage(
         model,
         pp_comm,
@@ -259,8 +271,10 @@ def run_tp_layout(
         device=CPU,
     )
     sched = Schedule(stage, schedule, loss_fn=loss_function(config, tp_comm))
-    optimizer = torch.optim.AdamW(
-        param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=TP_ADAM_EPS, foreach=False
+    adamw = {"lr": LR, "betas": (0.9, 0.95), "eps": TP_ADAM_EPS, "foreach": False}
+    groups = param_groups(model, 0.1)
+    optimizer = (
+        ShardedAdamW(model, ddp, groups, **adamw) if zero else torch.optim.AdamW(groups, **adamw)
     )
     reads_data = grid.is_first_stage or grid.is_last_stage
 
@@ -282,7 +296,7 @@ def run_tp_layout(
     losses, grad_norms = [], []
     for step in range(10):
         loss_sum = train_step(sched, ddp, inputs(step, num_micro), nullcontext())
-        grad_norms.append(clip_grad_norm(model, GRAD_CLIP, [pp_comm], tp_comm))
+        grad_norms.append(clip_grad_norm(model, GRAD_CLIP, [pp_comm], tp_comm, ddp))
         optimizer.step()
         losses.append(
             mean_over_grid(loss_sum, num_micro if grid.is_last_stage else 0, [pp_comm, dp_comm])
@@ -319,9 +333,9 @@ def run_tp_layout(
 
 @pytest.mark.mpi(ranks=4, timeout=240)
 def test_tp_layouts_match_single_rank(comm):
-    """tp 2 (untied and tied embeddings), tp 4, dp 2 x tp 2 and pp 2 x tp 2 under both
-    schedules: over 10 steps, the single-rank run's losses, gradient norms, validation loss
-    and every parameter (fp32, atol 1e-6); dp and tp replicas bitwise equal."""
+    """tp 2 (untied and tied embeddings), tp 4, dp 2 x tp 2 (zero 0 and 1) and pp 2 x tp 2
+    under both schedules: over 10 steps, the single-rank run's losses, gradient norms,
+    validation loss and every parameter (fp32, atol 1e-6); dp and tp replicas bitwise equal."""
     rank = comm.rank
     wanted = [(2, TP_CFG), (4, TP_CFG), (2, TIED_CFG)]
     mine = {
@@ -339,17 +353,18 @@ def test_tp_layouts_match_single_rank(comm):
     )
     runs.append((label, (2, cfg.tie_embeddings), result))
     half.Free()
-    layouts = [  # (pp, dp, tp, schedule, micro-batches, micro-batch size)
-        (1, 1, 4, "1f1b", 2, 2),
-        (1, 2, 2, "1f1b", 2, 1),  # each dp rank takes one sample of the reference's two
-        (2, 1, 2, "1f1b", 4, 2),
-        (2, 1, 2, "gpipe", 4, 2),
+    layouts = [  # (pp, dp, tp, zero, schedule, micro-batches, micro-batch size)
+        (1, 1, 4, 0, "1f1b", 2, 2),
+        (1, 2, 2, 0, "1f1b", 2, 1),  # each dp rank takes one sample of the reference's two
+        (1, 2, 2, 1, "1f1b", 2, 1),
+        (2, 1, 2, 0, "1f1b", 4, 2),
+        (2, 1, 2, 0, "gpipe", 4, 2),
     ]
-    for pp, dp, tp, kind, m, mb in layouts:
-        result = run_tp_layout(
-            comm, pp=pp, dp=dp, tp=tp, schedule=kind, num_micro=m, micro_batch=mb, cfg=TP_CFG
-        )
-        runs.append((f"pp={pp} x dp={dp} x tp={tp} {kind} m={m}", (m, False), result))
+    for pp, dp, tp, zero, kind, m, mb in layouts:
+        axes = {"pp": pp, "dp": dp, "tp": tp, "zero": zero}
+        result = run_tp_layout(comm, **axes, schedule=kind, num_micro=m, micro_batch=mb, cfg=TP_CFG)
+        label = f"pp={pp} x dp={dp} x tp={tp} zero {zero} {kind} m={m}"
+        runs.append((label, (m, False), result))
 
     gathered = comm.gather([run for run in runs if run[2] is not None], root=0)
     if rank != 0:

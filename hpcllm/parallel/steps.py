@@ -34,7 +34,9 @@ def clip_grad_norm(
     counts exactly once: its shards on every tp rank, a parameter replicated over tp (a
     layer norm, a row-parallel bias) on tp rank 0 only. Under ZeRO-1 (`ddp.shard`) each dp
     rank holds the average of its own shard only: those shards are what is measured and
-    clipped, and their squared norms are summed over dp too, each element once. Squares are
+    clipped, and their squared norms are summed over dp too, each element once. The two
+    combine: under tp with ZeRO-1 a shard is a flat range of the tp rank's local parameters,
+    and a range of a parameter replicated over tp counts on tp rank 0 only. Squares are
     summed in fp64, so the norm does not depend on how the gradient is cut.
     """
     tp_rank = 0 if tp_comm is None else tp_comm.rank
