@@ -306,3 +306,45 @@ def test_zero1_checkpoint_is_sharded_and_resumes_under_other_layouts(data_dir, t
         assert sorted(got) == list(range(6, STEPS + 1)), (other, got)
         for step in got:
             assert got[step] == pytest.approx(ref[step], rel=1e-5), (other, step, got, ref)
+
+
+def test_zero1_under_tp_checkpoint_tiles_and_resumes_under_another_layout(data_dir, tmp_path):
+    """Written by (dp 2, tp 2, zero 1): every rank writes the boxes of its flat ranges of the
+    tp-sliced tensors, tp rank 0 alone those of the replicated ones; resumed under (dp 2,
+    tp 1, zero 1), whose ranges cut the tensors elsewhere, steps 6-10 repeat the
+    uninterrupted run's losses."""
+    ref_dir = tmp_path / "ref"
+    layout = {"parallel.dp": 2, "parallel.tp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}
+    result = train(4, settings(data_dir, ref_dir, **layout, **{"checkpoint.every": 5}), timeout=240)
+    assert result.returncode == 0, result
+    ref = losses(ref_dir)
+
+    half = ref_dir / "checkpoints" / "step_000005"
+    tensors = json.loads((half / "meta.json").read_text())["tensors"]
+
+    def writers(name: str) -> list[str]:
+        return sorted({p["file"].split("-", 2)[2][:7] for p in tensors[name]["pieces"]})
+
+    fc = tensors["optim/blocks.0.mlp.fc.weight/exp_avg"]
+    assert writers("optim/blocks.0.mlp.fc.weight/exp_avg") == [
+        "dp0-tp0",
+        "dp0-tp1",
+        "dp1-tp0",
+        "dp1-tp1",
+    ]
+    for name in ("optim/blocks.0.ln_1.weight/exp_avg", "optim/blocks.0.mlp.fc.weight/step"):
+        assert all(w.endswith("tp0") for w in writers(name)), (name, writers(name))
+    assert all("length" in p for p in fc["pieces"])
+    assert sum(p["length"][0] * p["length"][1] for p in fc["pieces"]) == 128 * 32
+
+    run_dir = tmp_path / "resume-dp2-tp1-zero1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(half, run_dir / "checkpoints" / half.name)
+    other = {"parallel.dp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}
+    result = train(2, settings(data_dir, run_dir, **other), timeout=240)
+    assert result.returncode == 0, result
+    assert "resumed from" in result.stdout, result
+    got = losses(run_dir)
+    assert sorted(got) == list(range(6, STEPS + 1)), got
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
