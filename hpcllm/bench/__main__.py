@@ -13,7 +13,7 @@ plain baselines. One module of hpcllm.bench per subject; figures in BENCHMARKS.m
     python -m hpcllm.bench compression --np 2 --steps 60    # no mpirun: one run per mode
     mpirun -np 2 python -m hpcllm.bench collectives --mb 1 8 64
     mpirun -np 2 python -m hpcllm.bench tp --steps 10
-    python -m hpcllm.bench memory         # no mpirun: one mpirun -np 2 per layout
+    python -m hpcllm.bench memory         # no mpirun: one mpirun per layout
     python -m hpcllm.bench multinode --rates 1gbit 100mbit  # no mpirun; root: emulated hosts
 
 Times are medians over iterations, each iteration timed by its slowest rank. Results say how
@@ -60,7 +60,7 @@ SUBJECTS = {
     "quality": (quality, "val bits/byte in a wall-clock budget: variants and nanoGPT (runs both)"),
     "collectives": (collectives, "all-gather and reduce-scatter: TensorComm vs raw mpi4py"),
     "tp": (tp, "tp 2 vs tp 1 step time, tp all-reduce share vs the planner's traffic"),
-    "memory": (memory, "peak memory per rank of 4 layouts vs the planner (runs mpirun itself)"),
+    "memory": (memory, "peak memory per rank of 6 layouts vs the planner (runs mpirun itself)"),
     "multinode": (multinode, "all-reduce and training over 2 emulated hosts, capped link (root)"),
 }
 

@@ -1,7 +1,8 @@
 """`python -m hpcllm.bench memory`: peak memory per rank, measured, for one model under
-(dp 2), (dp 2, zero 1), (tp 2) and (pp 2), beside the planner's prediction (`hpcllm.plan`).
-Run it without mpirun: each layout runs in a fresh `mpirun -np 2` (the peak resident set is a
-per-process high-water mark), for a few steps of the training loop's step.
+(dp 2), (dp 2, zero 1), (tp 2), (pp 2) and, on 4 ranks, (dp 2, tp 2) with zero 0 and 1,
+beside the planner's prediction (`hpcllm.plan`). Run it without mpirun: each layout runs in
+a fresh `mpirun` (the peak resident set is a per-process high-water mark), for a few steps
+of the training loop's step.
 
     python -m hpcllm.bench memory --steps 3
 
@@ -27,12 +28,15 @@ from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
 from hpcllm.model import GPT, ModelConfig
 from hpcllm.plan import make_plan
 
-# name -> (pp, tp, zero, micro-batch size, micro-batches): a global batch of 8 sequences.
+# name -> (ranks, pp, tp, zero, micro-batch size, micro-batches): a global batch of 8
+# sequences.
 LAYOUTS = {
-    "dp2": (1, 1, 0, 4, 1),
-    "dp2 zero1": (1, 1, 1, 4, 1),
-    "tp2": (1, 2, 0, 8, 1),
-    "pp2": (2, 1, 0, 2, 4),
+    "dp2": (2, 1, 1, 0, 4, 1),
+    "dp2 zero1": (2, 1, 1, 1, 4, 1),
+    "tp2": (2, 1, 2, 0, 8, 1),
+    "pp2": (2, 2, 1, 0, 2, 4),
+    "dp2 tp2": (4, 1, 2, 0, 4, 1),
+    "dp2 tp2 zero1": (4, 1, 2, 1, 4, 1),
 }
 
 
@@ -51,7 +55,7 @@ def add_arguments(parser) -> None:
 
 
 def layout(args, name: str) -> Config:
-    pp, tp, zero, micro, accum = LAYOUTS[name]
+    _, pp, tp, zero, micro, accum = LAYOUTS[name]
     model = ModelConfig(
         vocab_size=args.vocab,
         block_size=args.seq_len,
@@ -118,9 +122,12 @@ def run(args, world: MPI.Comm) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in LAYOUTS:
             out = os.path.join(tmp, "out.json")
-            cmd = [mpirun if os.path.exists(mpirun) else "mpirun", "-np", "2", sys.executable]
+            ranks = str(LAYOUTS[name][0])
+            cmd = [mpirun if os.path.exists(mpirun) else "mpirun", "-np", ranks, sys.executable]
             cmd += ["-m", "hpcllm.bench", "memory", "--layout", name, *options, "--json", out]
-            print(f"$ mpirun -np 2 python -m hpcllm.bench memory --layout '{name}'", flush=True)
+            print(
+                f"$ mpirun -np {ranks} python -m hpcllm.bench memory --layout '{name}'", flush=True
+            )
             subprocess.run(cmd, check=True, env={**os.environ, **MPI_ENV})
             with open(out) as f:
                 results += json.load(f)["ranks"]
