@@ -13,8 +13,9 @@ A checkpoint is a folder `<run.dir>/checkpoints/step_000100/` holding
 Each rank writes only what it owns, so there are no duplicate writers: dp rank 0 of each
 (pp, tp) coordinate writes its stage's tensor-parallel shards and their optimizer state, and
 tp rank 0 also the tensors replicated over tp; under ZeRO-1 (`parallel.zero 1`) every dp
-rank writes the flat ranges of them that it owns instead. Under local SGD
-(`parallel.sync_every > 1`) the dp ranks keep their own AdamW moments, and their own
+rank writes the flat ranges of them that it owns instead (under tp, ranges of its local
+shards, recorded as boxes). Under local SGD (`parallel.sync_every > 1`) the dp ranks keep
+their own AdamW moments, and their own
 parameters between model averages: dp rank d > 0 also writes its copies, under names
 prefixed `dp{d}/`, and dp rank 0 the outer state (`outer/<param>/anchor`, `.../momentum`).
 Tensors are stored under global names (`model/blocks.3.attn.qkv.weight`,
@@ -188,7 +189,8 @@ def write_own_files(
     """This rank's own file writes: the model and optimizer shards it owns.
 
     Under ZeRO-1 every dp rank writes its own flat ranges of the parameters and their
-    optimizer state. Otherwise dp replicas hold the same shards and dp rank 0 of each
+    optimizer state (under tp, of its local shards, as boxes of the global tensors; those of
+    tensors replicated over tp on tp rank 0 only). Otherwise dp replicas hold the same shards and dp rank 0 of each
     (pp, tp) coordinate writes them: its tensor-parallel shards (each as the boxes of its
     placement) and, on tp rank 0 only, the tensors replicated over tp. Under local SGD the
     replicas differ, and every dp rank writes its own (dp rank d > 0 under `dp{d}/` names),
