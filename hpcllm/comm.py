@@ -147,6 +147,11 @@ class TensorComm:
 
     def allreduce_(self, tensor: torch.Tensor, op: MPI.Op = MPI.SUM) -> torch.Tensor:
         """In-place blocking all-reduce."""
+        if self.size == 1:
+            # The identity: skip the buffers, which on a GPU without CUDA-aware MPI would be
+            # a round trip of the tensor through host memory (measured: 85 ms a step for the
+            # gradients of a 350M model on one H200).
+            return tensor
         buf, copy_back = self._buffer(tensor, reduce=True, incoming=True)
         start = time.perf_counter()
         with WATCHDOG.watch(f"all-reduce on {self.name}"):
@@ -158,6 +163,8 @@ class TensorComm:
 
     def iallreduce_(self, tensor: torch.Tensor, op: MPI.Op = MPI.SUM) -> Work:
         """In-place non-blocking all-reduce; the tensor holds the result after wait()."""
+        if self.size == 1:
+            return Work(MPI.REQUEST_NULL, None, f"all-reduce on {self.name}", tensor)
         buf, copy_back = self._buffer(tensor, reduce=True, incoming=True)
         return Work(
             self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op), copy_back, f"all-reduce on {self.name}"
@@ -210,6 +217,9 @@ class TensorComm:
         if out is None:
             out = tensor.new_empty((tensor.shape[0] // self.size, *tensor.shape[1:]))
         self._check_chunks("reduce-scatter", whole=tensor, chunk=out)
+        if self.size == 1:
+            out.copy_(tensor)
+            return Work(MPI.REQUEST_NULL, None, f"reduce-scatter on {self.name}", out)
         send, _ = self._buffer(tensor, reduce=True, incoming=False)
         recv, copy_back = self._buffer(out, reduce=True, incoming=True)
 
@@ -231,6 +241,8 @@ class TensorComm:
                 f"all-gather on {self.name}: dim 0 of the buffer (shape {tuple(tensor.shape)}) "
                 f"must be a multiple of the {self.size} ranks; pad it"
             )
+        if self.size == 1:
+            return Work(MPI.REQUEST_NULL, None, f"all-gather on {self.name}", tensor)
         buf, copy_back = self._buffer(tensor, reduce=False, incoming=True)
         request = self.comm.Iallgather(MPI.IN_PLACE, buf)
         return Work(request, copy_back, f"all-gather on {self.name}", tensor)

@@ -413,3 +413,21 @@ def test_cuda_collectives_and_point_to_point(comm, path, monkeypatch):
 def test_cuda_data_parallel_equals_plain_allreduce(comm, path, monkeypatch):
     cuda_aware = cuda_setup(comm, path, monkeypatch)
     check_data_parallel(comm, device="cuda", cuda_aware=cuda_aware)
+
+
+def test_one_rank_collectives_touch_no_mpi_buffers(monkeypatch):
+    """Over one rank a reduction is the identity: no buffer is made, so a CUDA tensor is
+    not staged through host memory (a round trip of every gradient, found on a GPU)."""
+    from mpi4py import MPI
+
+    from hpcllm.comm import TensorComm
+
+    tc = TensorComm(MPI.COMM_SELF, name="one")
+    monkeypatch.setattr(tc, "_buffer", lambda *a, **k: pytest.fail("made an MPI buffer"))
+    x = torch.arange(6.0)
+    assert tc.allreduce_(x) is x and torch.equal(x, torch.arange(6.0))
+    tc.iallreduce_(x).wait()
+    tc.iallgather_(x).wait()
+    out = tc.reduce_scatter(x)
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    assert torch.equal(x, torch.arange(6.0))
