@@ -4,6 +4,7 @@ thread's failures reach the training thread instead of hanging it. And the glibc
 that keeps Open MPI's per-call temporaries from page-faulting anew on every step."""
 
 import sys
+import time
 from contextlib import nullcontext
 
 import pytest
@@ -28,7 +29,8 @@ def test_overlap_modes_are_bit_identical_and_auto_agrees_across_ranks(comm):
 
     def steps(overlap: str, comm_thread: bool) -> tuple[list[float], list[torch.Tensor]]:
         model = GPT(CFG, init_seed=5)
-        ddp = DataParallel(model, TensorComm(comm), 0.01, overlap=overlap, comm_thread=comm_thread)
+        tc = TensorComm(comm)
+        ddp = DataParallel(model, tc, 0.01, overlap=overlap, comm_thread=comm_thread)
         assert (ddp._thread is not None) == comm_thread
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
         losses = []
@@ -44,7 +46,11 @@ def test_overlap_modes_are_bit_identical_and_auto_agrees_across_ranks(comm):
                 act_shape=(1, 16, 16),
                 device=torch.device("cpu"),
             )
+            start = time.perf_counter()
+            waited = ddp.wait_seconds + tc.wait_seconds
             losses.append(train_step(Schedule(stage, "1f1b"), ddp, micro, nullcontext()).item())
+            # The time blocked in MPI is counted once (by the comm or by DataParallel).
+            assert ddp.wait_seconds + tc.wait_seconds - waited <= time.perf_counter() - start
             optimizer.step()
         assert ddp.choice in ("on", "off")
         ddp.close()

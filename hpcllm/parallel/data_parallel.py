@@ -291,7 +291,7 @@ class DataParallel:
         `average=False`: only sum, for callers that divided each loss by the dp size already
         (train_step does), which saves a pass over the gradients.
         """
-        start = time.perf_counter()
+        start, counted = time.perf_counter(), self.comm.wait_seconds
         if self._mode == "off":
             # One bucket after another, each waited before the next starts.
             for bucket in self.buckets:
@@ -307,7 +307,8 @@ class DataParallel:
                 assert bucket.work is not None  # every bucket was launched just above
                 bucket.work.wait()
         waited = time.perf_counter() - start
-        self.wait_seconds += waited
+        # Blocking calls (overlap off) already counted their time in the comm's own total.
+        self.wait_seconds += waited - (self.comm.wait_seconds - counted)
         for bucket in self.buckets:
             if average:
                 (bucket.buffer if bucket.grad_shard is None else bucket.grad_shard).div_(
