@@ -12,8 +12,8 @@ import torch
 from mpi4py import MPI
 
 from hpcllm.comm import TensorComm
-from hpcllm.config import Config
-from hpcllm.model import GPT
+from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
+from hpcllm.model import GPT, ModelConfig
 from hpcllm.optim import build_optimizer
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage, loss_function
@@ -22,6 +22,35 @@ from hpcllm.parallel.steps import clip_grad_norm, stage_inputs, train_step
 from hpcllm.topology import Grid
 
 CPU = torch.device("cpu")
+
+
+def add_model_arguments(
+    parser, *, seq_len: int, n_layer: int, n_head: int, d_model: int, vocab: int
+):
+    """The model's shape as command-line options, with this subject's defaults."""
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--n-layer", type=int, default=n_layer)
+    parser.add_argument("--n-head", type=int, default=n_head)
+    parser.add_argument("--d-model", type=int, default=d_model)
+    parser.add_argument("--vocab", type=int, default=vocab)
+
+
+def bench_config(args, *, micro_batch: int, accum: int = 1, pp=1, tp=1, zero=0) -> Config:
+    """A gpt2 of the shape in `args` (add_model_arguments) trained by AdamW in this layout."""
+    model = ModelConfig(
+        vocab_size=args.vocab,
+        block_size=args.seq_len,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        d_model=args.d_model,
+    )
+    train = TrainConfig(seq_len=args.seq_len, micro_batch_size=micro_batch, grad_accum_steps=accum)
+    return Config(
+        model=model,
+        train=train,
+        parallel=ParallelConfig(pp=pp, tp=tp, zero=zero),
+        optim=OptimConfig(name="adamw"),
+    )
 
 
 class CountingComm(TensorComm):

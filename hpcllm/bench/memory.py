@@ -23,9 +23,9 @@ import tempfile
 from mpi4py import MPI
 
 from hpcllm.bench.common import MPI_ENV, environment, table
-from hpcllm.bench.layouts import build_rank, held_bytes
-from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
-from hpcllm.model import GPT, ModelConfig
+from hpcllm.bench.layouts import add_model_arguments, bench_config, build_rank, held_bytes
+from hpcllm.config import Config
+from hpcllm.model import GPT
 from hpcllm.plan import make_plan
 
 # name -> (ranks, pp, tp, zero, micro-batch size, micro-batches): a global batch of 8
@@ -42,11 +42,7 @@ LAYOUTS = {
 
 def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per layout (default 3)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--n-head", type=int, default=8)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=8192)
+    add_model_arguments(parser, seq_len=256, n_layer=8, n_head=8, d_model=512, vocab=8192)
     parser.add_argument(
         "--layout",
         choices=list(LAYOUTS),
@@ -56,20 +52,7 @@ def add_arguments(parser) -> None:
 
 def layout(args, name: str) -> Config:
     _, pp, tp, zero, micro, accum = LAYOUTS[name]
-    model = ModelConfig(
-        vocab_size=args.vocab,
-        block_size=args.seq_len,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        d_model=args.d_model,
-    )
-    train = TrainConfig(seq_len=args.seq_len, micro_batch_size=micro, grad_accum_steps=accum)
-    return Config(
-        model=model,
-        train=train,
-        parallel=ParallelConfig(pp=pp, tp=tp, zero=zero),
-        optim=OptimConfig(name="adamw"),
-    )
+    return bench_config(args, micro_batch=micro, accum=accum, pp=pp, tp=tp, zero=zero)
 
 
 def _rss_bytes() -> int:

@@ -15,9 +15,8 @@ import time
 from mpi4py import MPI
 
 from hpcllm.bench.common import ForeignLoad, environment, slowest, table
-from hpcllm.bench.layouts import CountingComm, build_rank
-from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
-from hpcllm.model import ModelConfig
+from hpcllm.bench.layouts import CountingComm, add_model_arguments, bench_config, build_rank
+from hpcllm.config import Config
 from hpcllm.plan import make_plan
 from hpcllm.runtime import print0
 
@@ -27,11 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round (default 2)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds tp 1, tp 2, ... (default 4)")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per dp rank at tp 1")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_arguments(parser, seq_len=128, n_layer=4, n_head=4, d_model=256, vocab=4096)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
 
 
@@ -39,18 +34,8 @@ def layout(args, tp: int) -> Config:
     import torch
 
     torch.set_num_threads(args.threads)
-    model = ModelConfig(
-        vocab_size=args.vocab,
-        block_size=args.seq_len,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        d_model=args.d_model,
-    )
     # The global batch stays 2 x micro-batch: two dp ranks, or one tp group with all of it.
-    train = TrainConfig(seq_len=args.seq_len, micro_batch_size=args.micro_batch * tp)
-    return Config(
-        model=model, train=train, parallel=ParallelConfig(tp=tp), optim=OptimConfig(name="adamw")
-    )
+    return bench_config(args, micro_batch=args.micro_batch * tp, tp=tp)
 
 
 def run(args, world: MPI.Comm) -> dict:
