@@ -157,8 +157,9 @@ def test_script_is_documented_and_valid_bash(script):
     )
 
 
-def test_launch_helper_is_valid_bash():
-    assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "launch.sh")]).returncode == 0
+@pytest.mark.parametrize("helper", ["launch.sh", "gpu_checks.sh"])
+def test_helper_scripts_are_valid_bash(helper):
+    assert subprocess.run(["bash", "-n", str(REPO / "slurm" / helper)]).returncode == 0
 
 
 # ----------------------------------------------------------------- jobs on the test cluster
