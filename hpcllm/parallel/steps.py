@@ -36,8 +36,8 @@ def clip_grad_norm(
     rank holds the average of its own shard only: those shards are what is measured and
     clipped, and their squared norms are summed over dp too, each element once. The two
     combine: under tp with ZeRO-1 a shard is a flat range of the tp rank's local parameters,
-    and a range of a parameter replicated over tp counts on tp rank 0 only. Squares are
-    summed in fp64, so the norm does not depend on how the gradient is cut.
+    and a range of a parameter replicated over tp counts on tp rank 0 only. Norms are
+    taken in fp64, so the total does not depend on how the gradient is cut.
     """
     tp_rank = 0 if tp_comm is None else tp_comm.rank
     comms = [*model_comms, *([tp_comm] if tp_comm is not None else [])]
@@ -48,17 +48,19 @@ def clip_grad_norm(
         pieces = [(p, p.grad) for p in model.parameters() if p.grad is not None]
         grads = [g for _, g in pieces]
     counted = [g for p, g in pieces if counted_once(p, tp_rank)]
-    sq = torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else "cpu")
-    for g in counted:
-        sq += g.pow(2).sum(dtype=torch.float64)
+    # Multi-tensor ops: a few kernels for the whole model where a loop over parameters made
+    # three per parameter (~900 launches a step for a 24-layer GPT, a cost on a GPU).
+    if counted:
+        norms = torch._foreach_norm(counted, 2, dtype=torch.float64)
+        sq = torch.stack(norms).square().sum().reshape(1)
+    else:
+        sq = torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else "cpu")
     for c in comms:
         if c.size > 1:
             c.allreduce_(sq)
     norm = sq.sqrt().item()
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for g in grads:
-            g.mul_(scale)
+    if max_norm > 0 and norm > max_norm and grads:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
     return norm
 
 
