@@ -24,7 +24,14 @@ from hpcllm.comm import TensorComm
 from hpcllm.data.loader import step_positions
 from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.pipeline import ActivationMeter, PipelineStage, Schedule, split_layers
+from hpcllm.parallel.pipeline import (
+    ActivationMeter,
+    PipelineStage,
+    Schedule,
+    chunk_stages,
+    rank_chunks,
+    split_layers,
+)
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.topology import Grid
 
@@ -200,9 +207,10 @@ def run_layout(
     stage_layers: str = "",
     meter: ActivationMeter | None = None,
     cfg: ModelConfig = GPT_CFG,
+    virtual_stages: int = 1,
 ) -> dict | None:
-    """Train the tiny GPT (or `cfg`'s model) for `steps` steps on `comm` laid out as pp x dp,
-    as hpcllm.train does.
+    """Train the tiny GPT (or `cfg`'s model) for `steps` steps on `comm` laid out as pp x dp
+    (`virtual_stages` chunks per pp rank), as hpcllm.train does.
 
     Returns, on rank 0 of `comm` only, the losses, gradient norms and final validation
     loss, the parameters of every stage under their global names, and the activation
@@ -210,24 +218,25 @@ def run_layout(
     """
     grid = Grid.build(comm, dp=dp, pp=pp)
     pp_comm, dp_comm = TensorComm(grid.comm("pp")), TensorComm(grid.comm("dp"))
-    layers = split_layers(cfg.n_layer, pp, stage_layers)[grid.rank("pp")]
+    chunks = rank_chunks(
+        split_layers(cfg.n_layer, pp, stage_layers, virtual_stages), pp, grid.rank("pp")
+    )
     model = GPT(
         cfg,
-        layers=layers,
+        layers=chunks[0] if virtual_stages == 1 else chunks,
         first=grid.is_first_stage,
         last=grid.is_last_stage,
         init_seed=INIT_SEED,
     )
     ddp = DataParallel(model, dp_comm)
-    stage = PipelineStage(
+    stages = chunk_stages(
         model,
         pp_comm,
-        stage=grid.rank("pp"),
-        num_stages=pp,
+        virtual_stages=virtual_stages,
         act_shape=(micro_batch, SEQ_LEN, D_MODEL),
         device=CPU,
     )
-    sched = Schedule(stage, schedule, meter)
+    sched = Schedule(stages, schedule, meter)
     optimizer = torch.optim.AdamW(
         param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS, foreach=False
     )
@@ -359,10 +368,11 @@ def differences(label: str, got: dict, ref: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.mpi(ranks=4, timeout=120)
+@pytest.mark.mpi(ranks=4, timeout=150)
 def test_pipeline_layouts_match_single_rank(comm):
     """pp=1, pp=2, pp=4 and dp=2 x pp=2, both schedules, m below, equal to and above pp
-    micro-batches: the same losses, gradient norms, validation loss and updated parameters
+    micro-batches, and interleaved (2 chunks per pp rank, one block each) under pp=2 and
+    dp=2 x pp=2: the same losses, gradient norms, validation loss and updated parameters
     as plain PyTorch on one rank."""
     rank, size = comm.rank, comm.size
     assert size == 4
@@ -390,6 +400,10 @@ def test_pipeline_layouts_match_single_rank(comm):
             half, pp=2, dp=1, schedule=kind, num_micro=m, micro_batch=2, stage_layers=stage_layers
         )
         runs.append((f"pp=2 {kind} m={m} stage_layers='{stage_layers}'", m, result))
+    result = run_layout(
+        half, pp=2, dp=1, schedule=kind, num_micro=4, micro_batch=2, virtual_stages=2
+    )
+    runs.append((f"pp=2 x V=2 {kind} m=4", 4, result))
     half.Free()
     for kind in ("1f1b", "gpipe"):
         for m in (1, 4, 16):
@@ -410,7 +424,11 @@ def test_pipeline_layouts_match_single_rank(comm):
                 )
             )
 
-    check_layouts(comm, runs, reference, count=2 + 2 * 4 + 2 * (3 + 3), moved=reference[8])
+    result = run_layout(
+        comm, pp=2, dp=2, schedule="1f1b", num_micro=2, micro_batch=1, virtual_stages=2
+    )
+    runs.append(("dp=2 x pp=2 x V=2 1f1b m=2", 2, result))
+    check_layouts(comm, runs, reference, count=2 + 2 * 5 + 2 * (3 + 3) + 1, moved=reference[8])
 
 
 def check_layouts(
