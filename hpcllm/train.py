@@ -313,9 +313,12 @@ def setup(cfg: Config, world) -> Trainer:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.dir) / "config.toml").write_text(to_toml(cfg))
         print(f"{describe(grid.dims)}\n{hosts}\nconfig:\n{to_toml(cfg)}", flush=True)
+    schedule = cfg.parallel.schedule
+    if cfg.parallel.virtual_stages > 1:
+        schedule += f" interleaved ({cfg.parallel.virtual_stages} chunks per pp rank)"
     print0(
         f"model: {n_params / 1e6:.2f}M parameters | {threads} thread(s) per rank | device {device} | "
-        f"global batch {loader.global_batch_size} x {t.seq_len} tokens | schedule {cfg.parallel.schedule}"
+        f"global batch {loader.global_batch_size} x {t.seq_len} tokens | schedule {schedule}"
     )
     return trainer
 

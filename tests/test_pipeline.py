@@ -606,8 +606,10 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-    """Two uninterrupted 6-step runs, checkpointing every 3 steps: pp=2 on 2 ranks
-    (with an end-of-run sample) and pp=1 on 1 rank, same global batch."""
+    """Two uninterrupted 6-step runs, checkpointing every 3 steps: pp=2 on 2 ranks,
+    interleaved (parallel.virtual_stages 2: blocks 0 and 2 on rank 0, 1 and 3 on rank 1; with
+    an end-of-run sample), and pp=1 on 1 rank, same global batch. The resume test moves
+    their checkpoints across pp and virtual stages, and exercises plain pp=2."""
     root = tmp_path_factory.mktemp("pipeline-runs")
     pp2 = launch_train(
         2,
@@ -616,6 +618,7 @@ def runs(data_dir, tmp_path_factory):
             "data.path": data_dir,
             "run.dir": root / "pp2",
             "parallel.pp": 2,
+            "parallel.virtual_stages": 2,
             "run.sample_tokens": 12,
         },
         timeout=180,
@@ -662,7 +665,9 @@ def test_train_pp2_matches_pp1_losses_validation_and_sample(runs):
 def test_checkpoint_resumes_under_another_pp(runs, data_dir, written, resumed):
     """The step-3 checkpoint of one layout, alone in a fresh run folder, resumed under the
     other: steps 4-6 repeat the uninterrupted run's losses (step 5 on depends on the
-    restored AdamW state), and the final weights match."""
+    restored AdamW state), and the final weights match. pp2 was written interleaved
+    (2 chunks per rank) and the resumed pp=2 run is not, so each direction also changes
+    parallel.virtual_stages."""
     root = runs["root"]
     source, target = root / written, root / f"{written}-resumed-pp{resumed}"
     shutil.copytree(source / "checkpoints/step_000003", target / "checkpoints/step_000003")
