@@ -13,6 +13,9 @@ recv_backward, send_backward):
   1f1b:   warmup forwards (pp - stage - 1 of them), then one forward and one backward
           in turn (steady), then the remaining backwards (cooldown); a stage holds at
           most pp - stage micro-batches of activations.
+  interleaved 1f1b (parallel.virtual_stages V > 1): each rank holds V chunks, the model
+          passing through every rank's chunk 0, then every rank's chunk 1, ...; the same
+          three phases over (micro-batch, chunk) pairs, with a bubble V times smaller.
 
 With one stage both verbs pairs do nothing and 1f1b is plain gradient accumulation.
 """
@@ -20,7 +23,7 @@ With one stage both verbs pairs do nothing and 1f1b is plain gradient accumulati
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -306,9 +309,11 @@ class Schedule:
     the chunks from last to first. That needs m to be a multiple of pp. Warmup is
     (pp - rank - 1) * 2 + (V - 1) * pp forwards, so the last chunk of the last rank starts
     its backwards as soon as possible, and the bubble shrinks V-fold to (pp - 1) / (V m).
-    Sends cannot deadlock: every chunk posts each receive one ahead, and a send is only
-    waited for behind two newer ones of the same chunk and direction, whose receiver has
-    then consumed earlier messages of that chunk and so posted the waited one.
+    Sends are bounded as in 1F1B: each chunk posts its receives one ahead, and a send is
+    waited for only behind MAX_SENDS_IN_FLIGHT newer ones of the same chunk and direction;
+    tests/test_interleave.py runs this schedule with sends that complete only once received
+    (pp up to 4, V up to 4) and finds no deadlock. Megatron's factor 2 in the warmup is kept
+    though these non-blocking sends would not need it (the test passes without it).
     """
 
     def __init__(
@@ -334,26 +339,6 @@ class Schedule:
         """Whether this rank computes the loss (it holds the last stage, or its last chunk)."""
         return self.stages[-1].is_last
 
-    def _order(self, m: int, k: int, backward: bool) -> tuple[int, int]:
-        """(micro-batch, chunk) of the k-th forward (or backward) of the step."""
-        V = len(self.stages)
-        if V == 1:
-            return k, 0
-        pp = self.stage.comm.size
-        group, within = divmod(k, pp * V)
-        chunk = within // pp
-        return group * pp + within % pp, V - 1 - chunk if backward else chunk
-
-    def warmup(self, m: int) -> int:
-        """Forwards this rank runs before its first backward."""
-        V, s = len(self.stages), self.stage
-        pp, rank = s.comm.size, s.stage % s.comm.size
-        if self.kind == "gpipe":
-            return m * V
-        if V == 1:
-            return min(pp - rank - 1, m)
-        return min((pp - rank - 1) * 2 + (V - 1) * pp, m * V)
-
     def run(
         self,
         micro_batches: list,
@@ -376,9 +361,11 @@ class Schedule:
         outputs: dict[tuple[int, int], torch.Tensor | GradientEdge] = {}
         loss_sum = torch.zeros((), device=self.stage.device)
 
+        pp, rank = self.stage.comm.size, self.stage.stage % self.stage.comm.size
+
         def forward(k: int) -> None:
             nonlocal loss_sum
-            i, v = self._order(m, k, backward=False)
+            i, v = micro_batch_chunk(k, pp, V, backward=False)
             s = self.stages[v]
             x, y = micro_batches[i]
             received = s.recv_forward(more_coming=i + 1 < m)
@@ -398,7 +385,7 @@ class Schedule:
             inputs[i, v] = received
 
         def backward(k: int) -> None:
-            i, v = self._order(m, k, backward=True)
+            i, v = micro_batch_chunk(k, pp, V, backward=True)
             s = self.stages[v]
             before_backward(i)
             grad = s.recv_backward(more_coming=i + 1 < m)
@@ -408,19 +395,8 @@ class Schedule:
             s.free_grad()
             s.send_backward(None if x is None else x.grad)
 
-        # k counts (micro-batch, chunk) pairs: the micro-batches themselves when V = 1.
-        # gpipe's warmup is every forward (fill), its cooldown every backward (drain).
-        total, warmup = m * V, self.warmup(m)
-        # Warmup: forwards only, until the last stage has work.
-        for k in range(warmup):
-            forward(k)
-        # Steady state: one forward, then the backward of the oldest micro-batch in flight.
-        for k in range(total - warmup):
-            forward(warmup + k)
-            backward(k)
-        # Cooldown: the backwards of the micro-batches still in flight.
-        for k in range(total - warmup, total):
-            backward(k)
+        for is_forward, k in passes(self.kind, m, pp, rank, V):
+            (forward if is_forward else backward)(k)
         for s in self.stages:
             s.finish_sends()
         return loss_sum
@@ -447,6 +423,39 @@ class Schedule:
         for s in self.stages:
             s.finish_sends()
         return loss_sum
+
+
+def micro_batch_chunk(k: int, pp: int, V: int, backward: bool) -> tuple[int, int]:
+    """(micro-batch, chunk) of a rank's k-th forward (or backward) in a step: pp micro-batches
+    through chunk 0, the same through chunk 1, ..., then the next pp; backwards go through
+    the chunks from last to first. With one chunk, micro-batch k."""
+    if V == 1:
+        return k, 0
+    group, within = divmod(k, pp * V)
+    chunk = within // pp
+    return group * pp + within % pp, V - 1 - chunk if backward else chunk
+
+
+def passes(kind: str, m: int, pp: int, rank: int, V: int = 1) -> Iterator[tuple[bool, int]]:
+    """The step's passes on pp rank `rank`, in order: (True, k) for its k-th forward, (False,
+    k) for its k-th backward, k counting (micro-batch, chunk) pairs (`micro_batch_chunk`)."""
+    total = m * V
+    if kind == "gpipe":
+        warmup = total  # fill: every forward; drain: every backward
+    elif V == 1:
+        warmup = min(pp - rank - 1, m)
+    else:
+        warmup = min((pp - rank - 1) * 2 + (V - 1) * pp, total)
+    # Warmup: forwards only, until the last stage has work.
+    for k in range(warmup):
+        yield True, k
+    # Steady state: one forward, then the backward of the oldest micro-batch in flight.
+    for k in range(total - warmup):
+        yield True, warmup + k
+        yield False, k
+    # Cooldown: the backwards of the micro-batches still in flight.
+    for k in range(total - warmup, total):
+        yield False, k
 
 
 def chunk_stages(
