@@ -83,6 +83,19 @@ def test_split_layers_explicit():
     assert split_layers(4, 1, "4") == [range(0, 4)]
 
 
+def test_split_layers_interleaved():
+    """pp x V chunks in pipeline order; pp rank r holds virtual stages r, pp + r, ..."""
+    layers = split_layers(8, 2, virtual_stages=2)
+    assert layers == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert rank_chunks(layers, 2, 0) == [range(0, 2), range(4, 6)]
+    assert rank_chunks(layers, 2, 1) == [range(2, 4), range(6, 8)]
+    assert split_layers(5, 2, "1,2,1,1", virtual_stages=2)[1] == range(1, 3)
+    with pytest.raises(ValueError, match=r"must give 4 positive block counts \(one per virtual"):
+        split_layers(4, 2, "2,2", virtual_stages=2)
+    with pytest.raises(ValueError, match=r"6 pipeline chunks .* model.n_layer = 4 blocks"):
+        split_layers(4, 2, virtual_stages=3)
+
+
 @pytest.mark.parametrize(
     "n_layer, pp, explicit, message",
     [
