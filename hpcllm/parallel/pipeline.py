@@ -62,15 +62,14 @@ def split_layers(n_layer: int, pp: int, explicit: str = "", virtual_stages: int 
             )
     else:
         if stages > n_layer:
+            what, unit = (
+                (f"parallel.pp = {pp} stages", "stage")
+                if virtual_stages == 1
+                else (f"{stages} pipeline chunks ({per})", "chunk")
+            )
             raise ValueError(
-                (
-                    f"parallel.pp = {pp} stages"
-                    if virtual_stages == 1
-                    else f"{stages} pipeline chunks ({per})"
-                )
-                + f" but the model has only model.n_layer = {n_layer} blocks; every "
-                + ("stage" if virtual_stages == 1 else "chunk")
-                + " needs at least one block"
+                f"{what} but the model has only model.n_layer = {n_layer} blocks; every {unit} "
+                "needs at least one block"
             )
         base, extra = divmod(n_layer, stages)
         counts = [base + (1 if s < extra else 0) for s in range(stages)]
@@ -213,34 +212,34 @@ class PipelineStage:
         every pair of chunks that talk to each other."""
         return 2 * sender + direction
 
-    def _post_recv(self, tag: int) -> None:
-        idle = self._idle[tag]
+    def _post_recv(self, direction: int) -> None:
+        idle = self._idle[direction]
         if idle:
             recv = idle.pop()
         else:
-            sender = self.stage - 1 if tag == FORWARD_TAG else self.stage + 1
-            source = self.prev_rank if tag == FORWARD_TAG else self.next_rank
+            sender = self.stage - 1 if direction == FORWARD_TAG else self.stage + 1
+            source = self.prev_rank if direction == FORWARD_TAG else self.next_rank
             buf = torch.empty(self.act_shape, dtype=torch.float32, device=self.device)
-            recv = self.comm.recv_init(buf, source, self._tag(sender, tag))
+            recv = self.comm.recv_init(buf, source, self._tag(sender, direction))
             self.meter.add_buffer(buf.numel() * buf.element_size())
         recv.start()
-        self._posted[tag].append(recv)
+        self._posted[direction].append(recv)
 
-    def _recv(self, tag: int, more_coming: bool) -> torch.Tensor:
-        if not self._posted[tag]:
-            self._post_recv(tag)
-        recv = self._posted[tag].popleft()
+    def _recv(self, direction: int, more_coming: bool) -> torch.Tensor:
+        if not self._posted[direction]:
+            self._post_recv(direction)
+        recv = self._posted[direction].popleft()
         if more_coming:
-            self._post_recv(tag)  # the next micro-batch's message lands while we compute
-        self._in_use[tag].append(recv)
+            self._post_recv(direction)  # the next micro-batch's message lands while we compute
+        self._in_use[direction].append(recv)
         return recv.wait()
 
-    def _free(self, tag: int) -> None:
-        if self._in_use[tag]:
-            self._idle[tag].append(self._in_use[tag].popleft())
+    def _free(self, direction: int) -> None:
+        if self._in_use[direction]:
+            self._idle[direction].append(self._in_use[direction].popleft())
 
-    def _send(self, tensor: torch.Tensor, dest: int, tag: int) -> None:
-        pending = self._sends[tag]
+    def _send(self, tensor: torch.Tensor, dest: int, direction: int) -> None:
+        pending = self._sends[direction]
         while pending and pending[0][0].test():
             self.meter.add_buffer(-pending.popleft()[1])  # the tensor is dropped here
         if len(pending) >= self.MAX_SENDS_IN_FLIGHT:
@@ -248,7 +247,7 @@ class PipelineStage:
             self.comm.wait(work)
             self.meter.add_buffer(-nbytes)
         nbytes = tensor.numel() * tensor.element_size()
-        pending.append((self.comm.isend(tensor, dest, self._tag(self.stage, tag)), nbytes))
+        pending.append((self.comm.isend(tensor, dest, self._tag(self.stage, direction)), nbytes))
         self.meter.add_buffer(nbytes)
 
     def recv_forward(self, more_coming: bool = False) -> torch.Tensor | None:
