@@ -46,7 +46,12 @@ class ParallelConfig:
     schedule: str = "1f1b"
     """Pipeline schedule: '1f1b' (bounded activation memory) or 'gpipe'."""
     stage_layers: str = ""
-    """Blocks per pipeline stage, e.g. "3,2,2,1"; empty splits them evenly."""
+    """Blocks per pipeline stage, e.g. "3,2,2,1"; empty splits them evenly. With
+    virtual_stages V > 1: pp * V counts, one per virtual stage in pipeline order."""
+    virtual_stages: int = 1
+    """Interleaved pipeline (Megatron's virtual stages): each pp rank holds this many chunks
+    of blocks, chunk v those of virtual stage v * pp + rank, which divides the pipeline
+    bubble by it. Needs train.grad_accum_steps to be a multiple of parallel.pp."""
     bucket_mb: float = 25.0
     """Size of one gradient all-reduce bucket, in MiB."""
     zero: int = 0
@@ -331,6 +336,7 @@ RANGES: dict[str, Range] = {
     "parallel.dp": NON_NEGATIVE,
     "parallel.pp": COUNT,
     "parallel.tp": COUNT,
+    "parallel.virtual_stages": COUNT,
     "parallel.bucket_mb": POSITIVE,
     "parallel.zero": Range(0, 1),
     "parallel.powersgd_rank": COUNT,
@@ -446,6 +452,7 @@ def validate(cfg: Config) -> None:
             f"but parallel.pp = {p.pp} puts them on the first and last; use one or the other"
         )
     check_compression(p)
+    check_interleaving(p, t, m)
     if p.cuda_aware not in ("auto", "yes", "no"):
         raise ConfigError(f"parallel.cuda_aware must be auto, yes or no, got '{p.cuda_aware}'")
     if t.device not in ("cpu", "cuda"):
@@ -472,6 +479,42 @@ def check_compression(p: ParallelConfig) -> None:
         raise ConfigError(
             f"parallel.grad_compression powersgd with parallel.tp = {p.tp} is not supported "
             "yet (untested on tensor-parallel shards); use parallel.tp 1, or bf16/fp16"
+        )
+
+
+def check_interleaving(p: ParallelConfig, t: TrainConfig, m: ModelConfig) -> None:
+    """What an interleaved pipeline (parallel.virtual_stages > 1) needs."""
+    if p.virtual_stages == 1:
+        return
+    if p.pp == 1:
+        raise ConfigError(
+            f"parallel.virtual_stages = {p.virtual_stages} interleaves pipeline stages, but "
+            "parallel.pp = 1; set parallel.pp > 1 or parallel.virtual_stages 1"
+        )
+    if t.grad_accum_steps % p.pp:
+        raise ConfigError(
+            f"parallel.virtual_stages = {p.virtual_stages} (interleaved schedule) needs "
+            f"train.grad_accum_steps ({t.grad_accum_steps}) to be a multiple of parallel.pp "
+            f"({p.pp}): micro-batches go through each chunk in groups of pp"
+        )
+    if p.pp * p.virtual_stages > m.n_layer:
+        raise ConfigError(
+            f"parallel.pp x parallel.virtual_stages = {p.pp} x {p.virtual_stages} = "
+            f"{p.pp * p.virtual_stages} chunks but the model has only model.n_layer = "
+            f"{m.n_layer} blocks; every chunk needs at least one block"
+        )
+    untested = [
+        f"parallel.{key} {value}"
+        for key, value, default in [
+            ("sync_every", p.sync_every, 1),
+            ("grad_compression", p.grad_compression, "none"),
+        ]
+        if value != default
+    ]
+    if untested:
+        raise ConfigError(
+            f"parallel.virtual_stages = {p.virtual_stages} does not combine with "
+            f"{' and '.join(untested)} yet (not tested together); use parallel.virtual_stages 1"
         )
 
 

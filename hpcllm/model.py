@@ -10,7 +10,8 @@ Two architectures share the skeleton (`model.arch`):
 
 Blocks are held in a dict keyed by their global index (`model.blocks["5"]`), so a
 pipeline stage is just a contiguous range of them plus, on the first stage, the
-embeddings and, on the last, the final norm and LM head.
+embeddings and, on the last, the final norm and LM head. An interleaved pipeline stage
+holds several such ranges (chunks), and `forward(x, chunk=v)` runs one of them.
 """
 
 from __future__ import annotations
@@ -228,7 +229,10 @@ class GPT(nn.Module):
     """GPT decoder, or one pipeline stage of it.
 
     `layers` selects which blocks this module holds (default: all); `first` and
-    `last` say whether it holds the embeddings and the final norm + LM head.
+    `last` say whether it holds the embeddings and the final norm + LM head. `layers` may
+    also be a list of ranges, the chunks of an interleaved pipeline stage: the embeddings
+    then go before the first chunk and the head after the last, and `forward` runs one
+    chunk at a time.
     `init_seed` seeds the initial weights (hpcllm.train passes train.seed).
     Parameter names are the full model's (`blocks.5.attn.qkv.weight` keeps that
     name on whichever stage holds block 5), so checkpoints do not depend on the
@@ -238,7 +242,7 @@ class GPT(nn.Module):
     def __init__(
         self,
         cfg: ModelConfig,
-        layers: range | None = None,
+        layers: range | list[range] | None = None,
         first: bool = True,
         last: bool = True,
         *,
@@ -252,7 +256,10 @@ class GPT(nn.Module):
             )
         self.cfg = cfg
         self.init_seed = init_seed
-        self.layers = layers if layers is not None else range(cfg.n_layer)
+        if layers is None:
+            layers = range(cfg.n_layer)
+        self.chunks = [layers] if isinstance(layers, range) else list(layers)
+        self.layers = [i for chunk in self.chunks for i in chunk]
         self.first, self.last = first, last
         if first:
             self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -291,14 +298,17 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
         """First stage: x is token ids (B, T); otherwise hidden states (B, T, C).
 
         The last stage returns logits (B, T, vocab), other stages hidden states (B, T, C).
+        With several chunks, only the blocks of `chunk` run; the first chunk of the first
+        stage embeds and the last chunk of the last stage applies the head.
         The loss is not part of the model: the pipeline schedule applies a loss function to
         the last stage's output, so that a vocab-parallel loss can replace `cross_entropy`.
         """
-        if self.first:
+        embeds, heads = self.first and chunk == 0, self.last and chunk == len(self.chunks) - 1
+        if embeds:
             T = x.shape[1]
             if T > self.cfg.block_size:
                 raise ValueError(
@@ -313,9 +323,9 @@ class GPT(nn.Module):
         if self.cfg.arch == "llama":
             head_dim = self.cfg.d_model // self.cfg.n_head
             rope = rope_tables(x.shape[1], head_dim, self.cfg.rope_theta, x.device)
-        for block in self.blocks.values():
-            x = block(x, rope)
-        if not self.last:
+        for i in self.chunks[chunk]:
+            x = self.blocks[str(i)](x, rope)
+        if not heads:
             return x
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
@@ -329,7 +339,9 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample `max_new_tokens` continuations of idx (B, T); needs the whole model."""
-        assert self.first and self.last, "generate() needs all stages in one module"
+        assert self.first and self.last and len(self.chunks) == 1, (
+            "generate() needs all stages in one module"
+        )
         for _ in range(max_new_tokens):
             context = idx[:, -self.cfg.block_size :]
             logits = self(context)[:, -1, :] / max(temperature, 1e-6)

@@ -13,6 +13,8 @@ that trains, not from a second model of it:
   `FakeTensorMode` (tensors with shapes, dtypes and a CPU device but no storage, so autocast
   applies as in training), its saved tensors counted by the pipeline's own `ActivationMeter`;
   times the micro-batches the schedule keeps in flight (1f1b: min(pp - stage, m), gpipe: m).
+  Interleaved (parallel.virtual_stages > 1), each chunk is measured on its own and the
+  schedule's own order of passes (`passes`) gives the most bytes held at once.
 - Traffic: the tp all-reduces are counted on that same forward and backward (a planning
   communicator records each message instead of sending it), and Muon's all-gather of its
   updates over dp on that optimizer step; the dp buckets' all-reduce (or reduce-scatter +
@@ -43,7 +45,13 @@ from hpcllm.model import GPT
 from hpcllm.optim import build_optimizer
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage, loss_function, stage_module
-from hpcllm.parallel.pipeline import ActivationMeter, split_layers
+from hpcllm.parallel.pipeline import (
+    ActivationMeter,
+    micro_batch_chunk,
+    passes,
+    rank_chunks,
+    split_layers,
+)
 from hpcllm.parallel.tensor_parallel import padded_vocab
 from hpcllm.parallel.zero import optimizer_state_bytes
 from hpcllm.topology import AXES, Grid, describe, resolve_dims
@@ -152,28 +160,35 @@ class MicroBatchCost:
     tp_backward: int
 
 
-def micro_batch_cost(cfg: Config, dims: dict[str, int], stage: int) -> MicroBatchCost:
-    """Forward and backward of one micro-batch through `stage` (tp rank 0) on fake tensors,
-    under the run's autocast dtype, measured by the pipeline's ActivationMeter."""
+def micro_batch_cost(cfg: Config, dims: dict[str, int], stage: int) -> list[MicroBatchCost]:
+    """Forward and backward of one micro-batch through each chunk of `stage` (tp rank 0; one
+    chunk unless interleaved) on fake tensors, under the run's autocast dtype, measured by
+    the pipeline's ActivationMeter."""
     t = cfg.train
     grid = _grid_at(dims, {"pp": stage, "dp": 0, "tp": 0})
-    tp_comm = PlanningComm("tp", 0, dims["tp"])
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
-    meter = ActivationMeter()
+    tp_comm = PlanningComm("tp", 0, dims["tp"])
+    costs = []
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = stage_module(cfg, grid, tp_comm)
-        shape = (t.micro_batch_size, t.seq_len)
-        if grid.is_first_stage:
-            x = torch.zeros(shape, dtype=torch.long)
-        else:  # the received activation: an fp32 buffer
-            x = torch.zeros((*shape, cfg.model.d_model)).requires_grad_()
-        with meter.hooks(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            out = model(x)
-            if grid.is_last_stage:
-                out = loss_function(cfg, tp_comm)(out, torch.zeros(shape, dtype=torch.long))
-        forward = tp_comm.allreduced
-        torch.autograd.backward(out, None if grid.is_last_stage else torch.zeros_like(out))
-    return MicroBatchCost(meter.peak, forward, tp_comm.allreduced - forward)
+        last = len(model.chunks) - 1
+        for chunk in range(last + 1):
+            start, meter = tp_comm.allreduced, ActivationMeter()
+            loss = grid.is_last_stage and chunk == last
+            shape = (t.micro_batch_size, t.seq_len)
+            if grid.is_first_stage and chunk == 0:
+                x = torch.zeros(shape, dtype=torch.long)
+            else:  # the received activation: an fp32 buffer
+                x = torch.zeros((*shape, cfg.model.d_model)).requires_grad_()
+            autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+            with meter.hooks(), autocast:
+                out = model(x, chunk=chunk)
+                if loss:
+                    out = loss_function(cfg, tp_comm)(out, torch.zeros(shape, dtype=torch.long))
+            forward = tp_comm.allreduced
+            torch.autograd.backward(out, None if loss else torch.zeros_like(out))
+            costs.append(MicroBatchCost(meter.peak, forward - start, tp_comm.allreduced - forward))
+    return costs
 
 
 @dataclass
@@ -181,16 +196,18 @@ class StagePlan:
     """What every rank of one pipeline stage holds and sends per optimizer step, in bytes."""
 
     stage: int
-    blocks: range
+    blocks: list[range]  # one range per chunk (several when interleaved)
     memory: RankMemory
-    micro: MicroBatchCost
-    in_flight: int
+    micro: MicroBatchCost  # one micro-batch through all the stage's chunks
+    activations: int  # the most bytes of activations held at once in a step
     sent: dict[str, int]  # communicator -> bytes this rank sends per step
     payload: dict[str, int]  # communicator -> bytes this rank hands to MPI per step
 
     @property
-    def activations(self) -> int:
-        return self.micro.activations * self.in_flight
+    def in_flight(self) -> float:
+        """Micro-batches' worth of activations held at the peak (a fraction when
+        interleaved: some micro-batches are held through only some chunks)."""
+        return self.activations / self.micro.activations if self.micro.activations else 0.0
 
     @property
     def total(self) -> int:
@@ -214,10 +231,17 @@ class Plan:
         return format_plan(self)
 
 
-def in_flight(schedule: str, stage: int, pp: int, micro_batches: int) -> int:
-    """Micro-batches whose activations a stage holds at once: gpipe all of them, 1f1b at
-    most pp - stage (its warmup forwards plus the one in steady state)."""
-    return micro_batches if schedule == "gpipe" else min(pp - stage, micro_batches)
+def peak_activations(schedule: str, stage: int, pp: int, m: int, chunk_bytes: list[int]) -> int:
+    """The most activation bytes a stage holds at once, following the schedule's own passes:
+    a forward of chunk v adds chunk_bytes[v] until its backward. Without interleaving that is
+    gpipe's m micro-batches, 1f1b's min(pp - stage, m) (its warmup plus one in steady state)."""
+    V = len(chunk_bytes)
+    held = peak = 0
+    for is_forward, k in passes(schedule, m, pp, stage, V):
+        _, v = micro_batch_chunk(k, pp, V, backward=not is_forward)
+        held += chunk_bytes[v] if is_forward else -chunk_bytes[v]
+        peak = max(peak, held)
+    return peak
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:
@@ -225,15 +249,24 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     that does not fit the world; model.vocab_size and model.block_size must be set."""
     p, t, mc = cfg.parallel, cfg.train, cfg.model
     dims = resolve_dims(world_size, dp=p.dp, pp=p.pp, tp=p.tp)
-    layers = split_layers(mc.n_layer, dims["pp"], p.stage_layers)
+    pp, V = dims["pp"], p.virtual_stages
+    layers = split_layers(mc.n_layer, pp, p.stage_layers, V)
     m = t.grad_accum_steps
     message = 4 * t.micro_batch_size * t.seq_len * mc.d_model  # fp32 activations between stages
     plan = Plan(cfg, dims)
-    for s in range(dims["pp"]):
+    for s in range(pp):
         memory = rank_memory(cfg, dims, {"pp": s, "dp": 0, "tp": 0})
-        micro = micro_batch_cost(cfg, dims, s)
-        # Forward sends to the next stage, backward sends to the previous one.
-        pp_payload = m * message * ((s < dims["pp"] - 1) + (s > 0))
+        chunks = micro_batch_cost(cfg, dims, s)
+        micro = MicroBatchCost(
+            *(
+                sum(getattr(c, f) for c in chunks)
+                for f in ("activations", "tp_forward", "tp_backward")
+            )
+        )
+        # Each chunk (virtual stage v * pp + s) sends forward to the next virtual stage and
+        # backward to the previous one; the first and last virtual stages send one way only.
+        virtual = [v * pp + s for v in range(V)]
+        pp_payload = m * message * sum((k < pp * V - 1) + (k > 0) for k in virtual)
         tp_payload = m * (micro.tp_forward + micro.tp_backward)
         # Under ZeRO-1 the buckets are reduce-scattered, then the parameters all-gathered.
         buckets = memory.bucket_bytes * (2 if p.zero else 1)
@@ -242,10 +275,10 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         plan.stages.append(
             StagePlan(
                 stage=s,
-                blocks=layers[s],
+                blocks=rank_chunks(layers, pp, s),
                 memory=memory,
                 micro=micro,
-                in_flight=in_flight(p.schedule, s, dims["pp"], m),
+                activations=peak_activations(p.schedule, s, pp, m, [c.activations for c in chunks]),
                 payload={"dp": dp_payload, "pp": pp_payload, "tp": tp_payload},
                 sent={
                     "dp": buckets * 2 * (dp - 1) // (2 * dp if p.zero else dp)
@@ -291,7 +324,9 @@ def format_plan(plan: Plan) -> str:
         f"d_model {mc.d_model}, {mc.n_head} heads, {vocab}",
         f"step: {t.grad_accum_steps} micro-batch(es) of {t.micro_batch_size} x {t.seq_len} tokens "
         f"per dp rank, global batch {t.micro_batch_size * t.grad_accum_steps * dims['dp']} "
-        f"sequences; schedule {p.schedule}; {t.dtype}; {cfg.optim.name}, zero {p.zero}",
+        f"sequences; schedule {p.schedule}"
+        + (f" interleaved ({p.virtual_stages} chunks per pp rank)" if p.virtual_stages > 1 else "")
+        + f"; {t.dtype}; {cfg.optim.name}, zero {p.zero}",
         "",
         "memory per rank (every tp and dp rank of a stage alike"
         + ("; optimizer: dp rank 0's)" if p.zero else ")"),
@@ -300,12 +335,12 @@ def format_plan(plan: Plan) -> str:
     headers += ["activations", "total"]
     rows = []
     for s in plan.stages:
-        blocks = (
-            f"{s.blocks.start}-{s.blocks.stop - 1}" if len(s.blocks) > 1 else str(s.blocks.start)
+        blocks = ",".join(
+            f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start) for r in s.blocks
         )
         m = s.memory
         sizes = [m.params, m.grads, m.optimizer, s.micro.activations]
-        rows.append([str(s.stage), blocks, *map(_size, sizes), str(s.in_flight)])
+        rows.append([str(s.stage), blocks, *map(_size, sizes), f"{s.in_flight:.3g}"])
         rows[-1] += [_size(s.activations), _size(s.total)]
     lines += _table(headers, rows)
     lines += ["", "traffic per rank per optimizer step (sent on the wire; payload handed to MPI)"]

@@ -41,7 +41,7 @@ from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.hierarchical import select_allreduce
 from hpcllm.parallel.local_sgd import LocalSGD, check_resume
 from hpcllm.parallel.parallelize import build_stage, loss_function
-from hpcllm.parallel.pipeline import PipelineStage, Schedule
+from hpcllm.parallel.pipeline import Schedule, chunk_stages
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.parallel.tensor_parallel import owned_numel
 from hpcllm.rundir import RunDir
@@ -266,11 +266,10 @@ def setup(cfg: Config, world) -> Trainer:
         warmup=cfg.parallel.powersgd_warmup,
         seed=t.seed,
     )
-    stage = PipelineStage(
+    stages = chunk_stages(
         model,
         pp_comm,
-        stage=grid.rank("pp"),
-        num_stages=grid.size("pp"),
+        virtual_stages=cfg.parallel.virtual_stages,
         act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
         device=device,
     )
@@ -292,7 +291,7 @@ def setup(cfg: Config, world) -> Trainer:
         tp_comm=tp_comm,
         model=model,
         ddp=ddp,
-        schedule=Schedule(stage, cfg.parallel.schedule, loss_fn=loss_function(cfg, tp_comm)),
+        schedule=Schedule(stages, cfg.parallel.schedule, loss_fn=loss_function(cfg, tp_comm)),
         optimizer=optimizer,
         loader=loader,
         val=val,
@@ -314,9 +313,12 @@ def setup(cfg: Config, world) -> Trainer:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.dir) / "config.toml").write_text(to_toml(cfg))
         print(f"{describe(grid.dims)}\n{hosts}\nconfig:\n{to_toml(cfg)}", flush=True)
+    schedule = cfg.parallel.schedule
+    if cfg.parallel.virtual_stages > 1:
+        schedule += f" interleaved ({cfg.parallel.virtual_stages} chunks per pp rank)"
     print0(
         f"model: {n_params / 1e6:.2f}M parameters | {threads} thread(s) per rank | device {device} | "
-        f"global batch {loader.global_batch_size} x {t.seq_len} tokens | schedule {cfg.parallel.schedule}"
+        f"global batch {loader.global_batch_size} x {t.seq_len} tokens | schedule {schedule}"
     )
     return trainer
 

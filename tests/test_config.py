@@ -171,6 +171,17 @@ def test_unreadable_config_files(tmp_path):
     assert flat in str(e.value) and "'max_steps' must be a [section] table" in str(e.value)
 
 
+# An interleaved pipeline that validates: 2 pp ranks of 2 chunks, 2 micro-batches per step.
+INTERLEAVED = [
+    "--parallel.pp",
+    "2",
+    "--parallel.virtual_stages",
+    "2",
+    "--train.grad_accum_steps",
+    "2",
+]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -193,6 +204,28 @@ def test_unreadable_config_files(tmp_path):
         (
             ["--parallel.allreduce", "hierarchical", "--parallel.grad_compression", "bf16"],
             "parallel.allreduce hierarchical does not combine with parallel.grad_compression bf16",
+        ),
+        (
+            [*INTERLEAVED, "--train.grad_accum_steps", "3"],
+            "parallel.virtual_stages = 2 (interleaved schedule) needs train.grad_accum_steps (3) "
+            "to be a multiple of parallel.pp (2)",
+        ),
+        (
+            [*INTERLEAVED, "--parallel.virtual_stages", "3", "--model.n_layer", "4"],
+            "parallel.pp x parallel.virtual_stages = 2 x 3 = 6 chunks but the model has only "
+            "model.n_layer = 4 blocks",
+        ),
+        (
+            ["--parallel.virtual_stages", "2"],
+            "parallel.virtual_stages = 2 interleaves pipeline stages, but parallel.pp = 1",
+        ),
+        (
+            [*INTERLEAVED, "--parallel.sync_every", "4", "--optim.name", "adamw"],
+            "parallel.virtual_stages = 2 does not combine with parallel.sync_every 4",
+        ),
+        (
+            [*INTERLEAVED, "--parallel.grad_compression", "bf16"],
+            "parallel.virtual_stages = 2 does not combine with parallel.grad_compression bf16",
         ),
     ],
 )

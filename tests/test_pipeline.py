@@ -24,7 +24,14 @@ from hpcllm.comm import TensorComm
 from hpcllm.data.loader import step_positions
 from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.pipeline import ActivationMeter, PipelineStage, Schedule, split_layers
+from hpcllm.parallel.pipeline import (
+    ActivationMeter,
+    PipelineStage,
+    Schedule,
+    chunk_stages,
+    rank_chunks,
+    split_layers,
+)
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.topology import Grid
 
@@ -74,6 +81,19 @@ def test_split_layers_explicit():
     assert split_layers(8, 4, "3,2,2,1") == [range(0, 3), range(3, 5), range(5, 7), range(7, 8)]
     assert split_layers(4, 2, "3,1") == [range(0, 3), range(3, 4)]
     assert split_layers(4, 1, "4") == [range(0, 4)]
+
+
+def test_split_layers_interleaved():
+    """pp x V chunks in pipeline order; pp rank r holds virtual stages r, pp + r, ..."""
+    layers = split_layers(8, 2, virtual_stages=2)
+    assert layers == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert rank_chunks(layers, 2, 0) == [range(0, 2), range(4, 6)]
+    assert rank_chunks(layers, 2, 1) == [range(2, 4), range(6, 8)]
+    assert split_layers(5, 2, "1,2,1,1", virtual_stages=2)[1] == range(1, 3)
+    with pytest.raises(ValueError, match=r"must give 4 positive block counts \(one per virtual"):
+        split_layers(4, 2, "2,2", virtual_stages=2)
+    with pytest.raises(ValueError, match=r"6 pipeline chunks .* model.n_layer = 4 blocks"):
+        split_layers(4, 2, virtual_stages=3)
 
 
 @pytest.mark.parametrize(
@@ -200,9 +220,10 @@ def run_layout(
     stage_layers: str = "",
     meter: ActivationMeter | None = None,
     cfg: ModelConfig = GPT_CFG,
+    virtual_stages: int = 1,
 ) -> dict | None:
-    """Train the tiny GPT (or `cfg`'s model) for `steps` steps on `comm` laid out as pp x dp,
-    as hpcllm.train does.
+    """Train the tiny GPT (or `cfg`'s model) for `steps` steps on `comm` laid out as pp x dp
+    (`virtual_stages` chunks per pp rank), as hpcllm.train does.
 
     Returns, on rank 0 of `comm` only, the losses, gradient norms and final validation
     loss, the parameters of every stage under their global names, and the activation
@@ -210,24 +231,25 @@ def run_layout(
     """
     grid = Grid.build(comm, dp=dp, pp=pp)
     pp_comm, dp_comm = TensorComm(grid.comm("pp")), TensorComm(grid.comm("dp"))
-    layers = split_layers(cfg.n_layer, pp, stage_layers)[grid.rank("pp")]
+    chunks = rank_chunks(
+        split_layers(cfg.n_layer, pp, stage_layers, virtual_stages), pp, grid.rank("pp")
+    )
     model = GPT(
         cfg,
-        layers=layers,
+        layers=chunks[0] if virtual_stages == 1 else chunks,
         first=grid.is_first_stage,
         last=grid.is_last_stage,
         init_seed=INIT_SEED,
     )
     ddp = DataParallel(model, dp_comm)
-    stage = PipelineStage(
+    stages = chunk_stages(
         model,
         pp_comm,
-        stage=grid.rank("pp"),
-        num_stages=pp,
+        virtual_stages=virtual_stages,
         act_shape=(micro_batch, SEQ_LEN, D_MODEL),
         device=CPU,
     )
-    sched = Schedule(stage, schedule, meter)
+    sched = Schedule(stages, schedule, meter)
     optimizer = torch.optim.AdamW(
         param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS, foreach=False
     )
@@ -359,10 +381,11 @@ def differences(label: str, got: dict, ref: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.mpi(ranks=4, timeout=120)
+@pytest.mark.mpi(ranks=4, timeout=150)
 def test_pipeline_layouts_match_single_rank(comm):
     """pp=1, pp=2, pp=4 and dp=2 x pp=2, both schedules, m below, equal to and above pp
-    micro-batches: the same losses, gradient norms, validation loss and updated parameters
+    micro-batches, and interleaved (2 chunks per pp rank, one block each) under pp=2 and
+    dp=2 x pp=2: the same losses, gradient norms, validation loss and updated parameters
     as plain PyTorch on one rank."""
     rank, size = comm.rank, comm.size
     assert size == 4
@@ -390,6 +413,10 @@ def test_pipeline_layouts_match_single_rank(comm):
             half, pp=2, dp=1, schedule=kind, num_micro=m, micro_batch=2, stage_layers=stage_layers
         )
         runs.append((f"pp=2 {kind} m={m} stage_layers='{stage_layers}'", m, result))
+    result = run_layout(
+        half, pp=2, dp=1, schedule=kind, num_micro=4, micro_batch=2, virtual_stages=2
+    )
+    runs.append((f"pp=2 x V=2 {kind} m=4", 4, result))
     half.Free()
     for kind in ("1f1b", "gpipe"):
         for m in (1, 4, 16):
@@ -410,7 +437,11 @@ def test_pipeline_layouts_match_single_rank(comm):
                 )
             )
 
-    check_layouts(comm, runs, reference, count=2 + 2 * 4 + 2 * (3 + 3), moved=reference[8])
+    result = run_layout(
+        comm, pp=2, dp=2, schedule="1f1b", num_micro=2, micro_batch=1, virtual_stages=2
+    )
+    runs.append(("dp=2 x pp=2 x V=2 1f1b m=2", 2, result))
+    check_layouts(comm, runs, reference, count=2 + 2 * 5 + 2 * (3 + 3) + 1, moved=reference[8])
 
 
 def check_layouts(
@@ -588,8 +619,10 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-    """Two uninterrupted 6-step runs, checkpointing every 3 steps: pp=2 on 2 ranks
-    (with an end-of-run sample) and pp=1 on 1 rank, same global batch."""
+    """Two uninterrupted 6-step runs, checkpointing every 3 steps: pp=2 on 2 ranks,
+    interleaved (parallel.virtual_stages 2: blocks 0 and 2 on rank 0, 1 and 3 on rank 1; with
+    an end-of-run sample), and pp=1 on 1 rank, same global batch. The resume test moves
+    their checkpoints across pp and virtual stages, and exercises plain pp=2."""
     root = tmp_path_factory.mktemp("pipeline-runs")
     pp2 = launch_train(
         2,
@@ -598,6 +631,7 @@ def runs(data_dir, tmp_path_factory):
             "data.path": data_dir,
             "run.dir": root / "pp2",
             "parallel.pp": 2,
+            "parallel.virtual_stages": 2,
             "run.sample_tokens": 12,
         },
         timeout=180,
@@ -644,7 +678,9 @@ def test_train_pp2_matches_pp1_losses_validation_and_sample(runs):
 def test_checkpoint_resumes_under_another_pp(runs, data_dir, written, resumed):
     """The step-3 checkpoint of one layout, alone in a fresh run folder, resumed under the
     other: steps 4-6 repeat the uninterrupted run's losses (step 5 on depends on the
-    restored AdamW state), and the final weights match."""
+    restored AdamW state), and the final weights match. pp2 was written interleaved
+    (2 chunks per rank) and the resumed pp=2 run is not, so each direction also changes
+    parallel.virtual_stages."""
     root = runs["root"]
     source, target = root / written, root / f"{written}-resumed-pp{resumed}"
     shutil.copytree(source / "checkpoints/step_000003", target / "checkpoints/step_000003")

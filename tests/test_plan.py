@@ -1,7 +1,7 @@
 """The layout planner (`--dry-run --world-size N`) against what real ranks hold and send.
 
 One 2-rank test trains one step of a tiny GPT under dp 2, dp 2 + ZeRO-1, tp 2 and pp 2 (1f1b,
-4 micro-batches), built as hpcllm.train builds it, with communicators that count the bytes
+gpipe and interleaved, 4 micro-batches), built as hpcllm.train builds it, with communicators that count the bytes
 handed to MPI; each rank compares its parameters, gradients and optimizer state (exactly),
 its activations (ActivationMeter's peak) and its traffic (within 10%) with the plan.
 """
@@ -35,8 +35,8 @@ def measure(comm, cfg: Config) -> dict:
     return result
 
 
-def tiny(optim: str = "adamw", **parallel) -> Config:
-    model = ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=32)
+def tiny(optim: str = "adamw", n_layer: int = 2, **parallel) -> Config:
+    model = ModelConfig(vocab_size=61, block_size=16, n_layer=n_layer, n_head=2, d_model=32)
     accum = 4 if parallel.get("pp", 1) > 1 else 2
     train = TrainConfig(seq_len=16, micro_batch_size=2, grad_accum_steps=accum)
     parallel_cfg = ParallelConfig(bucket_mb=0.002, **parallel)
@@ -52,6 +52,7 @@ def test_plan_matches_what_each_rank_holds_and_sends(comm):
         "tp2": tiny(tp=2),
         "pp2 1f1b": tiny(pp=2),
         "pp2 gpipe": tiny(pp=2, schedule="gpipe"),
+        "pp2 interleaved": tiny(n_layer=4, pp=2, virtual_stages=2),
     }
     problems = []
     for label, cfg in layouts.items():
@@ -81,8 +82,13 @@ def test_plan_matches_what_each_rank_holds_and_sends(comm):
             assert mine.gathered > 0  # the plan sees Muon's all-gather of its updates
         if label == "tp2":
             assert got["payload"]["tp"] > 10_000  # the test sees the tp all-reduces at all
-        if label.startswith("pp2"):
+        if label in ("pp2 1f1b", "pp2 gpipe"):
             assert s.in_flight == (4 if "gpipe" in label else 2 - coords["pp"])
+        if label == "pp2 interleaved":
+            # Rank 0 warms up 4 of its 8 (micro-batch, chunk) forwards, rank 1 two: more
+            # than 1f1b's 2 and 1 micro-batches of each rank's (halved) chunks.
+            assert s.in_flight > 2 - coords["pp"], s.in_flight
+        if label.startswith("pp2"):
             assert got["payload"]["pp"] > 10_000
     problems = [p for part in comm.allgather(problems) for p in part]
     assert not problems, "\n".join(problems)

@@ -45,7 +45,12 @@ from hpcllm.config import Config, ParallelConfig
 from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage, loss_function, parallelize
-from hpcllm.parallel.pipeline import PipelineStage, Schedule, split_layers
+from hpcllm.parallel.pipeline import (
+    Schedule,
+    chunk_stages,
+    rank_chunks,
+    split_layers,
+)
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -239,8 +244,10 @@ def run_tp_layout(
     micro_batch: int,
     cfg,
     zero: int = 0,
+    virtual_stages: int = 1,
 ) -> dict | None:
-    """Train `cfg`'s GPT for 10 steps on `comm` laid out as pp x dp x tp, as hpcllm.train does
+    """Train `cfg`'s GPT for 10 steps on `comm` laid out as pp x dp x tp (`virtual_stages`
+    chunks per pp rank), as hpcllm.train does
     (build, parallelize, schedule with the vocab-parallel loss, dp, clip, AdamW; under `zero`
     1 ZeRO-1's sharded AdamW, with small buckets so shards cut through sharded, replicated
     and padded parameters alike).
@@ -253,24 +260,26 @@ def run_tp_layout(
     pp_comm, dp_comm = TensorComm(grid.comm("pp")), TensorComm(grid.comm("dp"))
     tp_comm = TensorComm(grid.comm("tp"), name="tp")
     config = Config(model=cfg, parallel=ParallelConfig(pp=pp, dp=dp, tp=tp))
+    chunks = rank_chunks(
+        split_layers(cfg.n_layer, pp, virtual_stages=virtual_stages), pp, grid.rank("pp")
+    )
     model = GPT(
         cfg,
-        layers=split_layers(cfg.n_layer, pp)[grid.rank("pp")],
+        layers=chunks[0] if virtual_stages == 1 else chunks,
         first=grid.is_first_stage,
         last=grid.is_last_stage,
         init_seed=INIT_SEED,
     )
     model = parallelize(model, grid, config, tp_comm)
     ddp = DataParallel(model, dp_comm, 0.01 if zero else 25.0, shard=zero == 1)
-    stage = PipelineStage(
+    stages = chunk_stages(
         model,
         pp_comm,
-        stage=grid.rank("pp"),
-        num_stages=pp,
+        virtual_stages=virtual_stages,
         act_shape=(micro_batch, SEQ_LEN, cfg.d_model),
         device=CPU,
     )
-    sched = Schedule(stage, schedule, loss_fn=loss_function(config, tp_comm))
+    sched = Schedule(stages, schedule, loss_fn=loss_function(config, tp_comm))
     adamw = {"lr": LR, "betas": (0.9, 0.95), "eps": TP_ADAM_EPS, "foreach": False}
     groups = param_groups(model, 0.1)
     optimizer = (
@@ -333,8 +342,9 @@ def run_tp_layout(
 
 @pytest.mark.mpi(ranks=4, timeout=240)
 def test_tp_layouts_match_single_rank(comm):
-    """tp 2 (untied and tied embeddings), tp 4, dp 2 x tp 2 (zero 0 and 1) and pp 2 x tp 2
-    under both schedules: over 10 steps, the single-rank run's losses, gradient norms,
+    """tp 2 (untied and tied embeddings), tp 4, dp 2 x tp 2 (zero 0 and 1), pp 2 x tp 2
+    under both schedules, and interleaved (2 chunks per pp rank) pp 2 x tp 2 and
+    pp 2 x dp 2 under ZeRO-1: over 10 steps, the single-rank run's losses, gradient norms,
     validation loss and every parameter (fp32, atol 1e-6); dp and tp replicas bitwise equal."""
     rank = comm.rank
     wanted = [(2, TP_CFG), (4, TP_CFG), (2, TIED_CFG)]
@@ -353,17 +363,19 @@ def test_tp_layouts_match_single_rank(comm):
     )
     runs.append((label, (2, cfg.tie_embeddings), result))
     half.Free()
-    layouts = [  # (pp, dp, tp, zero, schedule, micro-batches, micro-batch size)
-        (1, 1, 4, 0, "1f1b", 2, 2),
-        (1, 2, 2, 0, "1f1b", 2, 1),  # each dp rank takes one sample of the reference's two
-        (1, 2, 2, 1, "1f1b", 2, 1),
-        (2, 1, 2, 0, "1f1b", 4, 2),
-        (2, 1, 2, 0, "gpipe", 4, 2),
+    layouts = [  # (pp, dp, tp, zero, schedule, micro-batches, micro-batch size, virtual stages)
+        (1, 1, 4, 0, "1f1b", 2, 2, 1),
+        (1, 2, 2, 0, "1f1b", 2, 1, 1),  # each dp rank takes one sample of the reference's two
+        (1, 2, 2, 1, "1f1b", 2, 1, 1),
+        (2, 1, 2, 0, "1f1b", 4, 2, 1),
+        (2, 1, 2, 0, "gpipe", 4, 2, 1),
+        (2, 1, 2, 0, "1f1b", 4, 2, 2),
+        (2, 2, 1, 1, "1f1b", 2, 1, 2),
     ]
-    for pp, dp, tp, zero, kind, m, mb in layouts:
-        axes = {"pp": pp, "dp": dp, "tp": tp, "zero": zero}
+    for pp, dp, tp, zero, kind, m, mb, virtual in layouts:
+        axes = {"pp": pp, "dp": dp, "tp": tp, "zero": zero, "virtual_stages": virtual}
         result = run_tp_layout(comm, **axes, schedule=kind, num_micro=m, micro_batch=mb, cfg=TP_CFG)
-        label = f"pp={pp} x dp={dp} x tp={tp} zero {zero} {kind} m={m}"
+        label = f"pp={pp} (V={virtual}) x dp={dp} x tp={tp} zero {zero} {kind} m={m}"
         runs.append((label, (m, False), result))
 
     gathered = comm.gather([run for run in runs if run[2] is not None], root=0)

@@ -17,7 +17,7 @@ from hpcllm.model import GPT, ModelConfig
 from hpcllm.optim import build_optimizer
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage, loss_function
-from hpcllm.parallel.pipeline import PipelineStage, Schedule
+from hpcllm.parallel.pipeline import Schedule, chunk_stages
 from hpcllm.parallel.steps import clip_grad_norm, stage_inputs, train_step
 from hpcllm.topology import Grid
 
@@ -124,15 +124,14 @@ def build_rank(cfg: Config, world: MPI.Comm, comm_class=TensorComm) -> Rank:
     comms = {a: comm_class(grid.comm(a), name=a) for a in ("dp", "pp", "tp")}
     model = build_stage(cfg, grid, CPU, comms["tp"])
     ddp = DataParallel(model, comms["dp"], p.bucket_mb, shard=p.zero == 1)
-    stage = PipelineStage(
+    stages = chunk_stages(
         model,
         comms["pp"],
-        stage=grid.rank("pp"),
-        num_stages=grid.size("pp"),
+        virtual_stages=p.virtual_stages,
         act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
         device=CPU,
     )
-    schedule = Schedule(stage, p.schedule, loss_fn=loss_function(cfg, comms["tp"]))
+    schedule = Schedule(stages, p.schedule, loss_fn=loss_function(cfg, comms["tp"]))
     sharded = ddp if p.zero == 1 else None
     optimizer = build_optimizer(model, cfg.optim, comms["dp"], CPU, sharded=sharded)
     return Rank(cfg, grid, comms, model, ddp, schedule, optimizer)

@@ -3,10 +3,11 @@
     mpirun -np 2 python -m hpcllm.bench pipeline --iters 10
 
 Every rank is one stage (dp = 1) of a GPT with `--layers-per-stage` blocks per stage. For
-m = p, 2p, 4p, 8p micro-batches and both schedules it measures the step time and compares
-it with the ideal (m + p - 1) * t, where t is one micro-batch's forward + backward on the
-slowest stage without communication; the measured bubble is 1 - m t / step, the analytic
-one (p - 1) / (m + p - 1). It also reports each stage's peak memory (saved tensors, measured
+m = p, 2p, 4p, 8p micro-batches and both schedules, and 1f1b interleaved (the same blocks
+per rank in `--virtual-stages` chunks), it measures the step time and compares it with the
+ideal (m + (p - 1) / V) * t (V = 1 without interleaving), where t is one micro-batch's
+forward + backward on the slowest stage without communication; the measured bubble is
+1 - m t / step, the analytic one (p - 1) / V / (m + (p - 1) / V). It also reports each stage's peak memory (saved tensors, measured
 by the schedule's ActivationMeter, alone and with the stage's message buffers: receive pools
 and sends in flight) and the activation send/receive throughput of the pipeline's verbs and
 of plain TensorComm isend/irecv against raw MPI Send/Recv of the same bytes.
@@ -26,12 +27,21 @@ from mpi4py import MPI
 from hpcllm.bench.common import slowest, table, timed
 from hpcllm.comm import TensorComm
 from hpcllm.model import GPT, ModelConfig
-from hpcllm.parallel.pipeline import PipelineStage, Schedule
+from hpcllm.parallel.pipeline import (
+    PipelineStage,
+    Schedule,
+    chunk_stages,
+    rank_chunks,
+    split_layers,
+)
 from hpcllm.runtime import print0
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--layers-per-stage", type=int, default=2)
+    parser.add_argument(
+        "--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved runs"
+    )
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -43,10 +53,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--p2p-only", action="store_true", help="only the send/receive throughput")
 
 
-def _stage(args, world: MPI.Comm, schedule: str) -> Schedule:
-    """This rank's stage of a GPT cut into world-size stages, blocks balanced."""
+def _stage(args, world: MPI.Comm, schedule: str, virtual_stages: int = 1) -> Schedule:
+    """This rank's stage of a GPT cut into world-size stages, blocks balanced (in
+    `virtual_stages` chunks per rank)."""
     p, rank = world.Get_size(), world.Get_rank()
     per = args.layers_per_stage
+    if per % virtual_stages:
+        raise ValueError(
+            f"--layers-per-stage {per} must be a multiple of --virtual-stages {virtual_stages}"
+        )
     cfg = ModelConfig(
         vocab_size=args.vocab,
         block_size=args.seq_len,
@@ -54,21 +69,24 @@ def _stage(args, world: MPI.Comm, schedule: str) -> Schedule:
         n_head=args.n_head,
         d_model=args.d_model,
     )
+    chunks = rank_chunks(split_layers(cfg.n_layer, p, virtual_stages=virtual_stages), p, rank)
     module = GPT(
-        cfg, layers=range(rank * per, (rank + 1) * per), first=rank == 0, last=rank == p - 1
+        cfg,
+        layers=chunks[0] if virtual_stages == 1 else chunks,
+        first=rank == 0,
+        last=rank == p - 1,
     )
-    stage = PipelineStage(
+    stages = chunk_stages(
         module,
         TensorComm(world, name="pp"),
-        stage=rank,
-        num_stages=p,
+        virtual_stages=virtual_stages,
         act_shape=(args.micro_batch, args.seq_len, args.d_model),
         device=torch.device("cpu"),
     )
-    return Schedule(stage, schedule)
+    return Schedule(stages, schedule)
 
 
-def _batches(args, stage: PipelineStage, m: int) -> list:
+def _batches(args, schedule: Schedule, m: int) -> list:
     gen = torch.Generator().manual_seed(0)
     shape = (args.micro_batch, args.seq_len)
     out = []
@@ -77,7 +95,7 @@ def _batches(args, stage: PipelineStage, m: int) -> list:
             torch.randint(0, args.vocab, shape, generator=gen),
             torch.randint(0, args.vocab, shape, generator=gen),
         )
-        out.append((x if stage.is_first else None, y if stage.is_last else None))
+        out.append((x if schedule.stage.is_first else None, y if schedule.is_last else None))
     return out
 
 
@@ -86,7 +104,7 @@ def micro_batch_compute(args, world: MPI.Comm) -> float:
     of the ideal step time (m + p - 1) t."""
     schedule = _stage(args, world, "1f1b")
     stage = schedule.stage
-    x, y = _batches(args, stage, 1)[0]
+    x, y = _batches(args, schedule, 1)[0]
     act = torch.randn(args.micro_batch, args.seq_len, args.d_model)
     grad = torch.randn_like(act)
 
@@ -117,10 +135,12 @@ def run(args, world: MPI.Comm) -> dict:
         return {"p2p": bench_p2p(args, world, timed, slowest)}
     t_mb = micro_batch_compute(args, world)
     rows, runs = [], []
+    V = args.virtual_stages
     for m in (p, 2 * p, 4 * p, 8 * p):
-        for kind in ("gpipe", "1f1b"):
-            sched = _stage(args, world, kind)
-            batches = _batches(args, sched.stage, m)
+        for kind, virtual in (("gpipe", 1), ("1f1b", 1), ("1f1b", V)):
+            sched = _stage(args, world, kind, virtual)
+            label = f"{kind} interleaved V={virtual}" if virtual > 1 else kind
+            batches = _batches(args, sched, m)
 
             def step(sched=sched, batches=batches):
                 sched.run(batches, nullcontext(), lambda i: None)
@@ -134,11 +154,13 @@ def run(args, world: MPI.Comm) -> dict:
             )
             peaks = world.allgather(sched.meter.peak)
             totals = world.allgather(sched.meter.total_peak)
-            ideal, analytic = (m + p - 1) * t_mb, (p - 1) / (m + p - 1)
+            fill = (p - 1) / virtual  # interleaving shrinks the fill and drain V-fold
+            ideal, analytic = (m + fill) * t_mb, fill / (m + fill)
             bubble = 1 - m * t_mb / measured
             runs.append(
                 {
                     "schedule": kind,
+                    "virtual_stages": virtual,
                     "m": m,
                     "p": p,
                     "step_s": measured,
@@ -151,7 +173,7 @@ def run(args, world: MPI.Comm) -> dict:
             )
             rows.append(
                 [
-                    kind,
+                    label,
                     m,
                     1000 * measured,
                     1000 * ideal,
@@ -165,7 +187,7 @@ def run(args, world: MPI.Comm) -> dict:
     print0(
         f"pipeline: {p} stages x {args.layers_per_stage} blocks (d_model {args.d_model}), micro-batch "
         f"{args.micro_batch} x {args.seq_len}; one micro-batch fwd+bwd on the slowest stage "
-        f"t = {1000 * t_mb:.1f} ms; ideal step (m + p - 1) t; medians of {args.iters} steps"
+        f"t = {1000 * t_mb:.1f} ms; ideal step (m + (p - 1) / V) t; medians of {args.iters} steps"
     )
     print0(
         table(

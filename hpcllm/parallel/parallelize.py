@@ -2,7 +2,8 @@
 
 `build_stage` turns the config and the grid into this rank's module: the blocks of its
 pipeline stage (`split_layers` decides which), with the embeddings on the first stage and
-the final norm and LM head on the last. Only those modules are ever built, so no rank holds
+the final norm and LM head on the last. Interleaved (parallel.virtual_stages V > 1), the
+module holds the rank's V chunks, chunk v the blocks of virtual stage v * pp + pp rank. Only those modules are ever built, so no rank holds
 the whole model; parameters keep the full model's names and are initialised per name, so
 the weights do not depend on the layout.
 
@@ -24,7 +25,7 @@ import torch.nn as nn
 from hpcllm.comm import TensorComm
 from hpcllm.config import Config
 from hpcllm.model import GPT, cross_entropy
-from hpcllm.parallel.pipeline import LossFn, split_layers
+from hpcllm.parallel.pipeline import LossFn, rank_chunks, split_layers
 from hpcllm.parallel.tensor_parallel import (
     ColumnParallelLinear,
     HeadNorm,
@@ -48,10 +49,12 @@ def build_stage(cfg: Config, grid: Grid, device, tp_comm: TensorComm | None = No
 def stage_module(cfg: Config, grid: Grid, tp_comm: TensorComm) -> GPT:
     """`build_stage` before its move to the device: created wherever tensors are created by
     default (the layout planner builds it on meta or fake tensors)."""
-    layers = split_layers(cfg.model.n_layer, grid.size("pp"), cfg.parallel.stage_layers)
+    p, pp = cfg.parallel, grid.size("pp")
+    layers = split_layers(cfg.model.n_layer, pp, p.stage_layers, p.virtual_stages)
+    chunks = rank_chunks(layers, pp, grid.rank("pp"))
     model = GPT(
         cfg.model,
-        layers=layers[grid.rank("pp")],
+        layers=chunks[0] if len(chunks) == 1 else chunks,
         first=grid.is_first_stage,
         last=grid.is_last_stage,
         init_seed=cfg.train.seed,

@@ -103,11 +103,11 @@ def mean_over_grid(value: torch.Tensor, count: float, comms: list[TensorComm]) -
 
 def evaluate(schedule: Schedule, batches, comms: list[TensorComm], autocast) -> float:
     """Mean validation loss over `batches` and the ranks of `comms`, forward only, in eval mode."""
-    schedule.stage.module.eval()
+    schedule.stage.module.eval()  # every chunk's stage runs the same module
     loss_sum = schedule.forward_only(batches, autocast)
     schedule.stage.module.train()
     # Only the last stage has losses; the others add zero to both sums.
-    return mean_over_grid(loss_sum, len(batches) if schedule.stage.is_last else 0, comms)
+    return mean_over_grid(loss_sum, len(batches) if schedule.is_last else 0, comms)
 
 
 def stage_inputs(batches, grid: Grid, device) -> list[MicroBatch]:
