@@ -24,6 +24,15 @@ MPI_ENV = {
     "OMP_NUM_THREADS": "1",
 }
 
+# The model the training subjects (steps, compression, multinode, stop) measure: gpt2 with
+# AdamW, the job's defaults before the quality sweep made llama + Muon the defaults (section
+# 14 of BENCHMARKS.md). Pinned first on their command lines (later options win), so each keeps
+# measuring what its section says; steps compares it with nanoGPT's GPT + AdamW.
+BENCH_MODEL = (
+    *("--model.arch", "gpt2", "--optim.name", "adamw"),
+    *("--optim.lr", "1e-3", "--optim.min_lr", "1e-4", "--train.micro_batch_size", "8"),
+)
+
 
 def timed(world: MPI.Comm, fn) -> float:
     """Seconds `fn()` takes on this rank, all ranks starting together."""

@@ -1,6 +1,6 @@
 """`python -m hpcllm.bench compression`: gradient compression modes (parallel.grad_compression)
-in real training runs: `mpirun -np N python -m hpcllm.train` with the default model and
-corpus, one run per mode, reading step time, the gradient bytes each rank sent
+in real training runs: `mpirun -np N python -m hpcllm.train` with the benchmarks' gpt2 +
+AdamW (`common.BENCH_MODEL`) on the default corpus, one run per mode, reading step time, the gradient bytes each rank sent
 (`grad_wire_bytes`) and the losses from metrics.jsonl.
 
     python -m hpcllm.bench compression --np 2 --steps 60     # no mpirun: it starts the runs
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from hpcllm.bench.common import MPI_ENV, machine, table
+from hpcllm.bench.common import BENCH_MODEL, MPI_ENV, machine, table
 
 DEFAULT_MODES = ["none", "bf16", "fp16", "powersgd:1", "powersgd:4", "powersgd:16"]
 
@@ -52,7 +52,7 @@ def run_mode(args, mode: str, run_dir: Path) -> dict:
     cmd = [
         mpirun if os.path.exists(mpirun) else "mpirun",
         *("-np", str(args.np), *shlex.split(args.mpirun_args)),
-        *(sys.executable, "-m", "hpcllm.train", "--run.dir", str(run_dir)),
+        *(sys.executable, "-m", "hpcllm.train", *BENCH_MODEL, "--run.dir", str(run_dir)),
         *("--train.max_steps", str(args.steps), "--train.log_every", "1"),
         *("--train.eval_every", "0", "--checkpoint.every", "0", "--run.sample_tokens", "0"),
         *mode_args(mode),

@@ -36,7 +36,15 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from hpcllm.bench.common import MPI_ENV, ForeignLoad, environment, slowest, table, timed
+from hpcllm.bench.common import (
+    BENCH_MODEL,
+    MPI_ENV,
+    ForeignLoad,
+    environment,
+    slowest,
+    table,
+    timed,
+)
 from hpcllm.comm import TensorComm
 from hpcllm.parallel.hierarchical import select_allreduce
 from hpcllm.runtime import print0
@@ -320,6 +328,7 @@ def train_variants(args, hosts, rate: str) -> dict:
             argv = [
                 "-m",
                 "hpcllm.train",
+                *BENCH_MODEL,
                 f"--run.dir={run_dir}",
                 f"--train.max_steps={args.steps}",
                 f"--train.eval_every={args.eval_every}",

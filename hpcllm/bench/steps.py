@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from hpcllm.bench.common import MPI_ENV, environment, table
+from hpcllm.bench.common import BENCH_MODEL, MPI_ENV, environment, table
 
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", re.M)
 LABELS = {
@@ -96,6 +96,7 @@ def run_hpcllm(np_: int, data: Path, run_dir: Path, steps: int, warmup: int) -> 
         sys.executable,
         "-m",
         "hpcllm.train",
+        *BENCH_MODEL,
         *("--data.path", str(data), "--run.dir", str(run_dir)),
         *("--model.n_layer", "4", "--model.n_head", "4", "--model.d_model", "128"),
         *("--model.dropout", "0.0", "--model.tie_embeddings", "true"),

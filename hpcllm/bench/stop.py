@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from hpcllm.bench.common import MPI_ENV, record
+from hpcllm.bench.common import BENCH_MODEL, MPI_ENV, record
 
 REPO = Path(__file__).resolve().parents[2]
 # The stop timings were taken with idle ranks yielding the CPU (more ranks than cores).
@@ -74,6 +74,7 @@ class Job:
             sys.executable,
             "-m",
             "hpcllm.train",
+            *BENCH_MODEL,
             *TRAIN,
             "--data.path",
             str(data),
