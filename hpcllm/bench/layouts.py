@@ -35,15 +35,20 @@ def add_model_arguments(
     parser.add_argument("--vocab", type=int, default=vocab)
 
 
-def bench_config(args, *, micro_batch: int, accum: int = 1, pp=1, tp=1, zero=0) -> Config:
-    """A gpt2 of the shape in `args` (add_model_arguments) trained by AdamW in this layout."""
-    model = ModelConfig(
+def model_config(args) -> ModelConfig:
+    """A gpt2 of the shape in `args` (add_model_arguments)."""
+    return ModelConfig(
         vocab_size=args.vocab,
         block_size=args.seq_len,
         n_layer=args.n_layer,
         n_head=args.n_head,
         d_model=args.d_model,
     )
+
+
+def bench_config(args, *, micro_batch: int, accum: int = 1, pp=1, tp=1, zero=0) -> Config:
+    """A gpt2 of the shape in `args` (add_model_arguments) trained by AdamW in this layout."""
+    model = model_config(args)
     train = TrainConfig(seq_len=args.seq_len, micro_batch_size=micro_batch, grad_accum_steps=accum)
     return Config(
         model=model,

@@ -19,6 +19,7 @@ import torch.nn as nn
 from mpi4py import MPI
 
 from hpcllm.bench.common import ClockedComm, ForeignLoad, environment, slowest, table
+from hpcllm.bench.layouts import add_model_arguments, model_config
 from hpcllm.comm import TensorComm
 from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
 from hpcllm.parallel.data_parallel import DataParallel
@@ -58,11 +59,7 @@ def add_shared_arguments(parser, local: bool = True) -> None:
     parser.add_argument(
         "--micro-batch", type=int, default=8, help="sequences per rank per step (default 8)"
     )
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_arguments(parser, seq_len=128, n_layer=4, n_head=4, d_model=256, vocab=4096)
     parser.add_argument(
         "--bucket-mb", type=float, default=25.0, help="bucket size of both, MiB (default 25)"
     )
@@ -129,13 +126,7 @@ def model_and_batches(
     """The benchmark's model config and its synthetic data: uniform random tokens, different
     on each rank, the same for every implementation, drawn before timing."""
     torch.set_num_threads(args.threads)
-    cfg = ModelConfig(
-        vocab_size=args.vocab,
-        block_size=args.seq_len,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        d_model=args.d_model,
-    )
+    cfg = model_config(args)
     gen = torch.Generator().manual_seed(1000 + rank)
     tokens = [
         torch.randint(cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
