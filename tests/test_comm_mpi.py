@@ -143,6 +143,7 @@ def check_data_parallel(comm, device="cpu", cuda_aware=False):
         ), what
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=[2, 4], timeout=180)
 def test_bucketed_overlapped_allreduce_equals_plain_allreduce(comm):
     check_data_parallel(comm)
@@ -319,6 +320,7 @@ def test_allgather_and_reduce_scatter_equal_raw_mpi(comm):
     check_allgather_reduce_scatter(comm)
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_autograd_collectives_give_the_unsharded_gradients(comm):
     """A Megatron MLP split over 2 ranks (fc by output columns, proj by input rows) between

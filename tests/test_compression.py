@@ -51,6 +51,7 @@ def make_ddp(comm, mode: str, bucket_mb: float, **powersgd):
     return model, ddp
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_reduction_math_of_each_mode(comm):
     """bf16: exactly the fp32 sum of the bf16-rounded inputs, rounded once; fp16: close to

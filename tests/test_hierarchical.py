@@ -26,6 +26,7 @@ class OddSized(nn.Module):
         return self.gpt(x) + self.odd.sum()
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=4, timeout=180)
 def test_hierarchical_equals_flat_and_auto_agrees(comm):
     from mpi4py import MPI

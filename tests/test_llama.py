@@ -84,6 +84,7 @@ def reference_logits(params: dict, cfg: ModelConfig, x: torch.Tensor) -> torch.T
     [{}, {"n_kv_head": 1, "qk_norm": True}, {"n_kv_head": 0, "rope_theta": 500.0}],
     ids=["gqa-2of4", "mqa-qk-norm", "mha-theta-500"],
 )
+@pytest.mark.numerics
 def test_llama_equals_a_plain_reference(changes):
     cfg = dataclasses.replace(CFG, **changes)
     model = GPT(cfg, init_seed=SEED).eval()
@@ -113,6 +114,7 @@ def test_llama_parameters_no_biases_no_position_embedding():
     assert dataclasses.replace(CFG, arch="gpt2").ffn_size() == 4 * 32
 
 
+@pytest.mark.numerics
 def test_llama_stages_equal_the_full_model():
     full = GPT(CFG, init_seed=SEED)
     first = GPT(CFG, layers=range(0, 1), first=True, last=False, init_seed=SEED)

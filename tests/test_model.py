@@ -39,6 +39,7 @@ def test_unresolved_vocab_or_context_is_an_error():
             GPT(dataclasses.replace(CFG, **unresolved))
 
 
+@pytest.mark.numerics
 def test_causality():
     model = GPT(CFG, init_seed=SEED).eval()
     x = tokens(batch=1, length=CFG.block_size)
@@ -59,6 +60,7 @@ def test_same_seed_same_weights_other_seed_differs():
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("split", [1, 2])
 def test_pipeline_stages_equal_the_full_model(split):
     full = GPT(CFG, init_seed=SEED)

@@ -9,6 +9,7 @@ from hpcllm.model import GPT, ModelConfig, cross_entropy
 from hpcllm.muon import Muon, assign_owners, orthogonalize, param_groups
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
 def test_orthogonalize_pushes_singular_values_near_one(shape):
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
@@ -49,6 +50,7 @@ def test_groups_split_hidden_matrices_from_the_rest():
     assert [g["initial_lr"] for g in groups] == [0.02, 1e-3, 1e-3]
 
 
+@pytest.mark.numerics
 def test_the_adamw_groups_equal_torch_adamw():
     ref_model, model = tiny_model(), tiny_model()
     groups = param_groups(model.named_parameters(), lr=1e-2, muon_lr=0.0, weight_decay=0.1)
@@ -68,6 +70,7 @@ def test_the_adamw_groups_equal_torch_adamw():
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.numerics
 def test_muon_update_is_the_scaled_orthogonalised_nesterov_momentum():
     w = torch.nn.Parameter(torch.randn(8, 4))
     start = w.detach().clone()

@@ -10,7 +10,7 @@ from hpcllm.muon import Muon, param_groups
 from hpcllm.parallel.parallelize import loss_function, parallelize
 from hpcllm.topology import Grid
 
-from helpers import TINY, losses, prepare_data, train
+from helpers import TINY, assert_reordered_close, losses, prepare_data, train
 
 CFG = ModelConfig(vocab_size=40, block_size=8, n_layer=3, n_head=2, d_model=16)
 
@@ -43,6 +43,7 @@ def steps_of_muon(comm, num_steps=4, tp_comm=None) -> tuple[dict, dict]:
     }
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=[2, 4], timeout=120)
 def test_distributed_muon_equals_single_rank_muon(comm):
     from hpcllm.comm import TensorComm
@@ -51,11 +52,13 @@ def test_distributed_muon_equals_single_rank_muon(comm):
     start = [p.detach().clone() for p in GPT(CFG, init_seed=3).parameters()]
     spread = steps_of_muon(tc)[0].values()
     alone = steps_of_muon(None)[0].values()
+    # Each matrix is orthogonalised whole, on one rank, by the same operations as alone.
     for p, q in zip(spread, alone, strict=True):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
     assert any(not torch.equal(p, s) for p, s in zip(spread, start, strict=True))
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_muon_under_tp_equals_single_rank_muon(comm):
     """At tp 2 each rank holds half of every hidden matrix; Muon orthogonalises the whole
@@ -74,7 +77,8 @@ def test_muon_under_tp_equals_single_rank_muon(comm):
         expected = (
             alone[name] if placement is None else local_part(alone[name], placement, mine.shape)
         )
-        torch.testing.assert_close(mine, expected, atol=1e-6, rtol=0, msg=name)
+        # tp 2 computes every matrix product from halves: the same maths in another order.
+        assert_reordered_close(mine, expected, steps=4, msg=name)
 
 
 def test_muon_training_dp2_equals_dp1_with_accumulation(tmp_path):

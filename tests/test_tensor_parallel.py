@@ -137,6 +137,7 @@ def seeded(*shape, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------- layers against dense ones
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_parallel_layers_match_dense(comm):
     """Forward outputs and every gradient of the column- (fused qkv: three segments),
@@ -391,6 +392,7 @@ def test_tp_layouts_match_single_rank(comm):
     assert max(ref["grad_norms"]) > GRAD_CLIP  # clipping, by the norm over all shards, acted
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_llama_tp2_matches_single_rank(comm):
     """llama (GQA, QK-norm, SwiGLU, RoPE) at tp 2: the single-rank run's losses, gradient

@@ -55,6 +55,7 @@ def dp2_run(data_dir, tmp_path_factory):
 # ----------------------------------------------------------------- gradients, in process
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_dp2_gradient_equals_one_rank_on_the_concatenated_batch(comm):
     from hpcllm.comm import TensorComm

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import losses, prepare_data, read_metrics, train
+from helpers import assert_reordered_close, losses, prepare_data, read_metrics, train
 
 STEPS = 10
 
@@ -49,6 +49,7 @@ def micro_batches(step: int, rank: int, accum: int):
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
+@pytest.mark.numerics
 @pytest.mark.mpi(ranks=2, timeout=180)
 def test_zero1_equals_zero0_every_step_every_parameter(comm):
     """10 steps with clipping, changing lr and grad accumulation 1 and 2; buckets small enough
@@ -90,7 +91,8 @@ def test_zero1_equals_zero0_every_step_every_parameter(comm):
         for (name, p0), p1 in zip(
             runs[0][0].named_parameters(), runs[1][0].parameters(), strict=True
         ):
-            torch.testing.assert_close(p1, p0, rtol=0, atol=1e-6, msg=f"step {step}: {name}")
+            # Reduce-scatter + all-gather sum in another order than the all-reduce.
+            assert_reordered_close(p1, p0, steps=step + 1, msg=f"step {step}: {name}")
 
 
 @pytest.mark.mpi(ranks=2, timeout=120)
@@ -202,7 +204,7 @@ def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypa
     reference = dict(trained[0][0].named_parameters())
     for zero, (model, *_) in zip((1, 0), resumed, strict=True):
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p, reference[name], rtol=0, atol=1e-6, msg=(zero, name))
+            assert_reordered_close(p, reference[name], steps=3, msg=(zero, name))
     grid.free()
 
 
@@ -271,7 +273,7 @@ def test_layouts_with_zero_0_and_1_equal_one_rank(data_dir, tmp_path):
         params = final_params(run_dir)
         assert params.keys() == ref_params.keys()
         for name, p in params.items():
-            torch.testing.assert_close(p, ref_params[name], rtol=0, atol=1e-6, msg=(layout, name))
+            assert_reordered_close(p, ref_params[name], steps=STEPS, msg=(layout, name))
 
 
 def test_zero1_checkpoint_is_sharded_and_resumes_under_other_layouts(data_dir, tmp_path):
