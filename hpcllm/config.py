@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The [model] section is the model's own config class: one definition of the model's shape,
-# owned by model.py so that the model file stays standalone (torch only, no MPI, nothing
-# else of hpcllm).
-from hpcllm.model import ModelConfig
+# in a module of its own that needs no torch, so that this file (and the watchdog and run
+# folder, which import it before torch loads) stays torch-free.
+from hpcllm.model_config import ModelConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
