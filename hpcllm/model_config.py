@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """The model's shape: the `[model]` section of hpcllm's configuration."""
+    """The model's architecture and shape."""
 
     n_layer: int = 4
     """Number of transformer blocks."""
