@@ -187,8 +187,7 @@ class CheckpointConfig:
 
 # The defaults of a training job (the shape and arch of [model], micro_batch_size, max_steps,
 # the optimizer and its lr, the default corpus's BPE vocabulary) are the winner of a sweep for
-# the lowest validation bits per byte in ~100 s of training on 2 cores (BENCHMARKS.md section
-# 14). model.py's own ModelConfig() stays the plain gpt2 that code and tests build directly.
+# the lowest validation bits per byte in ~100 s of training on 2 cores (benchmarks/14-quality.md). model.py's own ModelConfig() stays the plain gpt2 that code and tests build directly.
 @dataclass(kw_only=True, slots=True)
 class Config:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="llama"))

@@ -188,15 +188,21 @@ def dry_run_output(command: str) -> str:
 
 # The marker, a fenced block (the command), then a fenced block (its output).
 _EXAMPLE = re.compile(
-    re.escape(DRY_RUN_MARKER)
+    "^"
+    + re.escape(DRY_RUN_MARKER)
     + r"\n```(?P<lang>[a-z]*)\n(?P<command>.*?)\n```\n```\n(?P<output>.*?)\n```",
-    re.DOTALL,
+    re.DOTALL | re.MULTILINE,
 )
+
+
+def count_examples(text: str) -> int:
+    """The dry-run markers of `text` (each on a line of its own)."""
+    return len(re.findall(rf"^{re.escape(DRY_RUN_MARKER)}$", text, re.MULTILINE))
 
 
 def refresh_examples(text: str) -> str:
     """`text` with the output block of every dry-run example recomputed."""
-    if text.count(DRY_RUN_MARKER) != len(_EXAMPLE.findall(text)):
+    if count_examples(text) != len(_EXAMPLE.findall(text)):
         raise ValueError(
             f"each {DRY_RUN_MARKER} marker must be followed by a command block and an output block"
         )

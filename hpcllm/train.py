@@ -68,7 +68,7 @@ from hpcllm.watchdog import WATCHDOG
 
 DEFAULT_DATA = "data/stdlib-bpe1024"
 # A small BPE vocabulary: each token stands for ~2.6 bytes of source, so the default model sees
-# ~2.6x more text per step than with bytes, for ~10% more compute (BENCHMARKS.md section 14).
+# ~2.6x more text per step than with bytes, for ~10% more compute (benchmarks/14-quality.md).
 DEFAULT_VOCAB = 1024
 
 

@@ -6,10 +6,10 @@ import re
 import subprocess
 import sys
 
-from helpers import REPO, subprocess_env
-
 from hpcllm import docs
 from hpcllm.config import Config, _coerce
+
+from helpers import REPO, subprocess_env
 
 
 def test_every_setting_has_a_meaning():
@@ -42,7 +42,7 @@ def test_the_dry_run_examples_print_what_the_planner_prints():
     examples = 0
     for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         text = path.read_text()
-        examples += text.count(docs.DRY_RUN_MARKER)
+        examples += docs.count_examples(text)
         assert docs.refresh_examples(text) == text, (
             f"{path.name}: a dry-run example's output is not current: run python -m hpcllm.docs"
         )
@@ -86,3 +86,19 @@ def test_help_lists_every_key_without_starting_mpi_or_torch():
             timeout=60,
         )
         assert out.stdout == text + "\nexit 0 []\n", out
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's layout of the code (after <!-- ci:layout -->) lists every module."""
+    text = (REPO / "README.md").read_text()
+    layout = text.split("<!-- ci:layout -->\n", 1)[1].split("\n```\n", 1)[0]
+    package = REPO / "hpcllm"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        if path.name == "__init__.py" or relative.parts[0] == "bench":
+            continue  # bench/ is listed as a folder of subjects
+        name = path.name if relative.parts[0] == "data" else relative.as_posix()
+        if f" {name}" not in layout and f" {name}," not in layout:
+            missing.append(relative.as_posix())
+    assert not missing, f"README's layout of the code lacks {missing}"
