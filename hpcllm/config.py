@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The [model] section is the model's own config class: one definition of the model's shape,
-# owned by model.py so that the model file stays standalone (torch only, no MPI, nothing
-# else of hpcllm).
-from hpcllm.model import ModelConfig
+# in a module of its own that needs no torch, so that this file (and the watchdog and run
+# folder, which import it before torch loads) stays torch-free.
+from hpcllm.model_config import ModelConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,6 +36,9 @@ OVERLAP_MODES = ("auto", "on", "off")  # parallel.overlap
 
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
+    """How the ranks share the work: the rank grid (dp x pp x tp), the pipeline schedule, and
+    how gradients travel over dp."""
+
     dp: int = 0
     """Data-parallel ranks; 0 means world_size / (pp * tp)."""
     pp: int = 1
@@ -88,6 +91,8 @@ class ParallelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
+    """The training loop: steps, batch, sequence length, device and logging."""
+
     max_steps: int = 500
     """Optimizer steps to train for (the run ends there)."""
     micro_batch_size: int = 16
@@ -117,6 +122,8 @@ class TrainConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
+    """The optimizer and its learning-rate schedule (linear warmup, then cosine decay to min_lr)."""
+
     name: str = "muon"
     """muon (Muon for the blocks' hidden matrices, AdamW for the rest), or adamw."""
     lr: float = 2e-3
@@ -128,7 +135,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (not on biases and norms)."""
     beta1: float = 0.9
+    """AdamW's decay rate of the gradients' running mean."""
     beta2: float = 0.95
+    """AdamW's decay rate of the squared gradients' running mean."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     muon_lr: float = 0.02
@@ -139,13 +148,17 @@ class OptimConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
+    """The token shards to train on."""
+
     path: str = ""
     """Folder of HDF5 token shards (train-*.h5, val-*.h5). Empty: the default corpus
-    (Python's standard library) in data/stdlib, prepared on first use."""
+    (Python's standard library, 1024-token BPE) in data/stdlib-bpe1024, prepared on first use."""
 
 
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
+    """The run folder, the end-of-training sample, the time budget and the hang watchdog."""
+
     dir: str = "runs/default"
     """Run folder: config.toml, metrics.jsonl, checkpoints/."""
     sample_tokens: int = 200
@@ -162,6 +175,8 @@ class RunConfig:
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
+    """When checkpoints are saved, how many are kept, and resuming from them."""
+
     every: int = 200
     """Save every N steps (and at the end); 0 saves only at the end."""
     keep: int = 2
@@ -172,8 +187,7 @@ class CheckpointConfig:
 
 # The defaults of a training job (the shape and arch of [model], micro_batch_size, max_steps,
 # the optimizer and its lr, the default corpus's BPE vocabulary) are the winner of a sweep for
-# the lowest validation bits per byte in ~100 s of training on 2 cores (BENCHMARKS.md section
-# 14). model.py's own ModelConfig() stays the plain gpt2 that code and tests build directly.
+# the lowest validation bits per byte in ~100 s of training on 2 cores (benchmarks/14-quality.md). model.py's own ModelConfig() stays the plain gpt2 that code and tests build directly.
 @dataclass(kw_only=True, slots=True)
 class Config:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="llama"))

@@ -12,6 +12,9 @@ Blocks are held in a dict keyed by their global index (`model.blocks["5"]`), so 
 pipeline stage is just a contiguous range of them plus, on the first stage, the
 embeddings and, on the last, the final norm and LM head. An interleaved pipeline stage
 holds several such ranges (chunks), and `forward(x, chunk=v)` runs one of them.
+
+The model's shape, `ModelConfig`, lives in model_config.py (no torch there, so the
+configuration loads without it) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -20,57 +23,12 @@ import math
 import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(kw_only=True, slots=True)
-class ModelConfig:
-    """The model's shape: the `[model]` section of hpcllm's configuration (config.py takes it
-    from here, so this file needs nothing else of hpcllm)."""
-
-    n_layer: int = 4
-    """Number of transformer blocks."""
-    n_head: int = 4
-    """Attention heads per block; must divide d_model."""
-    d_model: int = 128
-    """Width of the residual stream."""
-    vocab_size: int = 0
-    """Vocabulary size; 0 takes it from the data shards."""
-    block_size: int = 0
-    """Longest context the model accepts (position embeddings); 0 means train.seq_len."""
-    tie_embeddings: bool = False
-    """Share the token embedding matrix with the LM head."""
-    dropout: float = 0.0
-    """Dropout probability on attention, MLP and embeddings."""
-    arch: str = "gpt2"
-    """'gpt2' or 'llama' (RoPE, RMSNorm, grouped-query attention, SwiGLU, no biases)."""
-    n_kv_head: int = 0
-    """llama: key/value heads, a divisor of n_head (grouped-query attention); 0 means n_head."""
-    qk_norm: bool = False
-    """llama: RMSNorm each query and key head before the rotary embedding."""
-    ffn_hidden: int = 0
-    """Hidden width of the MLP; 0 means 4 * d_model (gpt2), or 8/3 * d_model rounded up to a
-    multiple of 64 (llama, whose SwiGLU has three matrices instead of two)."""
-    rope_theta: float = 10000.0
-    """llama: base of the rotary embedding's frequencies."""
-
-    def kv_heads(self) -> int:
-        """Key/value heads: n_kv_head, or n_head when it is 0."""
-        return self.n_kv_head or self.n_head
-
-    def ffn_size(self) -> int:
-        """The MLP's hidden width (ffn_hidden, or the architecture's default rule)."""
-        if self.ffn_hidden:
-            return self.ffn_hidden
-        if self.arch == "llama":
-            hidden = (8 * self.d_model + 2) // 3  # ceil(8/3 * d_model)
-            return (hidden + 63) // 64 * 64
-        return 4 * self.d_model
-
+from hpcllm.model_config import ModelConfig
 
 # RMSNorm's epsilon, as Llama uses it (exported as rms_norm_eps).
 RMS_NORM_EPS = 1e-5

@@ -73,7 +73,7 @@ def keep_large_allocations() -> bool:
     Open MPI's non-blocking all-reduce allocates a temporary as large as the bucket on every
     call. glibc serves such sizes with fresh mmaps, or trims them off the heap when freed, so
     each step page-faulted ~32 MiB of new memory per rank (8,163 minor faults per step of
-    three 24/24/16 MiB buckets, 0 after this; BENCHMARKS.md section 9). 32 MiB is the largest
+    three 24/24/16 MiB buckets, 0 after this; benchmarks/11-overlap.md). 32 MiB is the largest
     mmap threshold glibc accepts. Skipped where the user set MALLOC_MMAP_THRESHOLD_ or
     MALLOC_TRIM_THRESHOLD_ (glibc applied those), with HPCLLM_MALLOPT=0, or without glibc.
     Returns whether the setting was applied.

@@ -12,6 +12,13 @@ gradients over dp, clip, step, log, evaluate and checkpoint.
 from __future__ import annotations
 
 if __name__ == "__main__":
+    import sys
+
+    if {"-h", "--help"} & set(sys.argv[1:]):  # usage and every key, without torch or MPI
+        from hpcllm.docs import train_help
+
+        print(train_help())
+        sys.exit(0)
     # Before torch and MPI load: a rank stuck in an import on a slow shared file system, or
     # a peer that never reaches MPI_Init, must end the job as well (hpcllm/watchdog.py).
     from hpcllm.watchdog import WATCHDOG
@@ -61,7 +68,7 @@ from hpcllm.watchdog import WATCHDOG
 
 DEFAULT_DATA = "data/stdlib-bpe1024"
 # A small BPE vocabulary: each token stands for ~2.6 bytes of source, so the default model sees
-# ~2.6x more text per step than with bytes, for ~10% more compute (BENCHMARKS.md section 14).
+# ~2.6x more text per step than with bytes, for ~10% more compute (benchmarks/14-quality.md).
 DEFAULT_VOCAB = 1024
 
 

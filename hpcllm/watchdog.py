@@ -73,6 +73,7 @@ class Watchdog:
         self._wake = threading.Event()
         self._heartbeats: Path | None = None  # <run.dir>/heartbeat once the run folder is ours
         self._backstop = False
+        self._launched = False  # armed by start_at_launch, before torch loads
 
     # -- arming ------------------------------------------------------------------------
 
@@ -95,6 +96,7 @@ class Watchdog:
             from mpi4py import MPI
 
         self.rank, self.size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        self._launched = True
 
     def start(
         self, timeout: float, first_step_timeout: float, heartbeat_dir: Path | None = None
@@ -194,6 +196,10 @@ class Watchdog:
             return activities[-1]
         if self._first_step_done:
             return "computing (no MPI call)", False
+        if self._launched and self._heartbeats is None:
+            # Between MPI_Init and the run folder: this rank's own imports (torch, hpcllm) and
+            # config, which no peer holds up, so a rank stuck there names itself.
+            return "start-up: imports and config (before the run folder)", False
         # Start-up is not marked call by call: count it as waiting, so that a rank blames the
         # peer that stopped first rather than itself.
         return "start-up (imports, config, data, model)", True

@@ -1,5 +1,5 @@
 #!/bin/bash
-# GPU checks of hpcllm on one GPU node (BENCHMARKS.md section 15 was measured with it):
+# GPU checks of hpcllm on one GPU node (benchmarks/15-gpu-h200.md was measured with it):
 #   1. the CUDA tests (tests/test_comm_mpi.py -k cuda: CUDA-aware and staged collectives, DataParallel)
 #   2. a 350M gpt2 (24 x 1024, 16 heads, vocab 50304, 8 x 1024 tokens a step, bf16) on one GPU:
 #      ms/step and MFU, beside nanoGPT's train.py on the same model and tokens if NANOGPT is set,

@@ -490,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("x", type=int)
         p.add_argument("i", type=int)
-    bench = sub.add_parser("bench", help="the link and failure measurements of BENCHMARKS.md")
+    bench = sub.add_parser(
+        "bench", help="the link and failure measurements of benchmarks/05-emulated-hosts.md"
+    )
     bench.add_argument("--iters", type=int, default=5)
     bench.add_argument("--data", type=Path, default=Path("/tmp/hpcllm-emulated-hosts-data"))
     bench.add_argument(

@@ -412,6 +412,47 @@ def test_a_rank_hung_before_mpi_init_ends_the_job(data_dir, tmp_path):
     assert "start-up before MPI" in first, first
 
 
+# Rank 1's `import torch` never returns (a hung shared file system), once MPI is up.
+STUCK_IMPORTING_TORCH = """
+import os, runpy, sys, time
+class StuckImportingTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+            while True:
+                time.sleep(3600)
+        return None
+sys.meta_path.insert(0, StuckImportingTorch())
+runpy.run_module("hpcllm.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_rank_stuck_importing_torch_is_named(data_dir, tmp_path):
+    """The watchdog is armed before torch loads, so a rank hung in `import torch` ends the job."""
+    run_dir = tmp_path / "run"
+    settings = ops_settings(data_dir, run_dir, **{"train.max_steps": 6})
+    job = Job(
+        2,
+        settings,
+        tmp_path,
+        env={"HPCLLM_WATCHDOG_FIRST_STEP_S": "6"},
+        python_args=["-c", STUCK_IMPORTING_TORCH],
+    )
+    first = assert_named(job, 1, within=40)
+    assert "in: start-up: imports and config" in first, first
+    assert "in find_spec" in job.err.read_text(), job.output()  # its stack shows where
+
+
+def test_the_job_plumbing_loads_without_torch():
+    """The watchdog, stop and run folder (and the config they read) must work before torch
+    loads; a fresh interpreter shows what importing them pulls in."""
+    modules = "hpcllm.watchdog, hpcllm.config, hpcllm.stop, hpcllm.rundir"
+    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'hpcllm.model') if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out
+
+
 # ----------------------------------------------------------------- the run folder
 
 

@@ -1,5 +1,5 @@
 """`python -m hpcllm.bench <subject>`: what hpcllm's parallelism and operations cost, next to
-plain baselines. One module of hpcllm.bench per subject; figures in BENCHMARKS.md.
+plain baselines. One module of hpcllm.bench per subject; figures in benchmarks/.
 
     mpirun -np 2 python -m hpcllm.bench allreduce --mb 64 --bucket-mb 25 --iters 20
     mpirun -np 2 python -m hpcllm.bench train --steps 30 --warmup 5

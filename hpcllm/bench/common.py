@@ -25,9 +25,8 @@ MPI_ENV = {
 }
 
 # The model the training subjects (steps, compression, multinode, stop) measure: gpt2 with
-# AdamW, the job's defaults before the quality sweep made llama + Muon the defaults (section
-# 14 of BENCHMARKS.md). Pinned first on their command lines (later options win), so each keeps
-# measuring what its section says; steps compares it with nanoGPT's GPT + AdamW.
+# AdamW, the job's defaults before the quality sweep made llama + Muon the defaults (benchmarks/14-quality.md). Pinned first on their command lines (later options win), so each keeps
+# measuring what its campaign file says; steps compares it with nanoGPT's GPT + AdamW.
 BENCH_MODEL = (
     *("--model.arch", "gpt2", "--optim.name", "adamw"),
     *("--optim.lr", "1e-3", "--optim.min_lr", "1e-4", "--train.micro_batch_size", "8"),
@@ -141,7 +140,7 @@ def machine() -> str:
 
 def record(result: dict, started: str) -> dict:
     """`result` with when (`started`, from time.strftime) and where it was measured, printed
-    as JSON: the form of the operations timings (stop, checkpoint) in BENCHMARKS.md."""
+    as JSON: the form of the operations timings (stop, checkpoint) in benchmarks/04-operations.md."""
     out = {
         "date": started,
         "machine": machine(),
