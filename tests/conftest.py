@@ -1,6 +1,6 @@
 """Shared test setup: let Open MPI run as root and with more ranks than cores.
 
-These variables are set before pytest-isolate-mpi (and our own subprocess helpers)
+These variables are set before tests/mpi_batch.py (and our own subprocess helpers)
 start `mpirun`, so every multi-rank test inherits them.
 """
 
@@ -8,6 +8,9 @@ import os
 import sys
 
 from slurm_cluster import slurm  # noqa: F401 - the session fixture, shared by the Slurm tests
+
+# Multi-rank tests (@pytest.mark.mpi): one mpirun per world size (tests/mpi_batch.py).
+pytest_plugins = ["mpi_batch"]
 
 os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
 os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")

@@ -3,7 +3,7 @@ disk, and the tokenizer record.
 
 Damage tests load in this process (one rank, MPI.COMM_SELF) from the checkpoints of one tiny
 training run; a few end-to-end runs check what a user sees: the warning, the resumed losses,
-exit 2 and one line. Multi-rank tests run in process under pytest-isolate-mpi.
+exit 2 and one line. Multi-rank tests run in process (tests/mpi_batch.py).
 """
 
 from __future__ import annotations

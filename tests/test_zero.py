@@ -1,6 +1,6 @@
 """ZeRO-1 (`parallel.zero 1`): sharded AdamW equals the replicated one, resumes across layouts.
 
-In-process tests (pytest-isolate-mpi) train the same tiny GPT under zero 0 and zero 1 side by
+In-process tests (tests/mpi_batch.py) train the same tiny GPT under zero 0 and zero 1 side by
 side on the same ranks and compare every step; end-to-end tests run `python -m hpcllm.train`
 in several layouts against one rank and resume a ZeRO-1 checkpoint under other layouts.
 """
