@@ -24,6 +24,7 @@ from emulated_hosts import EmulatedHosts, unavailable
 from helpers import REPO, TINY, losses, overrides, prepare_data, run, subprocess_env
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.emulated_hosts,
     pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""),
 ]

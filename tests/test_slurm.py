@@ -21,6 +21,8 @@ import pytest
 
 from helpers import REPO, TINY, losses, overrides, prepare_data, subprocess_env, train
 
+pytestmark = pytest.mark.slow  # a private Slurm cluster, jobs through sbatch
+
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
 CONSTANT_LR = {
     "optim.warmup_steps": 0,

@@ -364,6 +364,7 @@ def test_generate_from_a_run(dp2_run, tmp_path):
     assert result.returncode == 2 and "no complete checkpoint under" in result.stderr, result
 
 
+@pytest.mark.slow
 def test_16_ranks_smoke(data_dir, tmp_path):
     run_dir = tmp_path / "np16"
     result = train(
