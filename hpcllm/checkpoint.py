@@ -57,6 +57,7 @@ from safetensors.torch import save_file
 from hpcllm import checkpoint_index as index
 from hpcllm.parallel.local_sgd import LocalSGD
 from hpcllm.parallel.zero import Piece, Run, ShardedAdamW
+from hpcllm.rundir import replace_file
 from hpcllm.watchdog import WATCHDOG
 
 FORMAT_VERSION = 2
@@ -402,9 +403,7 @@ def _commit(
     root = final.parent
     shutil.rmtree(final, ignore_errors=True)  # a re-save of a step (e.g. after a damaged one)
     os.rename(tmp, final)
-    latest_tmp = root / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    replace_file(root / "latest", final.name + "\n")
     _fsync_dir(root)
     # Only now, with the new checkpoint complete, do older ones go.
     for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
@@ -449,8 +448,7 @@ def set_aside(folder: Path, label: str) -> Path:
     root = folder.parent
     remaining = complete_checkpoints(root)
     if remaining:
-        (root / "latest.tmp").write_text(remaining[-1].name + "\n")
-        os.replace(root / "latest.tmp", root / "latest")
+        replace_file(root / "latest", remaining[-1].name + "\n")
     else:
         (root / "latest").unlink(missing_ok=True)
     _fsync_dir(root)

@@ -10,10 +10,13 @@ shows it: runs with different tokenizers compare there, not in nats per token.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hpcllm.rundir import replace_file
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -126,10 +129,10 @@ def plot(runs: list[Curves], out: str | Path) -> Path:
     fig.suptitle(", ".join(r.name for r in runs), fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(out)
+    replace_file(out, buffer.getvalue())
     return out
 
 

@@ -51,7 +51,7 @@ from hpcllm.parallel.parallelize import build_stage, loss_function
 from hpcllm.parallel.pipeline import Schedule, chunk_stages
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.parallel.tensor_parallel import owned_numel
-from hpcllm.rundir import RunDir
+from hpcllm.rundir import RunDir, replace_file
 from hpcllm.runtime import (
     Diverged,
     StartupError,
@@ -318,7 +318,7 @@ def setup(cfg: Config, world) -> Trainer:
     hosts = rank_hosts(world)
     if world.Get_rank() == 0:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run.dir) / "config.toml").write_text(to_toml(cfg))
+        replace_file(Path(cfg.run.dir) / "config.toml", to_toml(cfg))
         print(f"{describe(grid.dims)}\n{hosts}\nconfig:\n{to_toml(cfg)}", flush=True)
     schedule = cfg.parallel.schedule
     if cfg.parallel.virtual_stages > 1:

@@ -241,7 +241,7 @@ class Watchdog:
         data = json.dumps(record).ljust(_RECORD_BYTES).encode()
         try:
             # Open, write, close: NFS makes a write visible to other nodes on close.
-            fd = os.open(self._file(self.rank), os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = os.open(self._file(self.rank), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 os.write(fd, data)
             finally:
