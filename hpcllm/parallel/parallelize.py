@@ -43,7 +43,10 @@ def build_stage(cfg: Config, grid: Grid, device, tp_comm: TensorComm | None = No
     rank's shards of its weights (`tp_comm` by default the grid's tp group, host buffers)."""
     if tp_comm is None:
         tp_comm = TensorComm(grid.comm("tp"), name="tp")
-    return stage_module(cfg, grid, tp_comm).to(device)
+    model = stage_module(cfg, grid, tp_comm)
+    # Created there already under a device context (the planner's meta or fake tensors).
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(t.device == device for t in tensors) else model.to(device)
 
 
 def stage_module(cfg: Config, grid: Grid, tp_comm: TensorComm) -> GPT:
