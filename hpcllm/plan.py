@@ -128,8 +128,9 @@ def planning_rank(
     """The rank at `coords`, built by `build_rank` on `device` (meta, or CPU under
     FakeTensorMode) with communicators that record what they are given."""
     comms = {a: PlanningComm(a, coords[a], dims[a]) for a in AXES}
-    # The dp traffic is planned as one flat all-reduce: splitting dp by node needs real ranks.
-    flat = replace(cfg, parallel=replace(cfg.parallel, allreduce="flat"))
+    # The dp traffic is planned as the buckets' fp32 all-reduce (or ZeRO-1's reduce-scatter):
+    # no node split (that needs real ranks) and no compressor (its wire format is not planned).
+    flat = replace(cfg, parallel=replace(cfg.parallel, allreduce="flat", grad_compression="none"))
     return build_rank(flat, _grid_at(dims, coords), device, comms), comms
 
 
