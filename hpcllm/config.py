@@ -138,6 +138,8 @@ class OptimConfig:
     """AdamW's decay rate of the gradients' running mean."""
     beta2: float = 0.95
     """AdamW's decay rate of the squared gradients' running mean."""
+    eps: float = 1e-8
+    """AdamW's epsilon (also Muon's AdamW part), added to the root of the second moment."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     muon_lr: float = 0.02
@@ -374,6 +376,7 @@ RANGES: dict[str, Range] = {
     "optim.weight_decay": NON_NEGATIVE,
     "optim.beta1": FRACTION,
     "optim.beta2": FRACTION,
+    "optim.eps": POSITIVE,
     "optim.grad_clip": NON_NEGATIVE,  # 0 disables clipping
     "optim.muon_lr": POSITIVE,
     "optim.muon_momentum": FRACTION,

@@ -44,6 +44,7 @@ def build_optimizer(
             groups,
             momentum=o.muon_momentum,
             betas=(o.beta1, o.beta2),
+            eps=o.eps,
             # bf16 iterations are the fast path on GPUs (the iteration tolerates them);
             # on CPUs fp32 is as fast and keeps runs comparable across layouts bit for bit.
             ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -56,8 +57,10 @@ def build_optimizer(
         g["initial_lr"] = o.lr
     betas, foreach = (o.beta1, o.beta2), device.type == "cuda"
     if sharded is not None:
-        return ShardedAdamW(model, sharded, groups, lr=o.lr, betas=betas, foreach=foreach)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=betas, foreach=foreach)
+        return ShardedAdamW(
+            model, sharded, groups, lr=o.lr, betas=betas, eps=o.eps, foreach=foreach
+        )
+    return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, foreach=foreach)
 
 
 def lr_scale(step: int, o: OptimConfig, max_steps: int) -> float:

@@ -4,11 +4,10 @@ For a config and a world size it says, without launching any rank, what each ran
 and what each communicator will carry per optimizer step. The figures come from the code
 that trains, not from a second model of it:
 
-- Parameters, gradients and optimizer state: this rank's stage is built by `build_stage` on
-  the meta device (shapes, no memory), wrapped in the same `DataParallel` (buckets, their
-  padding under ZeRO-1) and given the optimizer `build_optimizer` gives it; one optimizer
-  step on meta tensors creates the optimizer's real state, measured like a trained rank's
-  (`optimizer_state_bytes`).
+- Parameters, gradients and optimizer state: this rank is built by `build_rank`, as training
+  builds it, on the meta device (shapes, no memory): its stage, `DataParallel` (buckets,
+  their padding under ZeRO-1) and optimizer; one optimizer step on meta tensors creates the
+  optimizer's real state, measured like a trained rank's (`optimizer_state_bytes`).
 - Activations: one micro-batch's forward and backward through the stage under
   `FakeTensorMode` (tensors with shapes, dtypes and a CPU device but no storage, so autocast
   applies as in training), its saved tensors counted by the pipeline's own `ActivationMeter`;
@@ -16,8 +15,8 @@ that trains, not from a second model of it:
   Interleaved (parallel.virtual_stages > 1), each chunk is measured on its own and the
   schedule's own order of passes (`passes`) gives the most bytes held at once.
 - Traffic: the tp all-reduces are counted on that same forward and backward (a planning
-  communicator records each message instead of sending it), and Muon's all-gather of its
-  updates over dp on that optimizer step; the dp buckets' all-reduce (or reduce-scatter +
+  communicator records each message instead of sending it), and Muon's all-gathers on that
+  optimizer step (its updates over dp; under tp its momentum slices); the dp buckets' all-reduce (or reduce-scatter +
   all-gather under ZeRO-1) and the pipeline's activations and their gradients follow from
   the buckets and the message shape. "Sent" is what one rank puts on
   the wire with the bandwidth-optimal algorithms: 2(p-1)/p of an all-reduce's payload,
@@ -32,7 +31,7 @@ segment), and the table shows dp rank 0's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from typing import TYPE_CHECKING, cast
 
@@ -42,9 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from hpcllm.comm import TensorComm, Work
 from hpcllm.config import Config
 from hpcllm.model import GPT
-from hpcllm.optim import build_optimizer
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.parallelize import build_stage, loss_function, stage_module
+from hpcllm.parallel.build import Rank, build_rank
 from hpcllm.parallel.pipeline import (
     ActivationMeter,
     micro_batch_chunk,
@@ -60,6 +57,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 META = torch.device("meta")
+CPU = torch.device("cpu")
 _REDUCED_IN_FP32 = (torch.bfloat16, torch.float16)
 
 
@@ -76,12 +74,24 @@ class _Done(Work):
         return True
 
 
+class _PlanningMPI:
+    """The control messages of a planning communicator: every rank's object is taken to be
+    this rank's (all tp ranks of a stage hold equal shards)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def allgather(self, obj):
+        return [obj] * self.size
+
+
 class PlanningComm(TensorComm):
     """A communicator of `size` ranks seen from rank `rank` that records the payload of
     every collective instead of sending it (the tensors are meta or fake: nothing to send)."""
 
     def __init__(self, name: str, rank: int, size: int):
         self.name, self.rank, self.size = name, rank, size
+        self.comm = cast("MPI.Comm", _PlanningMPI(size))
         self.cuda_aware = False
         self.wait_seconds = 0.0
         self.allreduced = 0  # bytes handed to all-reduces (bf16/fp16 travel as fp32)
@@ -107,9 +117,21 @@ class PlanningComm(TensorComm):
 
 
 def _grid_at(dims: dict[str, int], coords: dict[str, int]) -> Grid:
-    """A Grid that knows its place but has no communicators: all build_stage asks of it."""
+    """A Grid that knows its place but has no communicators: all build_rank asks of it."""
     nothing = cast("MPI.Cartcomm", None)
     return Grid(dims=dims, world=nothing, cart=nothing, comms={}, coords=coords)
+
+
+def planning_rank(
+    cfg: Config, dims: dict[str, int], coords: dict[str, int], device: torch.device
+) -> tuple[Rank, dict[str, PlanningComm]]:
+    """The rank at `coords`, built by `build_rank` on `device` (meta, or CPU under
+    FakeTensorMode) with communicators that record what they are given."""
+    comms = {a: PlanningComm(a, coords[a], dims[a]) for a in AXES}
+    # The dp traffic is planned as the buckets' fp32 all-reduce (or ZeRO-1's reduce-scatter):
+    # no node split (that needs real ranks) and no compressor (its wire format is not planned).
+    flat = replace(cfg, parallel=replace(cfg.parallel, allreduce="flat", grad_compression="none"))
+    return build_rank(flat, _grid_at(dims, coords), device, comms), comms
 
 
 @dataclass
@@ -121,21 +143,17 @@ class RankMemory:
     optimizer: int
     bucket_bytes: int  # the (padded) gradient buckets, as reduced over dp
     gathered: int  # the optimizer's all-gathers over dp (Muon's orthogonalised updates)
+    tp_gathered: int  # the optimizer's all-gathers over tp (Muon's momentum slices)
 
 
 def rank_memory(cfg: Config, dims: dict[str, int], coords: dict[str, int]) -> RankMemory:
     """Parameters, gradients (buckets, and under ZeRO-1 the reduced shard) and optimizer state
     of the rank at `coords`, built on the meta device by the training code itself."""
-    grid = _grid_at(dims, coords)
-    tp_comm = PlanningComm("tp", coords["tp"], dims["tp"])
-    dp_comm = PlanningComm("dp", coords["dp"], dims["dp"])
     with META:
-        model = build_stage(cfg, grid, META, tp_comm)
-    zero = cfg.parallel.zero == 1
-    ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, shard=zero)
-    optimizer = build_optimizer(model, cfg.optim, dp_comm, META, sharded=ddp if zero else None)
+        rank, comms = planning_rank(cfg, dims, coords, META)
+    model, ddp, optimizer = rank.model, rank.ddp, rank.optimizer
     optimizer.step()  # creates the state (moments, momentum, step counters) on meta tensors
-    if zero:
+    if ddp.shard:
         params = sum(4 * b.buffer.numel() for b in ddp.buckets)  # parameters live in param_buffer
     else:
         params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -146,7 +164,8 @@ def rank_memory(cfg: Config, dims: dict[str, int], coords: dict[str, int]) -> Ra
         grads=bucket_bytes + shards,
         optimizer=optimizer_state_bytes(optimizer),
         bucket_bytes=bucket_bytes,
-        gathered=dp_comm.gathered,
+        gathered=comms["dp"].gathered,
+        tp_gathered=comms["tp"].gathered,
     )
 
 
@@ -165,12 +184,12 @@ def micro_batch_cost(cfg: Config, dims: dict[str, int], stage: int) -> list[Micr
     chunk unless interleaved) on fake tensors, under the run's autocast dtype, measured by
     the pipeline's ActivationMeter."""
     t = cfg.train
-    grid = _grid_at(dims, {"pp": stage, "dp": 0, "tp": 0})
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
-    tp_comm = PlanningComm("tp", 0, dims["tp"])
     costs = []
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = stage_module(cfg, grid, tp_comm)
+        rank, comms = planning_rank(cfg, dims, {"pp": stage, "dp": 0, "tp": 0}, CPU)
+        model, grid, tp_comm = rank.model, rank.grid, comms["tp"]
+        rank.ddp.sync = False  # the gradients accumulate; the dp traffic is planned apart
         last = len(model.chunks) - 1
         for chunk in range(last + 1):
             start, meter = tp_comm.allreduced, ActivationMeter()
@@ -184,7 +203,7 @@ def micro_batch_cost(cfg: Config, dims: dict[str, int], stage: int) -> list[Micr
             with meter.hooks(), autocast:
                 out = model(x, chunk=chunk)
                 if loss:
-                    out = loss_function(cfg, tp_comm)(out, torch.zeros(shape, dtype=torch.long))
+                    out = rank.schedule.loss_fn(out, torch.zeros(shape, dtype=torch.long))
             forward = tp_comm.allreduced
             torch.autograd.backward(out, None if loss else torch.zeros_like(out))
             costs.append(MicroBatchCost(meter.peak, forward - start, tp_comm.allreduced - forward))
@@ -267,7 +286,8 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         # backward to the previous one; the first and last virtual stages send one way only.
         virtual = [v * pp + s for v in range(V)]
         pp_payload = m * message * sum((k < pp * V - 1) + (k > 0) for k in virtual)
-        tp_payload = m * (micro.tp_forward + micro.tp_backward)
+        tp_reduced = m * (micro.tp_forward + micro.tp_backward)
+        tp_payload = tp_reduced + memory.tp_gathered
         # Under ZeRO-1 the buckets are reduce-scattered, then the parameters all-gathered.
         buckets = memory.bucket_bytes * (2 if p.zero else 1)
         dp_payload = buckets + memory.gathered
@@ -284,7 +304,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
                     "dp": buckets * 2 * (dp - 1) // (2 * dp if p.zero else dp)
                     + memory.gathered * (dp - 1) // dp,
                     "pp": pp_payload,
-                    "tp": tp_payload * 2 * (tp - 1) // tp,
+                    "tp": tp_reduced * 2 * (tp - 1) // tp + memory.tp_gathered * (tp - 1) // tp,
                 },
             )
         )
@@ -349,7 +369,12 @@ def format_plan(plan: Plan) -> str:
         if p.zero
         else "all-reduce of the gradient buckets, 2(p-1)/p",
         "pp": "activations forward and their gradients backward, per micro-batch",
-        "tp": "all-reduces of each block's attention and MLP, forward and backward, 2(p-1)/p",
+        "tp": "all-reduces of each block's attention and MLP, forward and backward, 2(p-1)/p"
+        + (
+            "; Muon's all-gather of its momentum slices, (p-1)/p"
+            if cfg.optim.name == "muon"
+            else ""
+        ),
     }
     headers = ["stage", *(f"{a} (size {dims[a]})" for a in AXES)]
     rows = [

@@ -31,6 +31,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,13 +43,11 @@ from hpcllm.data.loader import Loader, val_batches
 from hpcllm.data.shards import ShardSet, open_splits
 from hpcllm.generate import load_model, load_run_tokenizer, sample
 from hpcllm.model import GPT, ModelConfig
-from hpcllm.optim import build_optimizer, lr_scale, set_lr
-from hpcllm.parallel import compression
+from hpcllm.optim import lr_scale, set_lr
+from hpcllm.parallel.build import build_rank
 from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.hierarchical import select_allreduce
 from hpcllm.parallel.local_sgd import LocalSGD, check_resume
-from hpcllm.parallel.parallelize import build_stage, loss_function
-from hpcllm.parallel.pipeline import Schedule, chunk_stages
+from hpcllm.parallel.pipeline import Schedule
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.parallel.tensor_parallel import owned_numel
 from hpcllm.rundir import RunDir, replace_file
@@ -244,51 +243,9 @@ def setup(cfg: Config, world) -> Trainer:
     # activations (inside a tp region a per-rank generator is forked from this one). The
     # weights use init_seed.
     torch.manual_seed(t.seed + world.Get_rank() // grid.size("tp"))
-    model = agree(world, lambda: build_stage(cfg, grid, device, tp_comm))
-    # parallel.allreduce: auto probes one bucket's worth (or the whole model, if smaller).
-    hierarchical, how = select_allreduce(
-        cfg.parallel.allreduce,
-        grid,
-        dp_comm,
-        min(int(cfg.parallel.bucket_mb * 2**18), sum(p.numel() for p in model.parameters())),
-        shard=cfg.parallel.zero == 1,
-    )
-    print0(f"gradient all-reduce over dp: {how}")
-    ddp = DataParallel(
-        model,
-        dp_comm,
-        cfg.parallel.bucket_mb,
-        shard=cfg.parallel.zero == 1,
-        hierarchical=hierarchical,
-        overlap=cfg.parallel.overlap,
-        comm_thread=cfg.parallel.comm_thread,
-        log=print0,
-    )
-    ddp.compressor = compression.build(
-        cfg.parallel.grad_compression,
-        dp_comm,
-        ddp.buckets,
-        model,
-        rank=cfg.parallel.powersgd_rank,
-        warmup=cfg.parallel.powersgd_warmup,
-        seed=t.seed,
-    )
-    stages = chunk_stages(
-        model,
-        pp_comm,
-        virtual_stages=cfg.parallel.virtual_stages,
-        act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
-        device=device,
-    )
-    # ZeRO-1 (parallel.zero 1) runs the same AdamW over this dp rank's shard only.
-    optimizer = build_optimizer(
-        model,
-        cfg.optim,
-        dp_comm,
-        device,
-        sharded=ddp if cfg.parallel.zero == 1 else None,
-        tp_comm=tp_comm,
-    )
+    comms = {"dp": dp_comm, "pp": pp_comm, "tp": tp_comm}
+    rank = build_rank(cfg, grid, device, comms, agree=partial(agree, world), log=print0)
+    model = rank.model
     trainer = Trainer(
         cfg=cfg,
         grid=grid,
@@ -297,15 +254,15 @@ def setup(cfg: Config, world) -> Trainer:
         pp_comm=pp_comm,
         tp_comm=tp_comm,
         model=model,
-        ddp=ddp,
-        schedule=Schedule(stages, cfg.parallel.schedule, loss_fn=loss_function(cfg, tp_comm)),
-        optimizer=optimizer,
+        ddp=rank.ddp,
+        schedule=rank.schedule,
+        optimizer=rank.optimizer,
         loader=loader,
         val=val,
         autocast=autocast,
         reads_data=reads_data,
         val_bytes_per_token=val_bytes_per_token(cfg, val, [pp_comm, dp_comm]),
-        local_sgd=LocalSGD.build(model, dp_comm, cfg.parallel),
+        local_sgd=rank.local_sgd,
     )
     if cfg.checkpoint.resume:
         resume(trainer, world)

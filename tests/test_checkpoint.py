@@ -27,9 +27,9 @@ from hpcllm import checkpoint_index as ix
 from hpcllm.config import Config, load_toml
 from hpcllm.data.tokenizer import ByteTokenizer
 from hpcllm.model import param_groups
+from hpcllm.parallel.parallelize import build_stage
 from hpcllm.runtime import StartupError
 from hpcllm.topology import Grid
-from hpcllm.train import build_stage
 
 from helpers import losses, prepare_data, run, train, write_corpus
 

@@ -21,19 +21,19 @@ from mpi4py import MPI
 
 from hpcllm import checkpoint
 from hpcllm.comm import TensorComm
+from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
 from hpcllm.data.loader import step_positions
 from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
-from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.build import build_rank
 from hpcllm.parallel.pipeline import (
     ActivationMeter,
     PipelineStage,
     Schedule,
-    chunk_stages,
     rank_chunks,
     split_layers,
 )
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
-from hpcllm.topology import Grid
+from hpcllm.topology import AXES, Grid
 
 from helpers import assert_reordered_close, prepare_data, read_metrics, write_corpus
 from helpers import train as launch_train
@@ -180,6 +180,18 @@ def test_activation_meter_counts_activations_not_parameters():
 # ---------------------------------------------------------------- in-process layouts
 
 
+def layout_config(
+    cfg: ModelConfig, parallel: ParallelConfig, *, micro_batch: int, num_micro: int, eps: float
+) -> Config:
+    """The in-process layouts' config: `cfg`'s model (weights from INIT_SEED) trained by
+    AdamW at LR with weight decay 0.1 and AdamW's `eps`, in `parallel`'s layout."""
+    train = TrainConfig(
+        seq_len=SEQ_LEN, micro_batch_size=micro_batch, grad_accum_steps=num_micro, seed=INIT_SEED
+    )
+    optim = OptimConfig(name="adamw", lr=LR, weight_decay=0.1, eps=eps)
+    return Config(model=cfg, train=train, parallel=parallel, optim=optim)
+
+
 def step_batches(
     seed: int,
     *,
@@ -219,41 +231,28 @@ def run_layout(
     micro_batch: int,
     steps: int = STEPS,
     stage_layers: str = "",
-    meter: ActivationMeter | None = None,
     cfg: ModelConfig = GPT_CFG,
     virtual_stages: int = 1,
 ) -> dict | None:
     """Train the tiny GPT (or `cfg`'s model) for `steps` steps on `comm` laid out as pp x dp
-    (`virtual_stages` chunks per pp rank), as hpcllm.train does.
+    (`virtual_stages` chunks per pp rank), built by hpcllm.train's own `build_rank`.
 
     Returns, on rank 0 of `comm` only, the losses, gradient norms and final validation
     loss, the parameters of every stage under their global names, and the activation
     meter's peak of every rank; None on the other ranks.
     """
     grid = Grid.build(comm, dp=dp, pp=pp)
-    pp_comm, dp_comm = TensorComm(grid.comm("pp")), TensorComm(grid.comm("dp"))
-    chunks = rank_chunks(
-        split_layers(cfg.n_layer, pp, stage_layers, virtual_stages), pp, grid.rank("pp")
+    parallel = ParallelConfig(
+        dp=dp, pp=pp, schedule=schedule, stage_layers=stage_layers, virtual_stages=virtual_stages
     )
-    model = GPT(
-        cfg,
-        layers=chunks[0] if virtual_stages == 1 else chunks,
-        first=grid.is_first_stage,
-        last=grid.is_last_stage,
-        init_seed=INIT_SEED,
+    rank = build_rank(
+        layout_config(cfg, parallel, micro_batch=micro_batch, num_micro=num_micro, eps=ADAM_EPS),
+        grid,
+        CPU,
+        {a: TensorComm(grid.comm(a), name=a) for a in AXES},
     )
-    ddp = DataParallel(model, dp_comm)
-    stages = chunk_stages(
-        model,
-        pp_comm,
-        virtual_stages=virtual_stages,
-        act_shape=(micro_batch, SEQ_LEN, D_MODEL),
-        device=CPU,
-    )
-    sched = Schedule(stages, schedule, meter)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=ADAM_EPS, foreach=False
-    )
+    model, ddp, sched, optimizer = rank.model, rank.ddp, rank.schedule, rank.optimizer
+    pp_comm, dp_comm = rank.comms["pp"], rank.comms["dp"]
     reads_data = grid.is_first_stage or grid.is_last_stage
 
     def inputs(seed: int, count: int) -> list[tuple]:
@@ -519,7 +518,6 @@ def test_1f1b_bounds_activations_gpipe_holds_all(comm):
                 num_micro=num_micro,
                 micro_batch=2,
                 steps=1,
-                meter=ActivationMeter(),
             )
             if result is not None:
                 assert all(v == 0 for v in result["still_saved"].values()), result["still_saved"]

@@ -23,7 +23,6 @@ from test_pipeline import (
     D_MODEL,
     GRAD_CLIP,
     INIT_SEED,
-    LR,
     N_LAYER,
     SEQ_LEN,
     SETTINGS,
@@ -33,6 +32,7 @@ from test_pipeline import (
     check_continues,
     check_ok,
     differences,
+    layout_config,
     loss_by_step,
     merged_params,
     single_rank_reference,
@@ -42,15 +42,10 @@ from test_pipeline import (
 from hpcllm.checkpoint_index import Placement, placement_of
 from hpcllm.comm import TensorComm
 from hpcllm.config import Config, ParallelConfig
-from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
+from hpcllm.model import GPT, ModelConfig, cross_entropy
+from hpcllm.parallel.build import build_rank
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.parallelize import build_stage, loss_function, parallelize
-from hpcllm.parallel.pipeline import (
-    Schedule,
-    chunk_stages,
-    rank_chunks,
-    split_layers,
-)
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -59,8 +54,7 @@ from hpcllm.parallel.tensor_parallel import (
     padded_vocab,
     vocab_parallel_cross_entropy,
 )
-from hpcllm.parallel.zero import ShardedAdamW
-from hpcllm.topology import Grid
+from hpcllm.topology import AXES, Grid
 
 from helpers import prepare_data
 from helpers import train as launch_train
@@ -248,44 +242,32 @@ def run_tp_layout(
     virtual_stages: int = 1,
 ) -> dict | None:
     """Train `cfg`'s GPT for 10 steps on `comm` laid out as pp x dp x tp (`virtual_stages`
-    chunks per pp rank), as hpcllm.train does
-    (build, parallelize, schedule with the vocab-parallel loss, dp, clip, AdamW; under `zero`
-    1 ZeRO-1's sharded AdamW, with small buckets so shards cut through sharded, replicated
-    and padded parameters alike).
+    chunks per pp rank), built by hpcllm.train's own `build_rank` (parallelized stage,
+    schedule with the vocab-parallel loss, dp, AdamW; under `zero` 1 ZeRO-1's sharded AdamW,
+    with small buckets so shards cut through sharded, replicated and padded parameters alike).
 
     On rank 0 of `comm`: losses, gradient norms, validation loss, every parameter assembled
     from its tp shards under its global name, and which replicas (over dp, or over tp for a
     replicated parameter) differ bitwise; None on the other ranks.
     """
     grid = Grid.build(comm, dp=dp, pp=pp, tp=tp)
-    pp_comm, dp_comm = TensorComm(grid.comm("pp")), TensorComm(grid.comm("dp"))
-    tp_comm = TensorComm(grid.comm("tp"), name="tp")
-    config = Config(model=cfg, parallel=ParallelConfig(pp=pp, dp=dp, tp=tp))
-    chunks = rank_chunks(
-        split_layers(cfg.n_layer, pp, virtual_stages=virtual_stages), pp, grid.rank("pp")
-    )
-    model = GPT(
-        cfg,
-        layers=chunks[0] if virtual_stages == 1 else chunks,
-        first=grid.is_first_stage,
-        last=grid.is_last_stage,
-        init_seed=INIT_SEED,
-    )
-    model = parallelize(model, grid, config, tp_comm)
-    ddp = DataParallel(model, dp_comm, 0.01 if zero else 25.0, shard=zero == 1)
-    stages = chunk_stages(
-        model,
-        pp_comm,
+    parallel = ParallelConfig(
+        pp=pp,
+        dp=dp,
+        tp=tp,
+        schedule=schedule,
         virtual_stages=virtual_stages,
-        act_shape=(micro_batch, SEQ_LEN, cfg.d_model),
-        device=CPU,
+        zero=zero,
+        bucket_mb=0.01 if zero else 25.0,
     )
-    sched = Schedule(stages, schedule, loss_fn=loss_function(config, tp_comm))
-    adamw = {"lr": LR, "betas": (0.9, 0.95), "eps": TP_ADAM_EPS, "foreach": False}
-    groups = param_groups(model, 0.1)
-    optimizer = (
-        ShardedAdamW(model, ddp, groups, **adamw) if zero else torch.optim.AdamW(groups, **adamw)
+    rank = build_rank(
+        layout_config(cfg, parallel, micro_batch=micro_batch, num_micro=num_micro, eps=TP_ADAM_EPS),
+        grid,
+        CPU,
+        {a: TensorComm(grid.comm(a), name=a) for a in AXES},
     )
+    model, ddp, sched, optimizer = rank.model, rank.ddp, rank.schedule, rank.optimizer
+    pp_comm, dp_comm, tp_comm = rank.comms["pp"], rank.comms["dp"], rank.comms["tp"]
     reads_data = grid.is_first_stage or grid.is_last_stage
 
     def inputs(seed: int, count: int) -> list[tuple]:

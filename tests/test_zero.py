@@ -18,29 +18,25 @@ from helpers import assert_reordered_close, losses, prepare_data, read_metrics, 
 STEPS = 10
 
 
-def build(comm, *, zero: int, bucket_mb: float, pp_comm=None, init_seed: int = 3):
-    """(model, DataParallel, optimizer, schedule) of the tiny GPT on dp = comm's ranks."""
-    from mpi4py import MPI
-
+def build(comm, *, zero: int, bucket_mb: float, init_seed: int = 3):
+    """(model, DataParallel, optimizer, schedule, pp communicator) of the tiny GPT on dp =
+    comm's ranks, built by hpcllm.train's own `build_rank` (AdamW, overlapped reduction)."""
     from hpcllm.comm import TensorComm
-    from hpcllm.model import GPT, ModelConfig, param_groups
-    from hpcllm.parallel.data_parallel import DataParallel
-    from hpcllm.parallel.pipeline import PipelineStage, Schedule
-    from hpcllm.parallel.zero import ShardedAdamW
+    from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
+    from hpcllm.model import ModelConfig
+    from hpcllm.parallel.build import build_rank
+    from hpcllm.topology import AXES, Grid
 
-    cfg = ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=32)
-    model = GPT(cfg, init_seed=init_seed)
-    ddp = DataParallel(model, TensorComm(comm, name="dp"), bucket_mb, shard=zero == 1)
-    adamw = {"lr": 3e-3, "betas": (0.9, 0.95), "foreach": False}
-    groups = param_groups(model, 0.1)
-    optimizer = (
-        ShardedAdamW(model, ddp, groups, **adamw) if zero else torch.optim.AdamW(groups, **adamw)
+    cfg = Config(
+        model=ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=32),
+        train=TrainConfig(seq_len=16, micro_batch_size=2, seed=init_seed),
+        parallel=ParallelConfig(bucket_mb=bucket_mb, zero=zero, overlap="on"),
+        optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.1),
     )
-    pp_comm = pp_comm or TensorComm(MPI.COMM_SELF, name="pp")
-    stage = PipelineStage(
-        model, pp_comm, stage=0, num_stages=1, act_shape=(2, 16, 32), device=torch.device("cpu")
-    )
-    return model, ddp, optimizer, Schedule(stage, "1f1b"), pp_comm
+    grid = Grid.build(comm)
+    comms = {a: TensorComm(grid.comm(a), name=a) for a in AXES}
+    rank = build_rank(cfg, grid, torch.device("cpu"), comms)
+    return rank.model, rank.ddp, rank.optimizer, rank.schedule, rank.comms["pp"]
 
 
 def micro_batches(step: int, rank: int, accum: int):

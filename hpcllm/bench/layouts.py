@@ -1,23 +1,19 @@
-"""One rank of a (pp, dp, tp, zero) layout built as hpcllm.train builds it, for the subjects
-that compare layouts (`tp`, `memory`) and for the planner's tests: the grid, the three
-communicators (of a chosen TensorComm class, e.g. one that counts bytes), the stage,
-DataParallel, the schedule with its loss, the optimizer, and one optimizer step."""
+"""One rank of a (pp, dp, tp, zero) layout built by hpcllm.train's own `build_rank`, for the
+subjects that compare layouts (`tp`, `memory`) and for the planner's tests: the grid, the
+three communicators (of a chosen TensorComm class, e.g. one that counts bytes), random
+batches and one optimizer step."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
 
 from hpcllm.comm import TensorComm
 from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
-from hpcllm.model import GPT, ModelConfig
-from hpcllm.optim import build_optimizer
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.parallelize import build_stage, loss_function
-from hpcllm.parallel.pipeline import Schedule, chunk_stages
+from hpcllm.model import ModelConfig
+from hpcllm.parallel.build import Rank, build_rank
 from hpcllm.parallel.steps import clip_grad_norm, stage_inputs, train_step
 from hpcllm.topology import Grid
 
@@ -93,53 +89,30 @@ class CountingComm(TensorComm):
         return super().isend(tensor, dest, tag)
 
 
-@dataclass
-class Rank:
-    cfg: Config
-    grid: Grid
-    comms: dict[str, TensorComm]
-    model: GPT
-    ddp: DataParallel
-    schedule: Schedule
-    optimizer: torch.optim.Optimizer
-
-    def batches(self, step: int) -> list:
-        """This dp rank's micro-batches of `step`: random tokens, the same on every tp and pp
-        rank of a dp coordinate (inputs on the first stage, targets on the last)."""
-        t, vocab = self.cfg.train, self.cfg.model.vocab_size
-        g = torch.Generator().manual_seed(1000 * step + self.grid.rank("dp"))
-        shape = (t.grad_accum_steps, t.micro_batch_size, t.seq_len + 1)
-        tokens = torch.randint(vocab, shape, generator=g)
-        return stage_inputs([(x[:, :-1], x[:, 1:]) for x in tokens], self.grid, CPU)
-
-    def step(self, batches: list) -> None:
-        """One optimizer step as the training loop takes it (the loss reduction aside)."""
-        train_step(self.schedule, self.ddp, batches, nullcontext())
-        clip_grad_norm(self.model, 1.0, [self.comms["pp"]], self.comms["tp"], self.ddp)
-        self.optimizer.step()
-
-    def free(self) -> None:
-        self.grid.free()
-
-
-def build_rank(cfg: Config, world: MPI.Comm, comm_class=TensorComm) -> Rank:
-    """This rank of `cfg`'s layout on `world`, on the CPU, fp32."""
-    p, t = cfg.parallel, cfg.train
+def build(cfg: Config, world: MPI.Comm, comm_class=TensorComm) -> Rank:
+    """This rank of `cfg`'s layout on `world`, on the CPU, fp32: `build_rank` with
+    communicators of `comm_class`. Free it with `rank.grid.free()`."""
+    p = cfg.parallel
     grid = Grid.build(world, dp=p.dp, pp=p.pp, tp=p.tp)
     comms = {a: comm_class(grid.comm(a), name=a) for a in ("dp", "pp", "tp")}
-    model = build_stage(cfg, grid, CPU, comms["tp"])
-    ddp = DataParallel(model, comms["dp"], p.bucket_mb, shard=p.zero == 1)
-    stages = chunk_stages(
-        model,
-        comms["pp"],
-        virtual_stages=p.virtual_stages,
-        act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
-        device=CPU,
-    )
-    schedule = Schedule(stages, p.schedule, loss_fn=loss_function(cfg, comms["tp"]))
-    sharded = ddp if p.zero == 1 else None
-    optimizer = build_optimizer(model, cfg.optim, comms["dp"], CPU, sharded=sharded)
-    return Rank(cfg, grid, comms, model, ddp, schedule, optimizer)
+    return build_rank(cfg, grid, CPU, comms)
+
+
+def random_batches(rank: Rank, step: int) -> list:
+    """This dp rank's micro-batches of `step`: random tokens, the same on every tp and pp
+    rank of a dp coordinate (inputs on the first stage, targets on the last)."""
+    t, vocab = rank.cfg.train, rank.cfg.model.vocab_size
+    g = torch.Generator().manual_seed(1000 * step + rank.grid.rank("dp"))
+    shape = (t.grad_accum_steps, t.micro_batch_size, t.seq_len + 1)
+    tokens = torch.randint(vocab, shape, generator=g)
+    return stage_inputs([(x[:, :-1], x[:, 1:]) for x in tokens], rank.grid, CPU)
+
+
+def take_step(rank: Rank, batches: list) -> None:
+    """One optimizer step as the training loop takes it (the loss reduction aside)."""
+    train_step(rank.schedule, rank.ddp, batches, nullcontext())
+    clip_grad_norm(rank.model, 1.0, [rank.comms["pp"]], rank.comms["tp"], rank.ddp)
+    rank.optimizer.step()
 
 
 def held_bytes(rank: Rank) -> dict[str, int]:

@@ -23,7 +23,14 @@ import tempfile
 from mpi4py import MPI
 
 from hpcllm.bench.common import MPI_ENV, environment, table
-from hpcllm.bench.layouts import add_model_arguments, bench_config, build_rank, held_bytes
+from hpcllm.bench.layouts import (
+    add_model_arguments,
+    bench_config,
+    build,
+    held_bytes,
+    random_batches,
+    take_step,
+)
 from hpcllm.config import Config
 from hpcllm.model import GPT
 from hpcllm.plan import make_plan
@@ -68,9 +75,9 @@ def measure(args, world: MPI.Comm) -> list[dict] | None:
     torch.set_num_threads(1)
     cfg = layout(args, args.layout)
     before = _rss_bytes()
-    rank = build_rank(cfg, world)
+    rank = build(cfg, world)
     for i in range(args.steps):
-        rank.step(rank.batches(i))
+        take_step(rank, random_batches(rank, i))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     stage = make_plan(cfg, world.Get_size()).stages[rank.grid.rank("pp")]
     mine = {
@@ -87,7 +94,7 @@ def measure(args, world: MPI.Comm) -> list[dict] | None:
             "total": stage.total,
         },
     }
-    rank.free()
+    rank.grid.free()
     return world.gather(mine, root=0)
 
 

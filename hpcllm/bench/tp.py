@@ -15,7 +15,14 @@ import time
 from mpi4py import MPI
 
 from hpcllm.bench.common import ForeignLoad, environment, slowest, table
-from hpcllm.bench.layouts import CountingComm, add_model_arguments, bench_config, build_rank
+from hpcllm.bench.layouts import (
+    CountingComm,
+    add_model_arguments,
+    bench_config,
+    build,
+    random_batches,
+    take_step,
+)
 from hpcllm.config import Config
 from hpcllm.plan import make_plan
 from hpcllm.runtime import print0
@@ -47,18 +54,18 @@ def run(args, world: MPI.Comm) -> dict:
     rounds = []
     for r in range(max(2, args.rounds)):
         tp = 1 + r % 2
-        rank = build_rank(layout(args, tp), world, CountingComm)
+        rank = build(layout(args, tp), world, CountingComm)
         tp_comm = rank.comms["tp"]
         assert isinstance(tp_comm, CountingComm)
         for i in range(args.warmup):
-            rank.step(rank.batches(i))
+            take_step(rank, random_batches(rank, i))
         load = ForeignLoad(world)
         seconds, in_tp, before = [], [], tp_comm.payload
         for i in range(args.warmup, args.warmup + args.steps):
-            batches = rank.batches(i)
+            batches = random_batches(rank, i)
             waited = tp_comm.wait_seconds
             start = time.perf_counter()
-            rank.step(batches)
+            take_step(rank, batches)
             seconds.append(time.perf_counter() - start)
             in_tp.append(tp_comm.wait_seconds - waited)
         measured[tp] = (tp_comm.payload - before) // args.steps
@@ -66,7 +73,7 @@ def run(args, world: MPI.Comm) -> dict:
         seconds = slowest(world, seconds)
         times[tp] += seconds
         tp_share[tp] += [w / s for w, s in zip(slowest(world, in_tp), seconds, strict=True)]
-        rank.free()
+        rank.grid.free()
         rounds.append(
             {"tp": tp, "median_ms": 1e3 * statistics.median(seconds), "foreign_load": foreign}
         )

@@ -1,6 +1,7 @@
 """`python -m hpcllm.bench train`: training tokens/s of hpcllm (TensorComm + DataParallel +
-AdamW, the training loop's own step from hpcllm.parallel.steps) against PyTorch DDP over
-gloo: same model, batch, ranks and threads, in alternating rounds (hpcllm, DDP, hpcllm, ...).
+AdamW, built by the training's own `build_rank`, stepped by the training loop's own step from
+hpcllm.parallel.steps) against PyTorch DDP over gloo: same model, batch, ranks and threads,
+in alternating rounds (hpcllm, DDP, hpcllm, ...).
 
     mpirun -np 2 python -m hpcllm.bench train --steps 30 --warmup 5
 """
@@ -12,7 +13,6 @@ import socket
 import statistics
 import time
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -21,12 +21,12 @@ from mpi4py import MPI
 from hpcllm.bench.common import ClockedComm, ForeignLoad, environment, slowest, table
 from hpcllm.bench.layouts import add_model_arguments, model_config
 from hpcllm.comm import TensorComm
+from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
 from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.pipeline import PipelineStage, Schedule
+from hpcllm.parallel.build import build_rank
 from hpcllm.parallel.steps import clip_grad_norm, train_step
-from hpcllm.parallel.zero import ShardedAdamW
 from hpcllm.runtime import print0
+from hpcllm.topology import Grid
 
 TRAIN_OPTIONS = (
     "steps",
@@ -72,26 +72,25 @@ def add_shared_arguments(parser, local: bool = True) -> None:
 def hpcllm_stepper(
     cfg: ModelConfig, comm: TensorComm, bucket_mb: float, x_shape: tuple[int, int], zero: int = 0
 ):
-    """One optimizer step as hpcllm.train takes it (pp = 1): train_step, clip, AdamW (sharded
-    over the ranks under `zero` 1). Returns (step, DataParallel, optimizer)."""
-    model = GPT(cfg)
-    dp = DataParallel(model, comm, bucket_mb, shard=zero == 1)
-    pp_comm = TensorComm(MPI.COMM_SELF)
-    stage = PipelineStage(
-        model,
-        pp_comm,
-        stage=0,
-        num_stages=1,
-        act_shape=(*x_shape, cfg.d_model),
-        device=torch.device("cpu"),
+    """One optimizer step as hpcllm.train takes it (pp = 1, dp over `comm`'s ranks), built by
+    its own `build_rank`: train_step, clip, AdamW (sharded over the ranks under `zero` 1).
+    Returns (step, DataParallel, optimizer)."""
+    micro_batch, seq_len = x_shape
+    config = Config(
+        model=cfg,
+        train=TrainConfig(seq_len=seq_len, micro_batch_size=micro_batch, seed=0),
+        # Reduction overlapped with backward, as torch DDP does (no auto-tuning in the rounds).
+        parallel=ParallelConfig(bucket_mb=bucket_mb, zero=zero, overlap="on"),
+        optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1),
     )
-    schedule = Schedule(stage)
-    adamw = partial(ShardedAdamW, model, dp) if zero == 1 else torch.optim.AdamW
-    optimizer = adamw(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=False)
+    grid = Grid.build(comm.comm)
+    comms = {"dp": comm, **{a: TensorComm(grid.comm(a), name=a) for a in ("pp", "tp")}}
+    rank = build_rank(config, grid, torch.device("cpu"), comms)
+    model, dp, optimizer = rank.model, rank.ddp, rank.optimizer
 
     def step(x, y) -> float:
-        loss = train_step(schedule, dp, [(x, y)], nullcontext())
-        clip_grad_norm(model, 1.0, [pp_comm], ddp=dp)
+        loss = train_step(rank.schedule, dp, [(x, y)], nullcontext())
+        clip_grad_norm(model, 1.0, [comms["pp"]], ddp=dp)
         optimizer.step()
         return loss.item()
 

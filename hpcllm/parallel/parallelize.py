@@ -9,8 +9,8 @@ the weights do not depend on the layout.
 
 `parallelize(model, grid, cfg, tp_comm)` is then the one place where modules are swapped by
 name for their parallel versions, as torchtitan's `parallelize` does: model.py never learns
-about ranks. Tensor parallelism swaps `attn.qkv` and `mlp.fc` (llama: `attn.q/k/v`, `mlp.gate/up`) for
-column-parallel layers, `attn.proj` and `mlp.proj` for row-parallel ones, llama's QK-norms
+about ranks. Tensor parallelism swaps `attn.qkv` and `mlp.fc` (llama: `attn.q/k/v`, `mlp.gate/up`, whose
+shared input is copied into the parallel region once per module) for column-parallel layers, `attn.proj` and `mlp.proj` for row-parallel ones, llama's QK-norms
 for `HeadNorm`s (their replicated weight meets a rank's own heads only), `wte` for a vocab-parallel embedding and
 `lm_head` for a column-parallel head over the vocabulary; `loss_function` gives the schedule
 the matching (vocab-parallel) loss.
@@ -31,6 +31,7 @@ from hpcllm.parallel.tensor_parallel import (
     HeadNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_input,
     dropout_rng,
     padded_vocab,
     vocab_parallel_cross_entropy,
@@ -43,7 +44,10 @@ def build_stage(cfg: Config, grid: Grid, device, tp_comm: TensorComm | None = No
     rank's shards of its weights (`tp_comm` by default the grid's tp group, host buffers)."""
     if tp_comm is None:
         tp_comm = TensorComm(grid.comm("tp"), name="tp")
-    return stage_module(cfg, grid, tp_comm).to(device)
+    model = stage_module(cfg, grid, tp_comm)
+    # Created there already under a device context (the planner's meta or fake tensors).
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(t.device == device for t in tensors) else model.to(device)
 
 
 def stage_module(cfg: Config, grid: Grid, tp_comm: TensorComm) -> GPT:
@@ -78,8 +82,12 @@ def parallelize(model: GPT, grid: Grid, cfg: Config, tp_comm: TensorComm) -> GPT
         if name.endswith(".attn.qkv"):
             # Three segments (q, k, v): each rank keeps its heads' rows of all three.
             new = ColumnParallelLinear.from_dense(module, tp_comm, groups=3)
-        elif name.endswith((".mlp.fc", ".attn.q", ".attn.k", ".attn.v", ".mlp.gate", ".mlp.up")):
+        elif name.endswith(".mlp.fc"):
             new = ColumnParallelLinear.from_dense(module, tp_comm)
+        elif name.endswith((".attn.q", ".attn.k", ".attn.v", ".mlp.gate", ".mlp.up")):
+            # They share their module's input, copied once (below): one all-reduce of its
+            # gradient for q, k and v together, one for gate and up.
+            new = ColumnParallelLinear.from_dense(module, tp_comm, copy_input=False)
         elif name.endswith((".attn.q_norm", ".attn.k_norm")):
             new = HeadNorm(module, tp_comm)
         elif name.endswith((".attn.proj", ".mlp.proj")):
@@ -90,6 +98,8 @@ def parallelize(model: GPT, grid: Grid, cfg: Config, tp_comm: TensorComm) -> GPT
             new = ColumnParallelLinear.from_dense(module, tp_comm, padded=padded)
         elif name.endswith(".attn"):
             module.dropout_rng = dropout_rng(tp_comm)
+        if cfg.model.arch == "llama" and name.endswith((".attn", ".mlp")):
+            copy_input(module, tp_comm)
         if new is not None:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, new)

@@ -12,10 +12,15 @@ backward, on the tp communicator:
                 proj row-parallel
 
 A column-parallel layer's input is replicated: `copy_to_parallel` (identity forward,
-all-reduce of the input's gradient backward). A row-parallel layer's output is a partial
+all-reduce of the input's gradient backward). Where several column-parallel layers read the
+same input (llama's q, k and v; its gate and up), the copy is made once, on the input of the
+attention or MLP module (`copy_input`), and the layers are built with copy_input=False: their
+gradients with respect to the input are summed locally first, so the block still does one
+all-reduce backward per pair, not one per layer. A row-parallel layer's output is a partial
 sum: `reduce_from_parallel` (all-reduce forward, identity backward); its bias is replicated
 and added once, after the sum. Between the two, activations stay sharded, so attention runs
-on a rank's own heads only.
+on a rank's own heads only. (llama's QK-norm adds a head_dim-sized all-reduce of each norm's
+weight gradient: `HeadNorm`.)
 
 The vocabulary is cut in rank order into equal row ranges of the (padded) vocabulary: the
 token embedding (`VocabParallelEmbedding`, each rank looks up the ids in its range and the
@@ -99,15 +104,30 @@ class ColumnParallelLinear(nn.Module):
     The input is replicated; the output is this rank's shard of the last dim. `groups`
     says how many equal segments the output has (3 for a fused qkv: each rank keeps its
     share of q, of k and of v); `padded` pads the output dim (the LM head's vocabulary).
+    With `copy_input` False the input has been through `copy_to_parallel` already (once for
+    the layers that share it, see `copy_input`).
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, comm: TensorComm):
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        comm: TensorComm,
+        copy_input: bool = True,
+    ):
         super().__init__()
         self.weight, self.bias, self.comm = weight, bias, comm
+        self.copy_input = copy_input
 
     @classmethod
     def from_dense(
-        cls, dense: nn.Linear, comm: TensorComm, *, groups: int = 1, padded: int = 0
+        cls,
+        dense: nn.Linear,
+        comm: TensorComm,
+        *,
+        groups: int = 1,
+        padded: int = 0,
+        copy_input: bool = True,
     ) -> ColumnParallelLinear:
         rows = dense.out_features
         padded = padded or rows
@@ -119,10 +139,24 @@ class ColumnParallelLinear(nn.Module):
         if dense.bias is not None:
             b = dense.bias.detach()
             bias = _local_param(b, local_rows, 0, _placement(tuple(b.shape), 0, parts))
-        return cls(weight, bias, comm)
+        return cls(weight, bias, comm, copy_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_parallel(x, self.comm), self.weight, self.bias)
+        if self.copy_input:
+            x = copy_to_parallel(x, self.comm)
+        return F.linear(x, self.weight, self.bias)
+
+
+def copy_input(module: nn.Module, comm: TensorComm) -> None:
+    """Make `module`'s first input enter the parallel region once: `copy_to_parallel` on it
+    (a forward pre-hook, torchtitan's PrepareModuleInput), for the column-parallel layers
+    inside that read it and were built with copy_input=False."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x, *rest = args
+        return (copy_to_parallel(x, comm), *rest)
+
+    module.register_forward_pre_hook(hook)
 
 
 class RowParallelLinear(nn.Module):
