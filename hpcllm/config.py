@@ -446,11 +446,6 @@ def validate(cfg: Config) -> None:
         )
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
-    if p.pp > 1 and m.tie_embeddings:
-        raise ConfigError(
-            "model.tie_embeddings needs the embeddings and the LM head on one stage, "
-            f"but parallel.pp = {p.pp} puts them on the first and last; use one or the other"
-        )
     check_compression(p)
     check_interleaving(p, t, m)
     if p.cuda_aware not in ("auto", "yes", "no"):

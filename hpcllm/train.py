@@ -44,6 +44,7 @@ from hpcllm.parallel.parallelize import build_stage, loss_function
 from hpcllm.parallel.pipeline import Schedule, chunk_stages
 from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
 from hpcllm.parallel.tensor_parallel import owned_numel
+from hpcllm.parallel.tied import TiedGradients
 from hpcllm.rundir import RunDir
 from hpcllm.runtime import (
     Diverged,
@@ -266,6 +267,7 @@ def setup(cfg: Config, world) -> Trainer:
         warmup=cfg.parallel.powersgd_warmup,
         seed=t.seed,
     )
+    ddp.tied = TiedGradients.build(model, pp_comm)
     stages = chunk_stages(
         model,
         pp_comm,
