@@ -429,7 +429,7 @@ def validate(cfg: Config) -> None:
             "optim.name muon does not support parallel.zero 1; for ZeRO-1 add "
             "--optim.name adamw (muon is the default), or use parallel.zero 0"
         )
-    check_local_sgd(p, o)
+    check_local_sgd(p)
     if p.overlap not in OVERLAP_MODES:
         raise ConfigError(
             f"parallel.overlap must be one of {', '.join(OVERLAP_MODES)}, got '{p.overlap}'"
@@ -533,12 +533,6 @@ def check_local_sgd(p: ParallelConfig, o: OptimConfig) -> None:
             f"parallel.sync_every = {p.sync_every} does not combine with "
             f"parallel.grad_compression {p.grad_compression}: local SGD averages models, not "
             "gradients, so there is no gradient all-reduce to compress; use one of them"
-        )
-    if o.name == "muon":
-        raise ConfigError(
-            f"parallel.sync_every = {p.sync_every} does not combine with optim.name muon: "
-            "Muon spreads its update over the dp ranks, which needs the same gradients on "
-            "each of them every step; add --optim.name adamw (muon is the default)"
         )
 
 

@@ -133,7 +133,14 @@ def rank_memory(cfg: Config, dims: dict[str, int], coords: dict[str, int]) -> Ra
         model = build_stage(cfg, grid, META, tp_comm)
     zero = cfg.parallel.zero == 1
     ddp = DataParallel(model, dp_comm, cfg.parallel.bucket_mb, shard=zero)
-    optimizer = build_optimizer(model, cfg.optim, dp_comm, META, sharded=ddp if zero else None)
+    optimizer = build_optimizer(
+        model,
+        cfg.optim,
+        dp_comm,
+        META,
+        sharded=ddp if zero else None,
+        local_steps=cfg.parallel.sync_every > 1,
+    )
     optimizer.step()  # creates the state (moments, momentum, step counters) on meta tensors
     if zero:
         params = sum(4 * b.buffer.numel() for b in ddp.buckets)  # parameters live in param_buffer

@@ -283,6 +283,7 @@ def setup(cfg: Config, world) -> Trainer:
         device,
         sharded=ddp if cfg.parallel.zero == 1 else None,
         tp_comm=tp_comm,
+        local_steps=cfg.parallel.sync_every > 1,
     )
     trainer = Trainer(
         cfg=cfg,
