@@ -470,11 +470,6 @@ def check_compression(p: ParallelConfig) -> None:
             "supported (ZeRO-1 reduce-scatters the gradients instead of all-reducing them); "
             "use parallel.zero 0 or parallel.grad_compression none"
         )
-    if p.grad_compression == "powersgd" and p.tp > 1:
-        raise ConfigError(
-            f"parallel.grad_compression powersgd with parallel.tp = {p.tp} is not supported "
-            "yet (untested on tensor-parallel shards); use parallel.tp 1, or bf16/fp16"
-        )
 
 
 def check_interleaving(p: ParallelConfig, t: TrainConfig, m: ModelConfig) -> None:
@@ -498,22 +493,9 @@ def check_interleaving(p: ParallelConfig, t: TrainConfig, m: ModelConfig) -> Non
             f"{p.pp * p.virtual_stages} chunks but the model has only model.n_layer = "
             f"{m.n_layer} blocks; every chunk needs at least one block"
         )
-    untested = [
-        f"parallel.{key} {value}"
-        for key, value, default in [
-            ("sync_every", p.sync_every, 1),
-            ("grad_compression", p.grad_compression, "none"),
-        ]
-        if value != default
-    ]
-    if untested:
-        raise ConfigError(
-            f"parallel.virtual_stages = {p.virtual_stages} does not combine with "
-            f"{' and '.join(untested)} yet (not tested together); use parallel.virtual_stages 1"
-        )
 
 
-def check_local_sgd(p: ParallelConfig, o: OptimConfig) -> None:
+def check_local_sgd(p: ParallelConfig) -> None:
     """What local SGD (parallel.sync_every > 1) does not combine with."""
     if p.sync_every == 1:
         if p.outer_lr != 1.0 or p.outer_momentum != 0.0:
