@@ -56,6 +56,7 @@ from safetensors.torch import save_file
 
 from hpcllm import checkpoint_index as index
 from hpcllm.parallel.local_sgd import LocalSGD
+from hpcllm.parallel.tied import is_stage_replica
 from hpcllm.parallel.zero import Piece, Run, ShardedAdamW
 from hpcllm.rundir import replace_file
 from hpcllm.watchdog import WATCHDOG
@@ -219,6 +220,8 @@ def write_own_files(
         placement = index.placement_of(p)
         if placement is None and tp_rank != 0:
             continue  # replicated over tp: tp rank 0 writes it
+        if is_stage_replica(p):
+            continue  # the last stage's copy of a tied weight: the first stage writes it
         groups["model"][f"{prefix}model/{n}"] = (p, placement)
         for kind, state in states.items():
             for k, v in state.get(n, {}).items():

@@ -106,6 +106,12 @@ class TensorComm:
         self.cuda_aware = cuda_aware
         self.wait_seconds = 0.0
 
+    def split(self, color: int | None, name: str) -> TensorComm | None:
+        """Collective: the ranks of each `color` in a communicator of their own, in this
+        communicator's rank order; None on the ranks of color None."""
+        comm = self.comm.Split(MPI.UNDEFINED if color is None else color, self.rank)
+        return None if color is None else TensorComm(comm, self.cuda_aware, name=name)
+
     # -- buffers ---------------------------------------------------------------
 
     def _buffer(self, tensor: torch.Tensor, *, reduce: bool, incoming: bool):

@@ -446,7 +446,7 @@ def validate(cfg: Config) -> None:
             "optim.name muon does not support parallel.zero 1; for ZeRO-1 add "
             "--optim.name adamw (muon is the default), or use parallel.zero 0"
         )
-    check_local_sgd(p, o)
+    check_local_sgd(p)
     if p.overlap not in OVERLAP_MODES:
         raise ConfigError(
             f"parallel.overlap must be one of {', '.join(OVERLAP_MODES)}, got '{p.overlap}'"
@@ -463,11 +463,6 @@ def validate(cfg: Config) -> None:
         )
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
-    if p.pp > 1 and m.tie_embeddings:
-        raise ConfigError(
-            "model.tie_embeddings needs the embeddings and the LM head on one stage, "
-            f"but parallel.pp = {p.pp} puts them on the first and last; use one or the other"
-        )
     check_compression(p)
     check_interleaving(p, t, m)
     if p.cuda_aware not in ("auto", "yes", "no"):
@@ -492,11 +487,6 @@ def check_compression(p: ParallelConfig) -> None:
             "supported (ZeRO-1 reduce-scatters the gradients instead of all-reducing them); "
             "use parallel.zero 0 or parallel.grad_compression none"
         )
-    if p.grad_compression == "powersgd" and p.tp > 1:
-        raise ConfigError(
-            f"parallel.grad_compression powersgd with parallel.tp = {p.tp} is not supported "
-            "yet (untested on tensor-parallel shards); use parallel.tp 1, or bf16/fp16"
-        )
 
 
 def check_interleaving(p: ParallelConfig, t: TrainConfig, m: ModelConfig) -> None:
@@ -520,22 +510,9 @@ def check_interleaving(p: ParallelConfig, t: TrainConfig, m: ModelConfig) -> Non
             f"{p.pp * p.virtual_stages} chunks but the model has only model.n_layer = "
             f"{m.n_layer} blocks; every chunk needs at least one block"
         )
-    untested = [
-        f"parallel.{key} {value}"
-        for key, value, default in [
-            ("sync_every", p.sync_every, 1),
-            ("grad_compression", p.grad_compression, "none"),
-        ]
-        if value != default
-    ]
-    if untested:
-        raise ConfigError(
-            f"parallel.virtual_stages = {p.virtual_stages} does not combine with "
-            f"{' and '.join(untested)} yet (not tested together); use parallel.virtual_stages 1"
-        )
 
 
-def check_local_sgd(p: ParallelConfig, o: OptimConfig) -> None:
+def check_local_sgd(p: ParallelConfig) -> None:
     """What local SGD (parallel.sync_every > 1) does not combine with."""
     if p.sync_every == 1:
         if p.outer_lr != 1.0 or p.outer_momentum != 0.0:
@@ -555,12 +532,6 @@ def check_local_sgd(p: ParallelConfig, o: OptimConfig) -> None:
             f"parallel.sync_every = {p.sync_every} does not combine with "
             f"parallel.grad_compression {p.grad_compression}: local SGD averages models, not "
             "gradients, so there is no gradient all-reduce to compress; use one of them"
-        )
-    if o.name == "muon":
-        raise ConfigError(
-            f"parallel.sync_every = {p.sync_every} does not combine with optim.name muon: "
-            "Muon spreads its update over the dp ranks, which needs the same gradients on "
-            "each of them every step; add --optim.name adamw (muon is the default)"
         )
 
 

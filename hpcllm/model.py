@@ -219,19 +219,19 @@ class GPT(nn.Module):
         self.chunks = [layers] if isinstance(layers, range) else list(layers)
         self.layers = [i for chunk in self.chunks for i in chunk]
         self.first, self.last = first, last
-        if first:
+        # A tied head on a last stage that does not embed still holds `wte`: the shared
+        # weight, under the name (and with the initial values) it has on the first stage, so
+        # checkpoints and optimizer state name it alike in every layout. Only the first stage
+        # looks tokens up in it.
+        if first or (last and cfg.tie_embeddings):
             self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-            if cfg.arch == "gpt2":  # llama's positions are rotations inside attention
-                self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        if first and cfg.arch == "gpt2":  # llama's positions are rotations inside attention
+            self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layers})
         if last:
             self.ln_f = make_norm(cfg)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
-                if not first:
-                    raise ValueError(
-                        "model.tie_embeddings needs the embeddings and the LM head on one stage"
-                    )
                 self.lm_head.weight = self.wte.weight
         self._init_weights()
 

@@ -32,9 +32,14 @@ def build_optimizer(
     device: torch.device,
     sharded: DataParallel | None = None,
     tp_comm: TensorComm | None = None,
+    local_steps: bool = False,
 ) -> torch.optim.Optimizer:
     """This rank's optimizer over its stage's parameters; with `sharded` (a DataParallel
-    built with shard=True, ZeRO-1), AdamW over this dp rank's shard of them only."""
+    built with shard=True, ZeRO-1), AdamW over this dp rank's shard of them only.
+
+    `local_steps` (local SGD, parallel.sync_every > 1): each dp rank steps on its own
+    gradients, so Muon orthogonalises every matrix itself instead of sharing the work over
+    dp (which assumes the same gradients on every dp rank)."""
     if o.name == "muon":
         assert sharded is None, "config.validate refuses optim.name muon with parallel.zero 1"
         groups = muon.param_groups(
@@ -48,7 +53,7 @@ def build_optimizer(
             # bf16 iterations are the fast path on GPUs (the iteration tolerates them);
             # on CPUs fp32 is as fast and keeps runs comparable across layouts bit for bit.
             ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-            comm=dp_comm,
+            comm=None if local_steps else dp_comm,
             tp_comm=tp_comm,
         )
     assert o.name == "adamw", o.name  # config.validate refuses other names

@@ -105,6 +105,10 @@ class PlanningComm(TensorComm):
     def iallreduce_(self, tensor, op=None):
         return _Done(tensor)
 
+    def split(self, color, name):
+        # Only the ends of the pipeline split off together (tied embeddings): two ranks.
+        return None if color is None else PlanningComm(name, min(self.rank, 1), 2)
+
     def ireduce_scatter(self, tensor, out=None, op=None):
         return _Done(out)
 

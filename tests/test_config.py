@@ -219,14 +219,6 @@ INTERLEAVED = [
             ["--parallel.virtual_stages", "2"],
             "parallel.virtual_stages = 2 interleaves pipeline stages, but parallel.pp = 1",
         ),
-        (
-            [*INTERLEAVED, "--parallel.sync_every", "4", "--optim.name", "adamw"],
-            "parallel.virtual_stages = 2 does not combine with parallel.sync_every 4",
-        ),
-        (
-            [*INTERLEAVED, "--parallel.grad_compression", "bf16"],
-            "parallel.virtual_stages = 2 does not combine with parallel.grad_compression bf16",
-        ),
     ],
 )
 def test_validate_names_the_key(args, message):

@@ -92,7 +92,6 @@ def test_outer_step_is_model_averaging_or_diloco_nesterov():
 def test_config_refuses_what_local_sgd_does_not_combine_with():
     refused = {
         "parallel.zero 1": ["--parallel.zero", "1"],
-        "optim.name muon": ["--optim.name", "muon"],
         "parallel.grad_compression bf16": ["--parallel.grad_compression", "bf16"],
     }
     for name, args in refused.items():

@@ -107,8 +107,16 @@ def test_tied_embeddings_share_storage():
     # The shared matrix appears once in the optimizer groups.
     grouped = [p for g in param_groups(model, 0.1) for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
-    with pytest.raises(ValueError, match=r"tie_embeddings"):
-        GPT(cfg, layers=range(1, 3), first=False, last=True)
+    # A last pipeline stage holds the shared weight as `wte` too (its head's weight), with
+    # the first stage's initial values, so both ends of the pipeline start from one matrix.
+    first = GPT(cfg, layers=range(0, 1), first=True, last=False, init_seed=SEED)
+    last = GPT(cfg, layers=range(1, 3), first=False, last=True, init_seed=SEED)
+    assert last.lm_head.weight is last.wte.weight and not hasattr(last, "wpe")
+    assert [n for n, _ in last.named_parameters()].count("wte.weight") == 1
+    assert "lm_head.weight" not in dict(last.named_parameters())
+    fresh = GPT(cfg, init_seed=SEED)
+    assert torch.equal(first.wte.weight, fresh.wte.weight)
+    assert torch.equal(last.wte.weight, fresh.wte.weight)
 
 
 def test_param_groups_decay_only_matrices():

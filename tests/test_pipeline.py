@@ -756,16 +756,11 @@ def test_rank_dying_mid_schedule_ends_the_job(data_dir, tmp_path):
         ),
         (
             2,
-            {"parallel.pp": 2, "model.tie_embeddings": True},
-            "model.tie_embeddings needs the embeddings and the LM head on one stage",
-        ),
-        (
-            2,
             {"parallel.pp": 2, "parallel.schedule": "zigzag"},
             "parallel.schedule must be 1f1b or gpipe, got 'zigzag'",
         ),
     ],
-    ids=["more-stages-than-blocks", "split-misses-blocks", "tied-embeddings", "unknown-schedule"],
+    ids=["more-stages-than-blocks", "split-misses-blocks", "unknown-schedule"],
 )
 def test_bad_layout_refused_before_training(data_dir, tmp_path, np, settings, message):
     run_dir = tmp_path / "run"

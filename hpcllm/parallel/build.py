@@ -29,6 +29,7 @@ from hpcllm.parallel.hierarchical import select_allreduce
 from hpcllm.parallel.local_sgd import LocalSGD
 from hpcllm.parallel.parallelize import build_stage, loss_function
 from hpcllm.parallel.pipeline import Schedule, chunk_stages
+from hpcllm.parallel.tied import TiedGradients
 from hpcllm.topology import Grid
 
 T = TypeVar("T")
@@ -103,10 +104,18 @@ def build_rank(
         act_shape=(t.micro_batch_size, t.seq_len, cfg.model.d_model),
         device=device,
     )
+    ddp.tied = TiedGradients.build(model, pp_comm)
     schedule = Schedule(stages, p.schedule, loss_fn=loss_function(cfg, tp_comm))
-    # ZeRO-1 (parallel.zero 1) runs the same AdamW over this dp rank's shard only.
+    # ZeRO-1 (parallel.zero 1) runs the same AdamW over this dp rank's shard only; under
+    # local SGD each dp rank steps on its own gradients (Muon then spreads no work over dp).
     optimizer = build_optimizer(
-        model, cfg.optim, dp_comm, device, sharded=ddp if shard else None, tp_comm=tp_comm
+        model,
+        cfg.optim,
+        dp_comm,
+        device,
+        sharded=ddp if shard else None,
+        tp_comm=tp_comm,
+        local_steps=p.sync_every > 1,
     )
     local_sgd = LocalSGD.build(model, dp_comm, p)
     return Rank(cfg, grid, comms, model, ddp, schedule, optimizer, local_sgd)

@@ -18,8 +18,8 @@ and wait().
 - `powersgd` (Vogels et al., 2019): each gradient matrix M (n x m, a parameter viewed as
   dim 0 by the rest) with its error feedback E: M' = M + E, P = M'Q summed over dp and
   orthonormalised, Q = M'^T P summed over dp, approximation P Q^T, E = M' - P Q^T / dp.
-  Q is warm-started from the previous step (the first from a generator seeded identically
-  on every rank). Vectors, and matrices where rank x (n + m) >= n x m, travel uncompressed
+  Q is warm-started from the previous step (the first from a generator seeded by the
+  parameter's name, identically on every rank and in every pipeline layout). Vectors, and matrices where rank x (n + m) >= n x m, travel uncompressed
   in the same all-reduce as the P's; the Q's go in a second one. The first `warmup` steps
   are plain all-reduces. E and Q are per-rank state (`state_dict`), saved in checkpoints so
   that a resumed run continues exactly; the step count is the training step's.
@@ -32,6 +32,7 @@ on every rank.
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -222,7 +223,6 @@ class PowerSGD(Compressor):
         # Per bucket: [(name, gradient matrix view, E, Q)], the uncompressed views, and the
         # flat buffers that carry the P's (and the uncompressed values) and the Q's.
         self.plans: dict[int, tuple[list, list[torch.Tensor], torch.Tensor, torch.Tensor]] = {}
-        gen = torch.Generator().manual_seed(seed)
         for b in buckets:
             matrices, vectors = [], []
             p_numel = q_numel = 0
@@ -232,6 +232,9 @@ class PowerSGD(Compressor):
                 m = p.numel() // n
                 r = min(rank, n, m)
                 if p.dim() >= 2 and compressible(n, m, r):
+                    # Seeded per parameter name, as the weights are: the same Q whatever the
+                    # pipeline layout or bucket order puts beside it.
+                    gen = torch.Generator().manual_seed(seed + zlib.crc32(names[id(p)].encode()))
                     q = torch.randn(m, r, generator=gen).to(b.buffer.device)
                     error = torch.zeros(n, m, device=b.buffer.device)
                     matrices.append((names[id(p)], grad.view(n, m), error, q))

@@ -52,6 +52,7 @@ from hpcllm.parallel.compression import (
     allreduce_wire_bytes,
     reduce_scatter_wire_bytes,
 )
+from hpcllm.parallel.tied import TiedGradients, shared_weight
 from hpcllm.watchdog import WATCHDOG
 
 # parallel.overlap auto: the modes of its first steps. The first step warms up (allocations,
@@ -134,6 +135,9 @@ class DataParallel:
         self.wait_seconds = 0.0
         self.wire_bytes = 0
         self.compressor: Compressor | None = None  # set by compression.build's caller
+        # pp x tied embeddings: the first and last stage's sum of the shared weight's gradient
+        # (hpcllm/parallel/tied.py), set by the caller; train_step runs it after finish().
+        self.tied: TiedGradients | None = None
         self._log = log or (lambda message: None)
         self._thread: _CommThread | None = None
         params = [p for p in model.parameters() if p.requires_grad]
@@ -143,6 +147,7 @@ class DataParallel:
             list(reversed(params)),
             int(bucket_mb * 2**20),
             comm.size if shard else hierarchical.multiple if hierarchical else 1,
+            alone=shared_weight(model),
         )
         self._bucket_of: dict[int, Bucket] = {}
         for bucket in self.buckets:
@@ -202,12 +207,18 @@ class DataParallel:
             self._thread = None
 
     @staticmethod
-    def _make_buckets(params: list[nn.Parameter], bucket_bytes: int, multiple: int) -> list[Bucket]:
+    def _make_buckets(
+        params: list[nn.Parameter], bucket_bytes: int, multiple: int, alone: nn.Parameter | None
+    ) -> list[Bucket]:
         groups: list[list[nn.Parameter]] = [[]]
         size = 0
         for p in params:
-            # A parameter larger than a bucket gets a bucket of its own.
-            if groups[-1] and size + p.numel() * 4 > bucket_bytes:
+            # A parameter larger than a bucket gets a bucket of its own, and so does `alone`
+            # (a weight tied across pipeline stages: its ZeRO-1 shards then cover the same
+            # elements on both stages).
+            if groups[-1] and (
+                size + p.numel() * 4 > bucket_bytes or alone is p or alone is groups[-1][-1]
+            ):
                 groups.append([])
                 size = 0
             groups[-1].append(p)
@@ -350,6 +361,13 @@ class DataParallel:
         if not self.shard:
             return [p.grad for b in self.buckets for p in b.params if p.grad is not None]
         return [b.grad_shard for b in self.buckets if b.grad_shard is not None]
+
+    def reduce_tied(self) -> None:
+        """After the step's backward (and finish()): sum the gradient of a weight tied across
+        pipeline stages between the first and the last stage; under ZeRO-1 this rank's
+        shard of it (its bucket holds it alone)."""
+        if self.tied is not None:
+            self.tied.reduce(self._bucket_of[id(self.tied.weight)].grad_shard)
 
     def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """ZeRO-1: (parameter, the run of its averaged gradient in this rank's shards), for

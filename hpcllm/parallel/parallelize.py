@@ -36,6 +36,7 @@ from hpcllm.parallel.tensor_parallel import (
     padded_vocab,
     vocab_parallel_cross_entropy,
 )
+from hpcllm.parallel.tied import mark_replica
 from hpcllm.topology import Grid
 
 
@@ -74,8 +75,15 @@ def parallelize(model: GPT, grid: Grid, cfg: Config, tp_comm: TensorComm) -> GPT
     dense modules were initialised in full; each parallel module keeps this rank's slice.
     """
     assert grid.size("tp") == tp_comm.size == cfg.parallel.tp
-    if tp_comm.size == 1:
-        return model
+    if tp_comm.size > 1:
+        _tensor_parallel(model, cfg, tp_comm)
+    # The last stage's copy of a weight tied across stages (hpcllm/parallel/tied.py).
+    mark_replica(model)
+    return model
+
+
+def _tensor_parallel(model: GPT, cfg: Config, tp_comm: TensorComm) -> None:
+    """Swap the dense modules for tensor-parallel ones, by name (see `parallelize`)."""
     padded = padded_vocab(cfg.model.vocab_size, tp_comm.size)
     for name, module in list(model.named_modules()):
         new: nn.Module | None = None
@@ -103,9 +111,10 @@ def parallelize(model: GPT, grid: Grid, cfg: Config, tp_comm: TensorComm) -> GPT
         if new is not None:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, new)
-    if cfg.model.tie_embeddings and model.first and model.last:
-        model.lm_head.weight = model.wte.weight  # the same vocabulary rows on this rank
-    return model
+    if cfg.model.tie_embeddings and model.last:
+        # The same vocabulary rows on this rank; on a last stage that does not embed, the
+        # copy of the first stage's shard.
+        model.lm_head.weight = model.wte.weight
 
 
 def loss_function(cfg: Config, tp_comm: TensorComm) -> LossFn:

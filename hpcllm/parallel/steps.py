@@ -86,6 +86,7 @@ def train_step(
     )
     if average_grads:
         ddp.finish(average=False)
+    ddp.reduce_tied()  # pp x tied embeddings: both stages get the shared weight's gradient
     return loss_sum
 
 

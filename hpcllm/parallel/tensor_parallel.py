@@ -49,6 +49,7 @@ from mpi4py import MPI
 
 from hpcllm.checkpoint_index import Box, Placement, placement_of, set_placement
 from hpcllm.comm import TensorComm, copy_to_parallel, reduce_from_parallel
+from hpcllm.parallel.tied import is_stage_replica
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
@@ -307,13 +308,16 @@ def dropout_rng(comm: TensorComm):
 
 def counted_once(param: torch.Tensor, tp_rank: int) -> bool:
     """Whether this rank counts `param` in whole-model sums (norms, parameter counts): each
-    rank its own shards, and tp rank 0 alone the parameters replicated over tp."""
-    return tp_rank == 0 or placement_of(param) is not None
+    rank its own shards, and tp rank 0 alone the parameters replicated over tp; the first
+    stage alone a weight tied across pipeline stages."""
+    return (tp_rank == 0 or placement_of(param) is not None) and not is_stage_replica(param)
 
 
 def owned_numel(param: torch.Tensor, tp_rank: int) -> int:
     """Elements of the global model this rank holds in `param` (shards without padding)."""
     placement = placement_of(param)
+    if is_stage_replica(param):
+        return 0
     if placement is None:
         return param.numel() if tp_rank == 0 else 0
     return sum(prod(box.length) for _, _, box in placement.parts)

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from hpcllm import checkpoint_index as index
 from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.tied import is_stage_replica
 
 # (global tensor name, its global shape, the region of it, the tensor holding that region)
 Piece = tuple[str, list[int], index.Region, torch.Tensor]
@@ -116,8 +117,10 @@ class ShardedAdamW(torch.optim.AdamW):
         pieces: list[Piece] = []
         for part in self.parts:
             placement = index.placement_of(part.param)
-            if placement is None and tp_rank != 0:
-                continue  # replicated over tp: tp rank 0's dp ranks write it
+            if (placement is None and tp_rank != 0) or is_stage_replica(part.param):
+                # replicated over tp: tp rank 0's dp ranks write it; a tied weight's last-stage
+                # copy: the first stage's
+                continue
             shape = list(part.param.shape if placement is None else placement.shape)
             for key, value in [("", part.segment), *self.state.get(part.segment, {}).items()]:
                 name = f"optim/{part.name}/{key}" if key else f"model/{part.name}"
