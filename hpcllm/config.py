@@ -422,13 +422,6 @@ def validate(cfg: Config) -> None:
         )
     if o.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, got '{o.name}'")
-    if o.name == "muon" and p.zero:
-        # Muon already spreads its work over dp and keeps one momentum per parameter; its
-        # state is not sharded (yet), so the combination would silently be plain Muon.
-        raise ConfigError(
-            "optim.name muon does not support parallel.zero 1; for ZeRO-1 add "
-            "--optim.name adamw (muon is the default), or use parallel.zero 0"
-        )
     check_local_sgd(p, o)
     if p.overlap not in OVERLAP_MODES:
         raise ConfigError(
