@@ -431,11 +431,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"parallel.allreduce must be flat, hierarchical or auto, got '{p.allreduce}'"
         )
-    if p.allreduce == "hierarchical" and p.grad_compression != "none":
+    if p.allreduce == "hierarchical" and p.grad_compression == "powersgd":
+        # bf16/fp16 compress the cross-node phase of the two levels (parallel/hierarchical.py).
         raise ConfigError(
-            f"parallel.allreduce hierarchical does not combine with parallel.grad_compression "
-            f"{p.grad_compression} (the compressed reduction has its own collectives); use "
-            "one of them"
+            "parallel.allreduce hierarchical does not combine with parallel.grad_compression "
+            "powersgd (its all-reduces carry low-rank factors, a small fraction of the "
+            "gradient already); use bf16/fp16 compression with it, or allreduce flat"
         )
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
@@ -462,11 +463,11 @@ def check_compression(p: ParallelConfig) -> None:
             f"parallel.grad_compression must be one of {', '.join(modes)}, got "
             f"'{p.grad_compression}'"
         )
-    if p.grad_compression != "none" and p.zero:
+    if p.grad_compression == "powersgd" and p.zero:
         raise ConfigError(
-            f"parallel.grad_compression {p.grad_compression} with parallel.zero 1 is not "
-            "supported (ZeRO-1 reduce-scatters the gradients instead of all-reducing them); "
-            "use parallel.zero 0 or parallel.grad_compression none"
+            "parallel.grad_compression powersgd with parallel.zero 1 is not supported (its "
+            "low-rank approximation has no reduce-scatter form); use parallel.zero 0, or "
+            "bf16/fp16 compression"
         )
     if p.grad_compression == "powersgd" and p.tp > 1:
         raise ConfigError(

@@ -244,7 +244,7 @@ def setup(cfg: Config, world) -> Trainer:
         grid,
         dp_comm,
         min(int(cfg.parallel.bucket_mb * 2**18), sum(p.numel() for p in model.parameters())),
-        shard=cfg.parallel.zero == 1,
+        compression=cfg.parallel.grad_compression,
     )
     print0(f"gradient all-reduce over dp: {how}")
     ddp = DataParallel(
@@ -265,6 +265,7 @@ def setup(cfg: Config, world) -> Trainer:
         rank=cfg.parallel.powersgd_rank,
         warmup=cfg.parallel.powersgd_warmup,
         seed=t.seed,
+        hierarchical=hierarchical,
     )
     stages = chunk_stages(
         model,
