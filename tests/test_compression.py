@@ -200,6 +200,12 @@ def test_compressed_training_follows_the_uncompressed_run(data_dir, tmp_path):
         assert wire < (0.6 if mode != "powersgd" else 0.5) * 4 * numel, (mode, wire)
     # powersgd's warm-up steps are plain all-reduces.
     assert records[0]["grad_wire_bytes"] == 4 * numel
+    # bf16 under ZeRO-1: the compressed reduce-scatter, half of bf16's bytes, bf16's losses
+    # (the same rounded sums; AdamW sharded or not differ by fp32 rounding only).
+    got, records, _ = run_mode(data_dir, tmp_path / "bf16-zero1", 2, "bf16", {"parallel.zero": 1})
+    bf16 = losses(tmp_path / "bf16")
+    assert all(got[s] == pytest.approx(bf16[s], rel=1e-5) for s in bf16), (got, bf16)
+    assert records[-1]["grad_wire_bytes"] <= 0.3 * 4 * numel
 
 
 def test_powersgd_with_pp_and_accumulation_resumes_exactly(data_dir, tmp_path):

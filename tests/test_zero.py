@@ -449,3 +449,19 @@ def test_muon_zero1_checkpoint_resumes_exactly_and_under_zero0(data_dir, tmp_pat
                 assert got[step] == ref[step], (step, got, ref)
             else:  # dp 1 sums the micro-batches in another order: fp32 rounding, 5 steps
                 assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
+
+
+def test_muon_zero1_under_tp_equals_one_rank(data_dir, tmp_path):
+    """dp 2 x tp 2 x zero 1 with Muon: each matrix's owners (one per tp rank, the same dp
+    rank) gather their ranges' gradients, assemble the whole matrix over tp, orthogonalise it
+    and return each range's slice of the update: one rank's Muon, to fp32 rounding."""
+    muon = {"optim.name": "muon", "optim.muon_lr": 0.02}
+    result = train(None, settings(data_dir, tmp_path / "one", **muon))
+    assert result.returncode == 0, result
+    layout = {"parallel.dp": 2, "parallel.tp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}
+    result = train(4, settings(data_dir, tmp_path / "dp2-tp2", **layout, **muon), timeout=240)
+    assert result.returncode == 0, result
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "dp2-tp2")
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step in ref:  # other summation orders (dp, tp, micro-batches): fp32 rounding, 10 steps
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)

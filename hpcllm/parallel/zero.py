@@ -1,4 +1,4 @@
-"""ZeRO-1: AdamW state sharded over the dp ranks (`parallel.zero 1`).
+"""ZeRO-1: optimizer state sharded over the dp ranks (`parallel.zero 1`).
 
 `DataParallel(..., shard=True)` pads every gradient bucket to a multiple of dp, reduce-scatters
 it while backward runs, and makes the parameters views into one flat buffer per bucket. Dp
@@ -9,6 +9,11 @@ the rank's averaged gradient shard), so its arithmetic is torch.optim.AdamW's, e
 element, and the moments exist for 1/dp of the model on each rank. After the update,
 `DataParallel.gather_params` all-gathers the ranges so every rank holds the whole model again
 before the next forward.
+
+`ShardedMuon` runs Muon's AdamW groups the same way, over the owned segments, while each hidden
+matrix goes whole to the one dp rank that orthogonalises it (its owner, which alone keeps its
+momentum) and its update comes back to the ranges' holders (see the class). Both share
+`ShardedOptimizer`: the segments, and what checkpoints ask of a sharded optimizer.
 
 For checkpoints, a segment is described per parameter (`Part`): which flat range of which
 parameter it holds. A rank writes, and on load reads, exactly those ranges of the parameters
