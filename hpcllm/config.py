@@ -55,8 +55,9 @@ class ParallelConfig:
     bucket_mb: float = 25.0
     """Size of one gradient all-reduce bucket, in MiB."""
     zero: int = 0
-    """ZeRO stage: 0 replicates AdamW state on every dp rank; 1 shards it (and the update)
-    over the dp ranks, reduce-scattering gradients and all-gathering parameters."""
+    """ZeRO stage: 0 replicates the optimizer state on every dp rank; 1 shards it (and the
+    update) over the dp ranks, reduce-scattering gradients and all-gathering parameters
+    (Muon: each hidden matrix's momentum on the rank that orthogonalises it)."""
     cuda_aware: str = "auto"
     """CUDA tensors straight to MPI: 'auto' (detect), 'yes', or 'no' (stage through host)."""
     grad_compression: str = "none"
