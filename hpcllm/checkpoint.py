@@ -57,7 +57,7 @@ from safetensors.torch import save_file
 from hpcllm import checkpoint_index as index
 from hpcllm.parallel.local_sgd import LocalSGD
 from hpcllm.parallel.tied import is_stage_replica
-from hpcllm.parallel.zero import Piece, Run, ShardedAdamW
+from hpcllm.parallel.zero import Piece, Run, ShardedOptimizer
 from hpcllm.rundir import replace_file
 from hpcllm.watchdog import WATCHDOG
 
@@ -201,7 +201,7 @@ def write_own_files(
     """
     tp_rank, dp_rank = grid.rank("tp"), grid.rank("dp")
     tag = f"pp{grid.rank('pp')}-dp{dp_rank}-tp{tp_rank}"
-    if isinstance(optimizer, ShardedAdamW):
+    if isinstance(optimizer, ShardedOptimizer):
         return _write_flat_ranges(tmp, tag, optimizer.owned_pieces(tp_rank))
     if dp_rank != 0 and local_sgd is None:
         return {}, {}
@@ -680,7 +680,7 @@ def _wanted(
             (k, e) for k, e in tensors.items() if k.startswith(tuple(kinds))
         ]:
             key = stored[len(prefix) :] if stored.startswith(prefix) else stored
-            if isinstance(optimizer, ShardedAdamW):
+            if isinstance(optimizer, ShardedOptimizer):
                 owned = optimizer.owned_runs(key, e["shape"])
                 if owned is not None:
                     wanted[key] = _Want(e, None, owned[0], tuple(owned[1]))
@@ -768,7 +768,7 @@ def _apply(
     rng = [v for k, v in state.items() if k.startswith("rng/")]
     if rng:
         torch.set_rng_state(rng[0])
-    if isinstance(optimizer, ShardedAdamW):
+    if isinstance(optimizer, ShardedOptimizer):
         optimizer.load_owned(state)
         return
     with torch.no_grad():

@@ -277,6 +277,36 @@ class TensorComm:
 
         return Work(self.comm.Ialltoall(send, recv), finish, f"all-to-all on {self.name}", out)
 
+    def alltoallv(
+        self,
+        tensor: torch.Tensor,
+        send_counts: list[int],
+        out: torch.Tensor,
+        recv_counts: list[int],
+    ) -> torch.Tensor:
+        """Blocking all-to-all of uneven chunks of flat tensors: the first send_counts[0]
+        elements of `tensor` go to rank 0, the next send_counts[1] to rank 1, ...; `out` gets
+        recv_counts[j] elements from rank j, in rank order. Any dtype: nothing is reduced."""
+        if self.size == 1:
+            out[: send_counts[0]].copy_(tensor[: send_counts[0]])
+            return out
+        send, _ = self._buffer(tensor, reduce=False, incoming=False)
+        recv, copy_back = self._buffer(out, reduce=False, incoming=True)
+
+        def displacements(counts: list[int]) -> list[int]:
+            return [sum(counts[:j]) for j in range(len(counts))]
+
+        start = time.perf_counter()
+        with WATCHDOG.watch(f"all-to-all on {self.name}"):
+            self.comm.Alltoallv(
+                [send, (send_counts, displacements(send_counts))],
+                [recv, (recv_counts, displacements(recv_counts))],
+            )
+        self.wait_seconds += time.perf_counter() - start
+        if copy_back:
+            copy_back()
+        return out
+
     def _check_chunks(self, what: str, *, whole: torch.Tensor, chunk: torch.Tensor) -> None:
         if whole.numel() != self.size * chunk.numel() or whole.dtype != chunk.dtype:
             raise ValueError(

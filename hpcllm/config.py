@@ -58,8 +58,9 @@ class ParallelConfig:
     bucket_mb: float = 25.0
     """Size of one gradient all-reduce bucket, in MiB."""
     zero: int = 0
-    """ZeRO stage: 0 replicates AdamW state on every dp rank; 1 shards it (and the update)
-    over the dp ranks, reduce-scattering gradients and all-gathering parameters."""
+    """ZeRO stage: 0 replicates the optimizer state on every dp rank; 1 shards it (and the
+    update) over the dp ranks, reduce-scattering gradients and all-gathering parameters
+    (Muon: each hidden matrix's momentum on the rank that orthogonalises it)."""
     cuda_aware: str = "auto"
     """CUDA tensors straight to MPI: 'auto' (detect), 'yes', or 'no' (stage through host)."""
     grad_compression: str = "none"
@@ -439,13 +440,6 @@ def validate(cfg: Config) -> None:
         )
     if o.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, got '{o.name}'")
-    if o.name == "muon" and p.zero:
-        # Muon already spreads its work over dp and keeps one momentum per parameter; its
-        # state is not sharded (yet), so the combination would silently be plain Muon.
-        raise ConfigError(
-            "optim.name muon does not support parallel.zero 1; for ZeRO-1 add "
-            "--optim.name adamw (muon is the default), or use parallel.zero 0"
-        )
     check_local_sgd(p)
     if p.overlap not in OVERLAP_MODES:
         raise ConfigError(
@@ -455,11 +449,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"parallel.allreduce must be flat, hierarchical or auto, got '{p.allreduce}'"
         )
-    if p.allreduce == "hierarchical" and p.grad_compression != "none":
+    if p.allreduce == "hierarchical" and p.grad_compression == "powersgd":
+        # bf16/fp16 compress the cross-node phase of the two levels (parallel/hierarchical.py).
         raise ConfigError(
-            f"parallel.allreduce hierarchical does not combine with parallel.grad_compression "
-            f"{p.grad_compression} (the compressed reduction has its own collectives); use "
-            "one of them"
+            "parallel.allreduce hierarchical does not combine with parallel.grad_compression "
+            "powersgd (its all-reduces carry low-rank factors, a small fraction of the "
+            "gradient already); use bf16/fp16 compression with it, or allreduce flat"
         )
     if p.schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"parallel.schedule must be 1f1b or gpipe, got '{p.schedule}'")
@@ -481,11 +476,11 @@ def check_compression(p: ParallelConfig) -> None:
             f"parallel.grad_compression must be one of {', '.join(modes)}, got "
             f"'{p.grad_compression}'"
         )
-    if p.grad_compression != "none" and p.zero:
+    if p.grad_compression == "powersgd" and p.zero:
         raise ConfigError(
-            f"parallel.grad_compression {p.grad_compression} with parallel.zero 1 is not "
-            "supported (ZeRO-1 reduce-scatters the gradients instead of all-reducing them); "
-            "use parallel.zero 0 or parallel.grad_compression none"
+            "parallel.grad_compression powersgd with parallel.zero 1 is not supported (its "
+            "low-rank approximation has no reduce-scatter form); use parallel.zero 0, or "
+            "bf16/fp16 compression"
         )
 
 

@@ -108,14 +108,18 @@ class Muon(torch.optim.Optimizer):
 
     # -- Muon --------------------------------------------------------------------------
 
-    def _momentum_direction(self, p: nn.Parameter, group: dict) -> torch.Tensor:
-        """Update the momentum buffer; the matrix to orthogonalise (Nesterov look-ahead)."""
-        assert p.grad is not None
+    def _momentum_direction(
+        self, p: nn.Parameter, group: dict, grad: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Update the momentum buffer with `grad` (default p.grad); the matrix to
+        orthogonalise (Nesterov look-ahead)."""
+        grad = p.grad if grad is None else grad
+        assert grad is not None
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
         buf = state["momentum_buffer"]
-        grad = p.grad.float()
+        grad = grad.float()
         buf.lerp_(grad, 1 - group["momentum"])
         return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf.clone()
 
@@ -128,12 +132,10 @@ class Muon(torch.optim.Optimizer):
             directions = self._whole_matrices(params, directions)
         updates = self._orthogonalized(directions, group["ns_steps"])
         for p, update in zip(params, updates, strict=True):
-            # Scale so that the update's RMS does not shrink for tall matrices (fan-out > fan-in),
-            # by the whole matrix's shape.
-            scale = max(1.0, update.size(0) / update.size(1)) ** 0.5
+            scale = update_scale(update.shape)
             placement = placement_of(p)
             if self.tp_comm is not None and placement is not None:
-                update = _local_slice(update, placement, p.shape)
+                update = local_slice(update, placement, p.shape)
             p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
 
@@ -223,6 +225,12 @@ class Muon(torch.optim.Optimizer):
             p.addcdiv_(state["exp_avg"].to(p.dtype), denom.to(p.dtype), value=-group["lr"] / bias1)
 
 
+def update_scale(shape: torch.Size | tuple[int, ...]) -> float:
+    """Scale so that the update's RMS does not shrink for tall matrices (fan-out > fan-in),
+    by the whole matrix's shape."""
+    return max(1.0, shape[0] / shape[1]) ** 0.5
+
+
 def assign_owners(numels: list[int], size: int) -> list[int]:
     """Which rank orthogonalises each matrix: largest first, each to the least-loaded rank,
     so the ranks' shares of the work (and of the gathered buffer) stay close."""
@@ -264,7 +272,7 @@ def param_groups(
     return groups
 
 
-def _local_slice(full: torch.Tensor, placement: Placement, shape: torch.Size) -> torch.Tensor:
+def local_slice(full: torch.Tensor, placement: Placement, shape: torch.Size) -> torch.Tensor:
     """This rank's slice of a whole matrix (zeros where the local tensor is padding)."""
     local = full.new_zeros(shape)
     d = placement.dim

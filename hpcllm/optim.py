@@ -3,7 +3,7 @@
     adamw  torch AdamW: decay on matrices, none on biases and norms.
     muon   Muon (hpcllm.muon) on the blocks' hidden matrices at optim.muon_lr, AdamW at
            optim.lr on the embeddings, the head and the vectors; its orthogonalisation is
-           spread over the data-parallel ranks.
+           spread over the data-parallel ranks (under ZeRO-1, with each matrix's momentum).
 
 Every param group keeps its peak rate as `initial_lr`; the schedule scales them all alike.
 """
@@ -11,6 +11,7 @@ Every param group keeps its peak rate as `initial_lr`; the schedule scales them 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from hpcllm.comm import TensorComm
 from hpcllm.config import OptimConfig
 from hpcllm.model import param_groups
 from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.zero import ShardedAdamW
+from hpcllm.parallel.zero import ShardedAdamW, ShardedMuon
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -35,27 +36,28 @@ def build_optimizer(
     local_steps: bool = False,
 ) -> torch.optim.Optimizer:
     """This rank's optimizer over its stage's parameters; with `sharded` (a DataParallel
-    built with shard=True, ZeRO-1), AdamW over this dp rank's shard of them only.
+    built with shard=True, ZeRO-1), its state for this dp rank's shard of them only (under
+    Muon: AdamW's for the shard, the momentum of the hidden matrices this rank orthogonalises).
 
     `local_steps` (local SGD, parallel.sync_every > 1): each dp rank steps on its own
     gradients, so Muon orthogonalises every matrix itself instead of sharing the work over
     dp (which assumes the same gradients on every dp rank)."""
     if o.name == "muon":
-        assert sharded is None, "config.validate refuses optim.name muon with parallel.zero 1"
         groups = muon.param_groups(
             model.named_parameters(), lr=o.lr, muon_lr=o.muon_lr, weight_decay=o.weight_decay
         )
-        return muon.Muon(
-            groups,
-            momentum=o.muon_momentum,
-            betas=(o.beta1, o.beta2),
-            eps=o.eps,
+        settings: dict[str, Any] = {
+            "momentum": o.muon_momentum,
+            "betas": (o.beta1, o.beta2),
+            "eps": o.eps,
             # bf16 iterations are the fast path on GPUs (the iteration tolerates them);
             # on CPUs fp32 is as fast and keeps runs comparable across layouts bit for bit.
-            ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-            comm=None if local_steps else dp_comm,
-            tp_comm=tp_comm,
-        )
+            "ns_dtype": torch.bfloat16 if device.type == "cuda" else torch.float32,
+            "tp_comm": tp_comm,
+        }
+        if sharded is not None:
+            return ShardedMuon(model, sharded, groups, **settings)
+        return muon.Muon(groups, comm=None if local_steps else dp_comm, **settings)
     assert o.name == "adamw", o.name  # config.validate refuses other names
     groups = param_groups(model, o.weight_decay)
     for g in groups:

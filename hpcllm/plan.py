@@ -95,7 +95,8 @@ class PlanningComm(TensorComm):
         self.cuda_aware = False
         self.wait_seconds = 0.0
         self.allreduced = 0  # bytes handed to all-reduces (bf16/fp16 travel as fp32)
-        self.gathered = 0  # bytes of the outputs of blocking all-gathers (Muon's updates)
+        # bytes of the outputs of blocking all-gathers (Muon's updates) and all-to-all inputs
+        self.gathered = 0
 
     def allreduce_(self, tensor, op=None):
         itemsize = 4 if tensor.dtype in _REDUCED_IN_FP32 else tensor.element_size()
@@ -118,6 +119,11 @@ class PlanningComm(TensorComm):
     def allgather(self, tensor, out=None):
         self.gathered += self.size * tensor.numel() * tensor.element_size()
         return tensor.new_empty((self.size * tensor.shape[0], *tensor.shape[1:]))
+
+    def alltoallv(self, tensor, send_counts, out, recv_counts):
+        # Muon under ZeRO-1: (size-1)/size of what a rank hands over leaves it, as in a gather.
+        self.gathered += tensor.numel() * tensor.element_size()
+        return out
 
 
 def _grid_at(dims: dict[str, int], coords: dict[str, int]) -> Grid:

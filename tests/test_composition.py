@@ -37,15 +37,9 @@ from hpcllm.checkpoint_index import placement_of
 from hpcllm.comm import TensorComm
 from hpcllm.config import Config, ConfigError, ParallelConfig, TrainConfig, validate
 from hpcllm.model import GPT, ModelConfig
-from hpcllm.optim import build_optimizer
-from hpcllm.parallel import compression
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.local_sgd import LocalSGD
-from hpcllm.parallel.parallelize import build_stage, loss_function
-from hpcllm.parallel.pipeline import Schedule, chunk_stages
+from hpcllm.parallel.build import build_rank
 from hpcllm.parallel.steps import clip_grad_norm, mean_over_grid, stage_inputs, train_step
-from hpcllm.parallel.tied import TiedGradients
-from hpcllm.topology import Grid
+from hpcllm.topology import AXES, Grid
 
 from helpers import prepare_data
 from helpers import train as launch_train
@@ -100,18 +94,15 @@ PAIRS: list[tuple[str, str, dict]] = [
     ("dp2", "muon+local_sgd", {"optim.name": "muon", "parallel.sync_every": 2}),
     ("dp2xpp2", "muon+local_sgd", {"optim.name": "muon", "parallel.sync_every": 2}),
     ("dp2xtp2", "muon+local_sgd", {"optim.name": "muon", "parallel.sync_every": 2}),
+    ("dp2", "muon+zero1", {"optim.name": "muon", "parallel.zero": 1}),
+    ("dp2xtp2", "muon+zero1", {"optim.name": "muon", "parallel.zero": 1}),
+    ("dp2xpp2xV2", "muon+zero1", {"optim.name": "muon", "parallel.zero": 1}),
+    ("dp2xpp2", "bf16+zero1", {"parallel.grad_compression": "bf16", "parallel.zero": 1}),
+    ("dp2xtp2", "bf16+zero1", {"parallel.grad_compression": "bf16", "parallel.zero": 1}),
 ]
 # Pairs config.validate still refuses, with the words of their reason. Another feature
 # that starts to work moves from here into PAIRS.
 REFUSED: dict[str, tuple[dict, str]] = {
-    "zero1+bf16": (
-        {"parallel.zero": 1, "parallel.grad_compression": "bf16"},
-        "ZeRO-1 reduce-scatters the gradients instead of all-reducing them",
-    ),
-    "zero1+muon": (
-        {"parallel.zero": 1, "optim.name": "muon"},
-        "optim.name muon does not support parallel.zero 1",
-    ),
     "zero1+local_sgd": (
         {"parallel.zero": 1, "parallel.sync_every": 2},
         "ZeRO-1 shards the update over dp, which needs the averaged gradient every step",
@@ -119,6 +110,14 @@ REFUSED: dict[str, tuple[dict, str]] = {
     "local_sgd+bf16": (
         {"parallel.sync_every": 2, "parallel.grad_compression": "bf16"},
         "local SGD averages models, not gradients",
+    ),
+    "zero1+powersgd": (
+        {"parallel.zero": 1, "parallel.grad_compression": "powersgd"},
+        "has no reduce-scatter form",
+    ),
+    "hierarchical+powersgd": (
+        {"parallel.allreduce": "hierarchical", "parallel.grad_compression": "powersgd"},
+        "powersgd",
     ),
 }
 
@@ -146,6 +145,7 @@ def config(layout: dict, settings: dict) -> Config:
         ),
     )
     cfg.optim.name, cfg.optim.lr, cfg.optim.grad_clip = "adamw", 3e-3, 0.5
+    cfg.optim.eps = TP_ADAM_EPS  # AdamW and rounding noise: see test_tensor_parallel
     for key, value in settings.items():
         section, _, name = key.partition(".")
         setattr(getattr(cfg, section), name, value)
@@ -156,43 +156,15 @@ def config(layout: dict, settings: dict) -> Config:
 class Rank:
     """One rank of a run, built from `cfg` as hpcllm.train builds it."""
 
-    def __init__(self, comm, cfg: Config, local_muon: bool = False):
-        p, t = cfg.parallel, cfg.train
+    def __init__(self, comm, cfg: Config):
+        p = cfg.parallel
         self.cfg = cfg
         self.grid = grid = Grid.build(comm, dp=p.dp, pp=p.pp, tp=p.tp)
-        self.dp, self.pp, self.tp = (TensorComm(grid.comm(a), name=a) for a in ("dp", "pp", "tp"))
-        self.model = model = build_stage(cfg, grid, CPU, self.tp)
-        self.ddp = DataParallel(model, self.dp, p.bucket_mb, shard=p.zero == 1)
-        self.ddp.compressor = compression.build(
-            p.grad_compression,
-            self.dp,
-            self.ddp.buckets,
-            model,
-            rank=p.powersgd_rank,
-            warmup=p.powersgd_warmup,
-            seed=t.seed,
-        )
-        self.ddp.tied = TiedGradients.build(model, self.pp)
-        stages = chunk_stages(
-            model,
-            self.pp,
-            virtual_stages=p.virtual_stages,
-            act_shape=(t.micro_batch_size, SEQ_LEN, cfg.model.d_model),
-            device=CPU,
-        )
-        self.schedule = Schedule(stages, p.schedule, loss_fn=loss_function(cfg, self.tp))
-        self.optimizer = build_optimizer(
-            model,
-            cfg.optim,
-            self.dp,
-            CPU,
-            sharded=self.ddp if p.zero else None,
-            tp_comm=self.tp,
-            local_steps=p.sync_every > 1 or local_muon,
-        )
-        for group in self.optimizer.param_groups:
-            group["eps"] = TP_ADAM_EPS  # AdamW and rounding noise: see test_tensor_parallel
-        self.local_sgd = LocalSGD.build(model, self.dp, p)
+        comms = {a: TensorComm(grid.comm(a), name=a) for a in AXES}
+        self.dp, self.pp, self.tp = comms["dp"], comms["pp"], comms["tp"]
+        rank = build_rank(cfg, grid, CPU, comms)
+        self.model, self.ddp, self.schedule = rank.model, rank.ddp, rank.schedule
+        self.optimizer, self.local_sgd = rank.optimizer, rank.local_sgd
 
     def step(self, step: int, data_rank: int | None = None, data_size: int | None = None):
         """Optimizer step `step` (from 0) on this dp rank's samples (or those of dp rank
@@ -261,10 +233,10 @@ class Rank:
         return {"params": params, "differ": differ}
 
 
-def train(comm, cfg: Config, local_muon: bool = False) -> dict | None:
+def train(comm, cfg: Config) -> dict | None:
     """STEPS steps of `cfg` on `comm`: on its rank 0 the losses, gradient norms, parameters
     and differing copies; None on the other ranks."""
-    rank = Rank(comm, cfg, local_muon)
+    rank = Rank(comm, cfg)
     losses, norms = zip(*(rank.step(s) for s in range(STEPS)), strict=True)
     result = rank.gather(comm)
     return None if result is None else {**result, "losses": losses, "norms": norms}

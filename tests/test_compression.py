@@ -35,13 +35,13 @@ def reduce_once(ddp, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {ddp.names[id(p)]: p.grad.clone() for b in ddp.buckets for p in b.params}
 
 
-def make_ddp(comm, mode: str, bucket_mb: float, **powersgd):
+def make_ddp(comm, mode: str, bucket_mb: float, shard: bool = False, **powersgd):
     from hpcllm.comm import TensorComm
     from hpcllm.parallel import compression
     from hpcllm.parallel.data_parallel import DataParallel
 
     model = Shapes()
-    ddp = DataParallel(model, TensorComm(comm, name="dp"), bucket_mb)
+    ddp = DataParallel(model, TensorComm(comm, name="dp"), bucket_mb, shard=shard)
     if mode == "powersgd":
         names = {id(p): n for n, p in model.named_parameters()}
         ddp.compressor = compression.PowerSGD(ddp.comm, ddp.buckets, names, **powersgd)
@@ -90,6 +90,40 @@ def test_reduction_math_of_each_mode(comm):
         got = reduce_once(ddp, grads[rank])
         for n in shapes:
             torch.testing.assert_close(got[n], exact[n] * (step + 1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.mpi(ranks=[2, 3], timeout=120)
+def test_half_precision_under_zero1_keeps_the_rounded_sum_of_its_shard(comm):
+    """bf16/fp16 with ZeRO-1: the compressed reduce-scatter leaves each rank the values the
+    compressed all-reduce gives at its shard (the same sums, rounded the same way: bit for
+    bit), within 16-bit rounding of the fp32 reduce-scatter's, for half the bytes."""
+    size, rank = comm.size, comm.rank
+    gen = torch.Generator().manual_seed(11)
+    shapes = {n: p.shape for n, p in Shapes().named_parameters()}
+    every = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(size)]
+    # bf16's unit roundoff is 2^-8 (fp16's, scaled per chunk, smaller): each addend rounds by
+    # at most 2^-8 of itself and the sum by 2^-8 of it, so by 2^-7 of the sum of |addends|.
+    bound = {n: 2**-7 * sum(g[n].abs() for g in every) / size for n in shapes}
+    _, fp32 = make_ddp(comm, "none", bucket_mb=1e-4, shard=True)
+    reduce_once(fp32, every[rank])
+    for mode in ("bf16", "fp16"):
+        _, whole = make_ddp(comm, mode, bucket_mb=1e-4)
+        _, sharded = make_ddp(comm, mode, bucket_mb=1e-4, shard=True)
+        assert len(sharded.buckets) > 1
+        reduce_once(whole, every[rank])
+        reduce_once(sharded, every[rank])
+        for b0, b1, ref in zip(whole.buckets, sharded.buckets, fp32.buckets, strict=True):
+            lo, hi = b1.shard_range(rank, size)
+            n = max(0, min(hi, b0.buffer.numel()) - lo)  # the rest is padding
+            assert torch.equal(b1.grad_shard[:n], b0.buffer[lo : lo + n]), mode
+            assert not b1.grad_shard[n:].any()
+            for p, offset in zip(b1.params, b1.offsets, strict=True):
+                a, b = max(lo, offset), min(hi, offset + p.numel())
+                if a < b:
+                    name = sharded.names[id(p)]
+                    err = (b1.grad_shard[a - lo : b - lo] - ref.grad_shard[a - lo : b - lo]).abs()
+                    assert (err <= bound[name].view(-1)[a - offset : b - offset]).all(), mode
+        assert sharded.wire_bytes * 2 == whole.wire_bytes, mode
 
 
 def test_phased_work_advances_its_phases_inside_test():
@@ -167,6 +201,12 @@ def test_compressed_training_follows_the_uncompressed_run(data_dir, tmp_path):
         assert wire < (0.6 if mode != "powersgd" else 0.5) * 4 * numel, (mode, wire)
     # powersgd's warm-up steps are plain all-reduces.
     assert records[0]["grad_wire_bytes"] == 4 * numel
+    # bf16 under ZeRO-1: the compressed reduce-scatter, half of bf16's bytes, bf16's losses
+    # (the same rounded sums; AdamW sharded or not differ by fp32 rounding only).
+    got, records, _ = run_mode(data_dir, tmp_path / "bf16-zero1", 2, "bf16", {"parallel.zero": 1})
+    bf16 = losses(tmp_path / "bf16")
+    assert all(got[s] == pytest.approx(bf16[s], rel=1e-5) for s in bf16), (got, bf16)
+    assert records[-1]["grad_wire_bytes"] <= 0.3 * 4 * numel
 
 
 def test_powersgd_with_pp_and_accumulation_resumes_exactly(data_dir, tmp_path):
@@ -198,11 +238,10 @@ def test_powersgd_with_pp_and_accumulation_resumes_exactly(data_dir, tmp_path):
 def test_compression_refuses_what_it_does_not_support():
     for settings, words in (
         ({"grad_compression": "int8"}, "must be one of none, bf16, fp16, powersgd"),
-        ({"grad_compression": "bf16", "zero": 1}, "with parallel.zero 1 is not supported"),
+        ({"grad_compression": "powersgd", "zero": 1}, "with parallel.zero 1 is not supported"),
         ({"powersgd_rank": 0}, "parallel.powersgd_rank = 0 is out of range"),
     ):
         cfg = Config()
-        cfg.optim.name = "adamw"  # muon (the default) refuses zero 1 on its own
         for key, value in settings.items():
             setattr(cfg.parallel, key, value)
         with pytest.raises(ConfigError, match=words):

@@ -202,8 +202,9 @@ INTERLEAVED = [
         (["--parallel.cuda_aware", "maybe"], "parallel.cuda_aware must be auto, yes or no"),
         (["--parallel.allreduce", "ring"], "parallel.allreduce must be flat, hierarchical or auto"),
         (
-            ["--parallel.allreduce", "hierarchical", "--parallel.grad_compression", "bf16"],
-            "parallel.allreduce hierarchical does not combine with parallel.grad_compression bf16",
+            ["--parallel.allreduce", "hierarchical", "--parallel.grad_compression", "powersgd"],
+            "parallel.allreduce hierarchical does not combine with parallel.grad_compression "
+            "powersgd",
         ),
         (
             [*INTERLEAVED, "--train.grad_accum_steps", "3"],

@@ -97,4 +97,72 @@ def test_hierarchical_equals_flat_and_auto_agrees(comm):
     ):
         chosen, how = select_allreduce("auto", grid, dp, 4096, colour=colour)
         assert chosen is None and how.startswith(reason), how
-    assert select_allreduce("hierarchical", grid, dp, 0, shard=True, colour=two_nodes)[0] is None
+    chosen, how = select_allreduce("auto", grid, dp, 4096, compression="powersgd", colour=0)
+    assert chosen is None and how == "flat: PowerSGD all-reduces its own low-rank factors", how
+
+
+@pytest.mark.mpi(ranks=4, timeout=180)
+def test_hierarchical_reduce_scatter_and_compression_compose(comm):
+    """ZeRO-1 and bf16/fp16 through the two levels (one policy: the reduce-scatter form drops
+    the in-node all-gather, compression takes the cross-node phase), on nodes of consecutive
+    dp ranks and on round-robin ones (the blocks are reordered for the reduce-scatter).
+
+    The reduce-scatter form leaves each rank the flat reduce-scatter's shard (integer sums
+    exactly, gradients to fp32 rounding); compressed, each rank keeps the very values the
+    compressed all-reduce form gives at its shard (two addends per level: their sum is the
+    same in either order, and each block is rounded from the same values), within 16-bit
+    rounding of the fp32 result."""
+    from mpi4py import MPI
+
+    from hpcllm.comm import TensorComm
+    from hpcllm.parallel import compression
+    from hpcllm.parallel.data_parallel import DataParallel
+    from hpcllm.parallel.hierarchical import select_allreduce
+    from hpcllm.topology import Grid
+
+    grid = Grid.build(comm)  # dp 4
+    dp = TensorComm(grid.comm("dp"), name="dp")
+    g = torch.Generator().manual_seed(comm.rank)
+    x = torch.randint(0, 50, (2, 17), generator=g)
+    for colour in (comm.rank // 2, comm.rank % 2):
+        reducer, how = select_allreduce("hierarchical", grid, dp, 0, colour=colour)
+        assert reducer is not None, how
+        values = torch.randint(-1000, 1000, (4 * 1001,), generator=g).float()
+        expected = torch.empty(1001)
+        comm.Reduce_scatter_block(values.numpy(), expected.numpy())
+        shard = torch.empty(1001)
+        reducer.start(values, shard).wait()
+        assert torch.equal(shard, expected)
+
+        def reduced(hierarchical, shard: bool, mode: str = "none") -> DataParallel:
+            model = OddSized()  # the same initial weights everywhere (seeded)
+            ddp = DataParallel(model, dp, bucket_mb=0.002, shard=shard, hierarchical=hierarchical)
+            ddp.compressor = compression.build(
+                mode, dp, ddp.buckets, model, hierarchical=hierarchical
+            )
+            ddp.zero_grad()
+            cross_entropy(model(x[:, :-1]), x[:, 1:]).backward()
+            ddp.finish()
+            return ddp
+
+        flat = reduced(None, True)
+        assert len(flat.buckets) > 2
+        for b0, b1 in zip(flat.buckets, reduced(reducer, True).buckets, strict=True):
+            torch.testing.assert_close(b1.grad_shard, b0.grad_shard, rtol=1e-5, atol=1e-7)
+        for mode in ("bf16", "fp16"):
+            whole, sharded = reduced(reducer, False, mode), reduced(reducer, True, mode)
+            for b0, b1, ref in zip(whole.buckets, sharded.buckets, flat.buckets, strict=True):
+                lo, hi = b1.shard_range(comm.rank, comm.size)
+                # fp16 scales each 1/dp block: alike where both forms pad the bucket alike.
+                if mode == "bf16" or b0.buffer.numel() == b1.buffer.numel():
+                    n = max(0, min(hi, b0.buffer.numel()) - lo)  # the rest is padding
+                    assert torch.equal(b1.grad_shard[:n], b0.buffer[lo : lo + n]), (colour, mode)
+                # 2^-8 per 16-bit rounding: of each node's sum, and of the total; fp16 puts a
+                # block's peak at 2^14, where its subnormals resolve 2^-38 of the peak.
+                bound = ref.buffer.abs()  # this rank's own addends (reduce-scatter kept them)
+                comm.Allreduce(MPI.IN_PLACE, bound.numpy())
+                bound = (2**-7 * bound + 2**-36 * bound.max()) / comm.size
+                err = (b1.grad_shard - ref.grad_shard).abs()
+                assert (err <= bound[lo:hi]).all(), (colour, mode)
+        reducer.local.comm.Free()
+        reducer.cross.comm.Free()

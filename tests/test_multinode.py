@@ -75,8 +75,9 @@ def single_host_run(data_dir, tmp_path_factory):
         (2, {"parallel.dp": 2}),
         (4, {"parallel.dp": 2, "parallel.pp": 2}),
         (4, {"parallel.dp": 4, "parallel.allreduce": "hierarchical"}),
+        (4, {"parallel.dp": 4, "parallel.allreduce": "hierarchical", "parallel.zero": 1}),
     ],
-    ids=["dp2", "dp2xpp2", "dp4-hierarchical"],
+    ids=["dp2", "dp2xpp2", "dp4-hierarchical", "dp4-hierarchical-zero1"],
 )
 def test_layout_over_two_hosts_equals_the_single_host_run(
     np, layout, data_dir, single_host_run, tmp_path

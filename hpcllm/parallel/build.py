@@ -75,7 +75,9 @@ def build_rank(
     shard = p.zero == 1
     # parallel.allreduce auto probes one bucket's worth (or the whole model, if smaller).
     probe = min(int(p.bucket_mb * 2**18), sum(q.numel() for q in model.parameters()))
-    hierarchical, how = select_allreduce(p.allreduce, grid, dp_comm, probe, shard=shard)
+    hierarchical, how = select_allreduce(
+        p.allreduce, grid, dp_comm, probe, compression=p.grad_compression
+    )
     if log is not None:
         log(f"gradient all-reduce over dp: {how}")
     ddp = DataParallel(
@@ -96,6 +98,7 @@ def build_rank(
         rank=p.powersgd_rank,
         warmup=p.powersgd_warmup,
         seed=t.seed,
+        hierarchical=hierarchical,
     )
     stages = chunk_stages(
         model,

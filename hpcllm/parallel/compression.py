@@ -35,7 +35,7 @@ from __future__ import annotations
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,7 @@ from hpcllm.comm import TensorComm, Work
 
 if TYPE_CHECKING:
     from hpcllm.parallel.data_parallel import Bucket
+    from hpcllm.parallel.hierarchical import HierarchicalAllreduce
 
 # fp16's largest finite value is 65504 (~2^16): scaled chunks peak at 2^14, so the sum of
 # their rounded values stays finite after the cast (dp ranks' sums are rescaled first).
@@ -60,6 +61,16 @@ def allreduce_wire_bytes(nbytes: int, size: int) -> int:
 def reduce_scatter_wire_bytes(nbytes: int, size: int) -> int:
     """Bytes one rank sends in a ring reduce-scatter of `nbytes` (ZeRO-1's reduction)."""
     return (size - 1) * nbytes // size
+
+
+class Reduction(Protocol):
+    """A bucket's reduction in flight (a Pending) that knows what this rank sends for it."""
+
+    wire_bytes: int
+
+    def test(self) -> bool: ...
+
+    def wait(self) -> None: ...
 
 
 class PhasedWork:
@@ -109,7 +120,7 @@ class Compressor(ABC):
         }
 
     @abstractmethod
-    def start(self, bucket: Bucket) -> PhasedWork:
+    def start(self, bucket: Bucket) -> Reduction:
         """Start summing `bucket.buffer` over dp; the buffer holds the sum after wait()."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -122,50 +133,67 @@ class Compressor(ABC):
         return None
 
 
-class HalfPrecision(Compressor):
-    """bf16 or fp16 on the wire, summed in fp32: Ialltoall of chunks, Iallgather of sums."""
+class HalfSum:
+    """The 16-bit sum of one flat fp32 buffer of `numel` elements over `size` ranks: each rank
+    sends every rank its 1/size chunk (all-to-all), sums its chunk of every rank's copy in
+    fp32 and rounds the sum to 16 bits once; then either an all-gather brings every rounded
+    chunk to every rank (the all-reduce form) or the rank keeps its own (the reduce-scatter
+    form, for ZeRO-1): the same rounded values either way. Used for whole buckets over dp
+    (`HalfPrecision`) and for the cross-node phase of a hierarchical reduction."""
 
-    def __init__(self, comm: TensorComm, buckets: list[Bucket], dtype: torch.dtype):
-        super().__init__(comm, buckets)
-        self.dtype = dtype
+    def __init__(self, size: int, numel: int, dtype: torch.dtype, device: torch.device):
         # fp16: one extra 16-bit slot per chunk carries the chunk's scale exponent.
         self.extra = 1 if dtype == torch.float16 else 0
-        size = comm.size
-        self.scratch = {}
-        for b in buckets:
-            chunk = -(-b.buffer.numel() // size) + self.extra
-            # (dp, chunk): what this rank sends (later: what it gathers), and what it receives.
-            self.scratch[id(b)] = (
-                torch.zeros(size, chunk, dtype=dtype, device=b.buffer.device),
-                torch.zeros(size, chunk, dtype=dtype, device=b.buffer.device),
-            )
+        self.numel = numel
+        chunk = -(-numel // size) + self.extra
+        # (size, chunk): what this rank sends (later: what it gathers), and what it receives.
+        self.send = torch.zeros(size, chunk, dtype=dtype, device=device)
+        self.recv = torch.zeros(size, chunk, dtype=dtype, device=device)
 
-    def start(self, bucket: Bucket) -> PhasedWork:
-        comm = self.bucket_comms[id(bucket)]
-        send, recv = self.scratch[id(bucket)]
-        n = bucket.buffer.numel()
-        data = send.shape[1] - self.extra  # elements of the bucket per chunk
+    def phases(
+        self,
+        comm: TensorComm,
+        values: torch.Tensor,
+        shard: torch.Tensor | None = None,
+        gather_comm: TensorComm | None = None,
+    ) -> list[Callable[[], Work | None]]:
+        """PhasedWork's phases summing `values` over `comm`: into `values`, or with `shard`
+        only this rank's chunk, into `shard` (`values` then holds its own addend still). The
+        all-gather goes on `gather_comm` (the same group) if given."""
+        send, recv, n = self.send, self.recv, self.numel
+        data = send.shape[1] - self.extra  # elements of the buffer per chunk
+        mine = send[comm.rank : comm.rank + 1]
 
         def scatter() -> Work:
-            self._pack(bucket.buffer, send, n)
+            self._pack(values, send, n)
             return comm.ialltoall(send, recv)
 
-        def gather() -> Work:
+        def reduce() -> None:
             # The sum of this rank's chunk over every rank's copy, in fp32, rounded once.
             total = self._unpack(recv).sum(0)  # (data,)
-            mine = send[comm.rank : comm.rank + 1]
             self._pack(total, mine, data)
-            return comm.iallgather_(send)
+
+        def gather() -> Work:
+            reduce()
+            return (gather_comm or comm).iallgather_(send)
 
         def unpack() -> None:
             if self.extra:
-                bucket.buffer.copy_(self._unpack(send).reshape(-1)[:n])
+                values.copy_(self._unpack(send).reshape(-1)[:n])
             else:  # bf16: cast straight into the buffer, no fp32 copy in between
-                bucket.buffer.copy_(send.view(-1)[:n])
+                values.copy_(send.view(-1)[:n])
 
-        chunk_bytes = send.shape[1] * send.element_size()
-        wire = 2 * (comm.size - 1) * chunk_bytes  # all-to-all, then all-gather
-        return PhasedWork([scatter, gather, unpack], wire)
+        def keep() -> None:
+            assert shard is not None
+            reduce()
+            shard.copy_(self._unpack(mine).reshape(-1)[: shard.numel()])
+
+        return [scatter, gather, unpack] if shard is None else [scatter, keep]
+
+    def wire_bytes(self, size: int, shard: bool) -> int:
+        """What one rank sends: all-to-all, and all-gather unless it keeps its shard."""
+        chunk_bytes = self.send.shape[1] * self.send.element_size()
+        return (1 if shard else 2) * (size - 1) * chunk_bytes
 
     def _pack(self, values: torch.Tensor, out: torch.Tensor, n: int) -> None:
         """Cast the first `n` elements of `values` into `out`'s (rows, chunk) data slots;
@@ -192,6 +220,41 @@ class HalfPrecision(Compressor):
         data = packed.shape[1] - 1
         shift = packed[:, data].view(torch.int16).float()
         return torch.ldexp(packed[:, :data].float(), -shift[:, None])
+
+
+class HalfPrecision(Compressor):
+    """bf16 or fp16 on the wire, summed in fp32 (`HalfSum` per bucket, over dp); under ZeRO-1
+    (buckets with a `grad_shard`) the reduce-scatter form. With `hierarchical` the buckets
+    are reduced in two levels instead, and 16 bits travel in the cross-node phase only."""
+
+    def __init__(
+        self,
+        comm: TensorComm,
+        buckets: list[Bucket],
+        dtype: torch.dtype,
+        hierarchical: HierarchicalAllreduce | None = None,
+    ):
+        super().__init__(comm, buckets)
+        self.hierarchical = hierarchical
+        if hierarchical is None:
+            self.sums = {
+                id(b): HalfSum(comm.size, b.buffer.numel(), dtype, b.buffer.device) for b in buckets
+            }
+        else:  # the cross-node phase sums 1/local of a bucket over the nodes
+            local, cross = hierarchical.local.size, hierarchical.cross.size
+            self.sums = {
+                id(b): HalfSum(cross, b.buffer.numel() // local, dtype, b.buffer.device)
+                for b in buckets
+            }
+
+    def start(self, bucket: Bucket) -> Reduction:
+        if self.hierarchical is not None:
+            return self.hierarchical.start(bucket.buffer, bucket.grad_shard, self.sums[id(bucket)])
+        comm, half = self.bucket_comms[id(bucket)], self.sums[id(bucket)]
+        shard = bucket.grad_shard
+        return PhasedWork(
+            half.phases(comm, bucket.buffer, shard), half.wire_bytes(comm.size, shard is not None)
+        )
 
 
 def worth_compressing(n: int, m: int, rank: int) -> bool:
@@ -334,13 +397,17 @@ def build(
     rank: int = 4,
     warmup: int = 0,
     seed: int = 0,
+    hierarchical: HierarchicalAllreduce | None = None,
 ) -> Compressor | None:
     """The compressor of `mode` (parallel.grad_compression) for DataParallel's `buckets`, or
-    None for 'none' (the plain fp32 all-reduce)."""
+    None for 'none' (the plain fp32 all-reduce). With `hierarchical` (parallel.allreduce),
+    bf16/fp16 compress the cross-node phase of its two-level reduction (config.validate
+    refuses powersgd with it)."""
     if mode == "none":
         return None
     if mode in ("bf16", "fp16"):
-        return HalfPrecision(comm, buckets, torch.bfloat16 if mode == "bf16" else torch.float16)
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+        return HalfPrecision(comm, buckets, dtype, hierarchical)
     assert mode == "powersgd", mode  # config.validate() refuses other values
     names = {id(p): n for n, p in model.named_parameters()}
     return PowerSGD(comm, buckets, names, rank=rank, warmup=warmup, seed=seed)

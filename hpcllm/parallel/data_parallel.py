@@ -27,7 +27,10 @@ the optimizer (`hpcllm.parallel.zero.ShardedAdamW`) updates this rank's range of
 `gather_params()` all-gathers the ranges, so every rank has the whole model again.
 
 With a `compressor` (`parallel.grad_compression`, hpcllm/parallel/compression.py) a bucket's
-reduction is its compressed one instead; it leaves the sum in the buffer all the same.
+reduction is its compressed one instead; it leaves the sum in the buffer all the same (under
+ZeRO-1, this rank's shard of it in `grad_shard`). With `hierarchical` (parallel.allreduce) the
+reduction has two levels, node then across nodes, in either form; compression then applies
+to its cross-node phase (hpcllm/parallel/hierarchical.py states the policy).
 `wire_bytes` counts what this rank has sent for gradient reduction, from the message sizes
 and each algorithm's traffic.
 """
@@ -49,6 +52,7 @@ from hpcllm.comm import Pending, TensorComm
 from hpcllm.config import OVERLAP_MODES
 from hpcllm.parallel.compression import (
     Compressor,
+    Reduction,
     allreduce_wire_bytes,
     reduce_scatter_wire_bytes,
 )
@@ -112,7 +116,8 @@ class DataParallel:
     micro-batch of a step (their gradients only accumulate locally); after the
     last backward, `finish()` returns once every gradient is the dp average.
     With `hierarchical` (hpcllm.parallel.hierarchical, parallel.allreduce) buckets are summed
-    in two levels, node then across nodes, and padded to a multiple of the ranks per node.
+    in two levels, node then across nodes, and padded to a multiple of the ranks per node
+    (of the dp size under ZeRO-1, as without it).
     """
 
     def __init__(
@@ -126,8 +131,6 @@ class DataParallel:
         log: Callable[[str], None] | None = None,
         hierarchical: HierarchicalAllreduce | None = None,
     ):
-        if shard and hierarchical is not None:
-            raise ValueError("ZeRO-1 reduce-scatters its buckets: no hierarchical all-reduce")
         self.comm = comm
         self.shard = shard
         self.hierarchical = hierarchical
@@ -267,13 +270,19 @@ class DataParallel:
 
     def _start_reduction(self, bucket: Bucket, blocking: bool = False) -> Pending:
         """Start summing `bucket` over dp: the whole buffer, or only this rank's shard of it
-        under ZeRO-1, or its compressed reduction. The one place a bucket's reduction is chosen.
+        under ZeRO-1; compressed, in two levels, or both. The one place a bucket's reduction
+        is chosen.
 
         `blocking` (overlap off) completes a one-call reduction before returning: Open MPI's
         blocking Allreduce and Reduce_scatter are faster than their non-blocking forms
         (measured: 6.5 vs 13 ms for 64 MiB at np 2), and nothing overlaps them anyway."""
+        work: Reduction
         if self.compressor is not None:
             work = self.compressor.start(bucket)
+            self.wire_bytes += work.wire_bytes
+            return work
+        if self.hierarchical is not None:
+            work = self.hierarchical.start(bucket.buffer, bucket.grad_shard)
             self.wire_bytes += work.wire_bytes
             return work
         nbytes = bucket.buffer.numel() * bucket.buffer.element_size()
@@ -283,12 +292,6 @@ class DataParallel:
                 self.comm.reduce_scatter(bucket.buffer, bucket.grad_shard)
                 return DONE
             return self.comm.ireduce_scatter(bucket.buffer, bucket.grad_shard)
-        if self.hierarchical is not None:
-            local, cross, _ = self.hierarchical.phases
-            # reduce-scatter and all-gather inside the node, an all-reduce of 1/local across
-            self.wire_bytes += 2 * reduce_scatter_wire_bytes(nbytes, local.size)
-            self.wire_bytes += allreduce_wire_bytes(nbytes // local.size, cross.size)
-            return self.hierarchical.start(bucket.buffer)
         self.wire_bytes += allreduce_wire_bytes(nbytes, self.comm.size)
         if blocking:
             self.comm.allreduce_(bucket.buffer)

@@ -1,4 +1,4 @@
-"""ZeRO-1: AdamW state sharded over the dp ranks (`parallel.zero 1`).
+"""ZeRO-1: optimizer state sharded over the dp ranks (`parallel.zero 1`).
 
 `DataParallel(..., shard=True)` pads every gradient bucket to a multiple of dp, reduce-scatters
 it while backward runs, and makes the parameters views into one flat buffer per bucket. Dp
@@ -9,6 +9,11 @@ the rank's averaged gradient shard), so its arithmetic is torch.optim.AdamW's, e
 element, and the moments exist for 1/dp of the model on each rank. After the update,
 `DataParallel.gather_params` all-gathers the ranges so every rank holds the whole model again
 before the next forward.
+
+`ShardedMuon` runs Muon's AdamW groups the same way, over the owned segments, while each hidden
+matrix goes whole to the one dp rank that orthogonalises it (its owner, which alone keeps its
+momentum) and its update comes back to the ranges' holders (see the class). Both share
+`ShardedOptimizer`: the segments, and what checkpoints ask of a sharded optimizer.
 
 For checkpoints, a segment is described per parameter (`Part`): which flat range of which
 parameter it holds. A rank writes, and on load reads, exactly those ranges of the parameters
@@ -29,6 +34,8 @@ import torch
 import torch.nn as nn
 
 from hpcllm import checkpoint_index as index
+from hpcllm.checkpoint_index import placement_of
+from hpcllm.muon import Muon, assign_owners, local_slice, orthogonalize, update_scale
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.tied import is_stage_replica
 
@@ -50,20 +57,26 @@ class Part:
     at: int
 
 
-class ShardedAdamW(torch.optim.AdamW):
-    """torch.optim.AdamW over this dp rank's shard of every bucket of `ddp` (built with
-    shard=True). `groups` are the model's parameter groups (model.param_groups): each element
-    gets the weight decay of its parameter's group. `step()` updates the shard, then
-    all-gathers the parameters over dp."""
+class ShardedOptimizer(torch.optim.Optimizer):
+    """What every ZeRO-1 optimizer shares: this dp rank's owned ranges of the buckets of `ddp`
+    (built with shard=True) as segments (`_shard`), and their checkpoint pieces.
 
-    def __init__(self, model: nn.Module, ddp: DataParallel, groups: list[dict], **adamw):
+    `groups` are the optimizer's parameter groups; each owned element gets the settings of
+    its parameter's group."""
+
+    ddp: DataParallel
+    parts: list[Part]
+    _parts_of: dict[str, list[Part]]
+
+    def _shard(self, model: nn.Module, ddp: DataParallel, groups: list[dict]) -> list[dict]:
+        """`groups` with each group's parameters replaced by this rank's segments of them."""
         if not ddp.shard:
-            raise ValueError("ShardedAdamW needs DataParallel(..., shard=True)")
+            raise ValueError(f"{type(self).__name__} needs DataParallel(..., shard=True)")
         self.ddp = ddp
         names = {id(p): n for n, p in model.named_parameters()}
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
         segments: list[list[torch.Tensor]] = [[] for _ in groups]
-        self.parts: list[Part] = []
+        self.parts = []
         comm = ddp.comm
         for bucket in ddp.buckets:
             assert bucket.param_buffer is not None and bucket.grad_shard is not None
@@ -89,20 +102,13 @@ class ShardedAdamW(torch.optim.AdamW):
                         Part(names[id(p)], p, first, first + b - a, segment, a - start)
                     )
                 i = j
-        param_groups = [
+        self._parts_of = {}
+        for part in self.parts:
+            self._parts_of.setdefault(part.name, []).append(part)
+        return [
             {**{k: v for k, v in g.items() if k != "params"}, "params": segs}
             for g, segs in zip(groups, segments, strict=True)
         ]
-        super().__init__(param_groups, **adamw)
-        self._parts_of: dict[str, list[Part]] = {}
-        for part in self.parts:
-            self._parts_of.setdefault(part.name, []).append(part)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = super().step(closure)
-        self.ddp.gather_params()
-        return loss
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -116,24 +122,34 @@ class ShardedAdamW(torch.optim.AdamW):
         ranges of a parameter replicated over tp, and every `step`, by tp rank 0 only."""
         pieces: list[Piece] = []
         for part in self.parts:
-            placement = index.placement_of(part.param)
-            if (placement is None and tp_rank != 0) or is_stage_replica(part.param):
-                # replicated over tp: tp rank 0's dp ranks write it; a tied weight's last-stage
-                # copy: the first stage's
+            items = [("", part.segment), *self.state.get(part.segment, {}).items()]
+            pieces += self._pieces(part, items, tp_rank)
+        return pieces
+
+    def _pieces(
+        self, part: Part, items: list[tuple[str, torch.Tensor]], tp_rank: int
+    ) -> list[Piece]:
+        """The pieces of `part`'s range of each (key, tensor): key '' is the parameter, others
+        its optimizer state (flat tensors holding the range at `part.at`, or 0-dim)."""
+        placement = index.placement_of(part.param)
+        if (placement is None and tp_rank != 0) or is_stage_replica(part.param):
+            # replicated over tp: tp rank 0's dp ranks write it; a tied weight's last-stage
+            # copy: the first stage's
+            return []
+        shape = list(part.param.shape if placement is None else placement.shape)
+        pieces: list[Piece] = []
+        for key, value in items:
+            name = f"optim/{part.name}/{key}" if key else f"model/{part.name}"
+            if value.dim() == 0:
+                if part.start == 0 and tp_rank == 0:
+                    # Parameters of one segment share its counter; safetensors wants copies.
+                    pieces.append((name, [], index.whole(()), value.clone()))
                 continue
-            shape = list(part.param.shape if placement is None else placement.shape)
-            for key, value in [("", part.segment), *self.state.get(part.segment, {}).items()]:
-                name = f"optim/{part.name}/{key}" if key else f"model/{part.name}"
-                if value.dim() == 0:
-                    if part.start == 0 and tp_rank == 0:
-                        # Parameters of one segment share its counter; safetensors wants copies.
-                        pieces.append((name, [], index.whole(()), value.clone()))
-                    continue
-                for at, stop, region in self._runs(part, placement):
-                    tensor = value[part.at + at : part.at + stop]
-                    if isinstance(region, index.Box):
-                        tensor = tensor.view(region.length)
-                    pieces.append((name, shape, region, tensor))
+            for at, stop, region in self._runs(part, placement):
+                tensor = value[part.at + at : part.at + stop]
+                if isinstance(region, index.Box):
+                    tensor = tensor.view(region.length)
+                pieces.append((name, shape, region, tensor))
         return pieces
 
     @staticmethod
@@ -179,6 +195,186 @@ class ShardedAdamW(torch.optim.AdamW):
                         state[key] = torch.zeros_like(part.segment)
                     state[key][span].copy_(value)
         self.ddp.gather_params()
+
+
+class ShardedAdamW(ShardedOptimizer, torch.optim.AdamW):
+    """torch.optim.AdamW over this dp rank's shard of every bucket of `ddp` (built with
+    shard=True). `groups` are the model's parameter groups (model.param_groups): each element
+    gets the weight decay of its parameter's group. `step()` updates the shard, then
+    all-gathers the parameters over dp."""
+
+    def __init__(self, model: nn.Module, ddp: DataParallel, groups: list[dict], **adamw):
+        torch.optim.AdamW.__init__(self, self._shard(model, ddp, groups), **adamw)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.ddp.gather_params()
+        return loss
+
+
+class ShardedMuon(ShardedOptimizer, Muon):
+    """Muon under ZeRO-1 (`optim.name muon`, `parallel.zero 1`): each hidden matrix is
+    orthogonalised by one dp rank, its owner (`muon.assign_owners`, as without ZeRO), which
+    alone keeps its momentum; the AdamW groups update this rank's segments, as ShardedAdamW.
+
+    A step: the reduce-scatter left each rank the averaged gradient of its flat ranges. One
+    all-to-all sends each range of a hidden matrix to the matrix's owner, which assembles the
+    whole gradient, updates the momentum and orthogonalises (under tp the whole matrix,
+    gathered over tp as Muon does); the same all-to-all reversed brings every range's update
+    back to the rank holding that range, which applies it to its range of the parameters;
+    `DataParallel.gather_params` then all-gathers the parameters. The arithmetic is Muon's,
+    element for element: only the order in which the gradients were summed over dp differs.
+    Per rank the two all-to-alls move (dp-1)/dp of the hidden matrices each way, where Muon at
+    zero 0 all-gathers its updates once (and all-reduces instead of reduce-scattering).
+    `groups` come from `muon.param_groups`; `muon` are Muon's keyword arguments."""
+
+    def __init__(self, model: nn.Module, ddp: DataParallel, groups: list[dict], **muon):
+        sharded = self._shard(model, ddp, groups)
+        for group, shard in zip(groups, sharded, strict=True):
+            if group["muon"]:
+                shard["params"] = list(group["params"])  # whole: every rank knows every matrix
+        Muon.__init__(self, sharded, comm=ddp.comm, **muon)
+        matrices = [p for g in groups if g["muon"] for p in g["params"]]
+        owners = assign_owners([p.numel() for p in matrices], ddp.comm.size)
+        self._owner = {id(p): o for p, o in zip(matrices, owners, strict=True)}
+        self._matrix = {n: p for n, p in model.named_parameters() if id(p) in self._owner}
+        self._name = {id(p): n for n, p in self._matrix.items()}
+        # Each matrix's range (start, stop) on every dp rank: the buckets are alike everywhere.
+        self._spans: dict[int, list[tuple[int, int]]] = {}
+        for bucket in ddp.buckets:
+            for p, offset in zip(bucket.params, bucket.offsets, strict=True):
+                if id(p) in self._owner:
+                    self._spans[id(p)] = [
+                        (max(lo, offset) - offset, max(min(hi, offset + p.numel()) - offset, 0))
+                        for lo, hi in (
+                            bucket.shard_range(r, ddp.comm.size) for r in range(ddp.comm.size)
+                        )
+                    ]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        Muon.step(self, closure)
+        self.ddp.gather_params()
+
+    def _muon_group(self, group: dict) -> None:
+        params = group["params"]
+        if not params:
+            return
+        comm, rank = self.comm, self.comm.rank
+        # Every rank's ranges, ordered by the owner they go to, then as the group lists them.
+        by_owner = sorted(range(len(params)), key=lambda i: self._owner[id(params[i])])
+        mine = [i for i in by_owner if self._owner[id(params[i])] == rank]
+
+        def length(i: int, r: int) -> int:
+            start, stop = self._spans[id(params[i])][r]
+            return max(stop - start, 0)
+
+        send_counts = [
+            sum(length(i, rank) for i in by_owner if self._owner[id(params[i])] == o)
+            for o in range(comm.size)
+        ]
+        recv_counts = [sum(length(i, r) for i in mine) for r in range(comm.size)]
+        ranges = [self._range(params[i]) for i in by_owner]
+        device = params[0].device
+        pieces = [torch.zeros(0, device=device)]
+        for segment, a, b in ranges:
+            if b > a:
+                assert segment.grad is not None  # the rank's averaged gradient shard
+                pieces.append(segment.grad[a:b])
+        sent = torch.cat(pieces)
+        received = comm.alltoallv(
+            sent, send_counts, torch.empty(sum(recv_counts), device=device), recv_counts
+        )
+        # The owner: whole averaged gradients, momentum, orthogonalised updates.
+        grads = [torch.empty(params[i].numel(), device=device) for i in mine]
+        at = 0
+        for r in range(comm.size):
+            for grad, i in zip(grads, mine, strict=True):
+                start, stop = self._spans[id(params[i])][r]
+                if stop > start:
+                    grad[start:stop] = received[at : at + stop - start]
+                    at += stop - start
+        directions = [
+            self._momentum_direction(params[i], group, g.view_as(params[i]))
+            for i, g in zip(mine, grads, strict=True)
+        ]
+        if self.tp_comm is not None:
+            directions = self._whole_matrices([params[i] for i in mine], directions)
+        updates = []
+        for i, d in zip(mine, directions, strict=True):
+            update = orthogonalize(d, group["ns_steps"], self.ns_dtype)
+            placement = placement_of(params[i])
+            if self.tp_comm is not None and placement is not None:
+                update = local_slice(update, placement, params[i].shape)
+            updates.append(update.reshape(-1))
+        # Back to the ranges' holders: the same layout, the other way.
+        at = 0
+        for r in range(comm.size):
+            for update, i in zip(updates, mine, strict=True):
+                start, stop = self._spans[id(params[i])][r]
+                if stop > start:
+                    received[at : at + stop - start] = update[start:stop]
+                    at += stop - start
+        comm.alltoallv(received, recv_counts, sent, send_counts)
+        at = 0
+        for i, (segment, a, b) in zip(by_owner, ranges, strict=True):
+            if b > a:
+                # As Muon's: by the whole matrix's shape (gathered over tp where it is sliced).
+                placement = placement_of(params[i])
+                whole = (
+                    params[i].shape
+                    if self.tp_comm is None or placement is None
+                    else placement.shape
+                )
+                scale = update_scale(whole)
+                segment[a:b].mul_(1 - group["lr"] * group["weight_decay"])
+                segment[a:b].add_(
+                    sent[at : at + b - a].to(segment.dtype), alpha=-group["lr"] * scale
+                )
+                at += b - a
+
+    def _range(self, p: nn.Parameter) -> tuple[torch.Tensor, int, int]:
+        """(segment, start, stop): where this rank holds its range of `p` in a segment."""
+        parts = self._parts_of.get(self._name[id(p)])
+        if not parts:
+            return p, 0, 0
+        (part,) = parts
+        return part.segment, part.at, part.at + part.stop - part.start
+
+    # -- checkpoints: the momentum of an owned matrix is written whole, by its owner --------
+
+    def owned_pieces(self, tp_rank: int = 0) -> list[Piece]:
+        pieces = super().owned_pieces(tp_rank)
+        for name, p in self._matrix.items():
+            if self.state.get(p):
+                whole = Part(name, p, 0, p.numel(), p, 0)
+                items = [(k, v.reshape(-1)) for k, v in self.state[p].items()]
+                pieces += self._pieces(whole, items, tp_rank)
+        return pieces
+
+    def owned_runs(self, name: str, shape: list[int]) -> tuple[tuple[int, ...], list[Run]] | None:
+        kind, param = name.split("/")[:2]
+        p = self._matrix.get(param)
+        if kind != "optim" or p is None:
+            return super().owned_runs(name, shape)
+        if self._owner[id(p)] != self.comm.rank:
+            return None
+        return (p.numel(),), self._runs(Part(param, p, 0, p.numel(), p, 0), placement_of(p))
+
+    @torch.no_grad()
+    def load_owned(self, tensors: dict[str, torch.Tensor]) -> None:
+        rest = {}
+        for key, value in tensors.items():
+            kind, param, *state_key = key.split("/")
+            p = self._matrix.get(param)
+            if kind == "optim" and p is not None:
+                self.state[p][state_key[-1]] = torch.zeros_like(p, dtype=torch.float32).copy_(
+                    value.view(p.shape)
+                )
+            else:
+                rest[key] = value
+        super().load_owned(rest)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
