@@ -144,18 +144,21 @@ def train(
     timeout: float = 120,
     env: dict | None = None,
     extra_args: list[str] = (),
+    faults: dict | None = None,
 ) -> Result:
     """`mpirun -np N python -m hpcllm.train` (or plain `python -m hpcllm.train` for np=None)
-    with TINY overridden by `settings`."""
+    with TINY overridden by `settings`. With `faults` ({"FAIL_AT_STEP": 3, "FAIL_RANK": 1})
+    the job runs through tests/faults.py, which injects them."""
     launcher = [] if np is None else ["mpirun", "-np", str(np)]
+    entry = [str(REPO / "tests" / "faults.py")] if faults else ["-m", "hpcllm.train"]
     cmd = [
         *launcher,
         sys.executable,
-        "-m",
-        "hpcllm.train",
+        *entry,
         *overrides({**TINY, **settings}),
         *extra_args,
     ]
+    env = {**(env or {}), **{f"HPCLLM_{key}": str(v) for key, v in (faults or {}).items()}}
     return run(cmd, timeout=timeout, env=env)
 
 

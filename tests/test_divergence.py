@@ -59,7 +59,7 @@ def test_a_nan_step_is_not_applied_and_the_last_good_checkpoint_resumes(data_dir
     ref = train(2, {**base, "run.dir": tmp_path / "ref"}, timeout=120)
     assert ref.returncode == 0, ref
     run_dir = tmp_path / "run"
-    bad = train(2, {**base, "run.dir": run_dir}, env={"HPCLLM_NAN_AT_STEP": "7"}, timeout=120)
+    bad = train(2, {**base, "run.dir": run_dir}, faults={"NAN_AT_STEP": 7}, timeout=120)
     assert bad.returncode == 3, bad
     assert "step 7 diverged: loss nan" in bad.stderr
     assert "resume from" in bad.stderr and "step_000004" in bad.stderr

@@ -271,7 +271,7 @@ def test_a_hung_rank_is_named_and_aborts_the_job(data_dir, tmp_path):
     result = train(
         2,
         ops_settings(data_dir, run_dir, **{"train.max_steps": 50, "run.watchdog_s": 2}),
-        env={"HPCLLM_HANG_AT_STEP": "3", "HPCLLM_HANG_RANK": "1"},
+        faults={"HANG_AT_STEP": 3, "HANG_RANK": 1},
         timeout=60,
     )
     assert result.returncode != 0, result
@@ -288,9 +288,10 @@ import time
 from contextlib import contextmanager
 import hpcllm.train as train
 from hpcllm.runtime import spmd_main
+from hpcllm.training.trainer import Trainer
 from hpcllm.watchdog import WATCHDOG
 from mpi4py import MPI
-step, paused = train.train_step, WATCHDOG.paused
+step, paused = Trainer.train_step, WATCHDOG.paused
 slept = False
 def slow_step(*args, **kwargs):
     if WATCHDOG.step == 1:
@@ -304,7 +305,7 @@ def slow_write():
             slept = True
             time.sleep(SECONDS)
         yield
-train.train_step, WATCHDOG.paused = slow_step, slow_write
+Trainer.train_step, WATCHDOG.paused = slow_step, slow_write
 spmd_main(train.main)
 """
 
@@ -362,24 +363,26 @@ def test_a_rank_frozen_mid_training_is_named_by_the_others(data_dir, tmp_path):
     assert "heartbeat stopped" in first and "frozen" in first, first
 
 
-# Rank 1 stops itself (SIGSTOP) as it calls train.FUNCTION, when CONDITION holds for its args.
+# Rank 1 stops itself (SIGSTOP) as it calls MODULE.FUNCTION, when CONDITION holds for its args.
 FREEZE_RANK_1 = """
 import os, signal
 import hpcllm.train as train
+import MODULE as module
 from hpcllm.runtime import spmd_main
 from mpi4py import MPI
-original = train.FUNCTION
+original = module.FUNCTION
 def freezing(*args, **kwargs):
     if MPI.COMM_WORLD.Get_rank() == 1 and CONDITION:
         os.kill(os.getpid(), signal.SIGSTOP)
     return original(*args, **kwargs)
-train.FUNCTION = freezing
+module.FUNCTION = freezing
 spmd_main(train.main)
 """
 
 
-def freeze_rank_1(function: str, condition: str = "True") -> list[str]:
-    return ["-c", FREEZE_RANK_1.replace("FUNCTION", function).replace("CONDITION", condition)]
+def freeze_rank_1(module: str, function: str, condition: str = "True") -> list[str]:
+    code = FREEZE_RANK_1.replace("MODULE", module).replace("FUNCTION", function)
+    return ["-c", code.replace("CONDITION", condition)]
 
 
 def test_a_rank_frozen_while_another_saves_is_named(data_dir, tmp_path):
@@ -388,7 +391,14 @@ def test_a_rank_frozen_while_another_saves_is_named(data_dir, tmp_path):
     settings = ops_settings(
         data_dir, run_dir, **{"train.max_steps": 6, "checkpoint.every": 3, **FROZEN}
     )
-    job = Job(2, settings, tmp_path, python_args=freeze_rank_1("Trainer.save", "args[0].step == 3"))
+    job = Job(
+        2,
+        settings,
+        tmp_path,
+        python_args=freeze_rank_1(
+            "hpcllm.training.checkpointer", "Checkpointer.save", "args[0].trainer.step == 3"
+        ),
+    )
     assert_named(job, 1, within=40)
     assert "noticed by rank 0 on" in job.err.read_text(), job.output()
     assert "in: checkpoint save at step 3" in job.err.read_text(), job.output()
@@ -398,7 +408,9 @@ def test_a_rank_frozen_in_start_up_is_named(data_dir, tmp_path):
     """Rank 1 freezes in start-up, after MPI is up, as it opens the data shards."""
     run_dir = tmp_path / "run"
     settings = ops_settings(data_dir, run_dir, **{"train.max_steps": 6, **FROZEN})
-    job = Job(2, settings, tmp_path, python_args=freeze_rank_1("resolve_data"))
+    job = Job(
+        2, settings, tmp_path, python_args=freeze_rank_1("hpcllm.training.trainer", "resolve_data")
+    )
     assert_named(job, 1, within=40)
 
 

@@ -732,7 +732,7 @@ def test_rank_dying_mid_schedule_ends_the_job(data_dir, tmp_path):
             "train.eval_every": 0,
         },
         timeout=90,
-        env={"HPCLLM_FAIL_AT_STEP": "2", "HPCLLM_FAIL_RANK": "1"},
+        faults={"FAIL_AT_STEP": 2, "FAIL_RANK": 1},
     )
     assert result.returncode != 0, str(result)
     assert "rank 1/2" in result.stderr and "injected failure at step 2" in result.stderr, str(

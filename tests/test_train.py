@@ -243,7 +243,7 @@ def test_one_failing_rank_ends_the_job(data_dir, tmp_path):
             {"train.max_steps": 200, "parallel.overlap": "on", "parallel.comm_thread": True},
         ),
         timeout=90,
-        env={"HPCLLM_FAIL_AT_STEP": "3", "HPCLLM_FAIL_RANK": "1"},
+        faults={"FAIL_AT_STEP": 3, "FAIL_RANK": 1},
     )
     assert result.returncode != 0, result
     # Startup (~5-10 s) plus the abort; a hang would run into the 90 s timeout instead.
