@@ -19,7 +19,7 @@ from typing import Any
 # The [model] section is the model's own config class: one definition of the model's shape,
 # in a module of its own that needs no torch, so that this file (and the watchdog and run
 # folder, which import it before torch loads) stays torch-free.
-from hpcllm.model_config import ModelConfig
+from hpcllm.models.config import ModelConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -450,7 +450,7 @@ def validate(cfg: Config) -> None:
             f"parallel.allreduce must be flat, hierarchical or auto, got '{p.allreduce}'"
         )
     if p.allreduce == "hierarchical" and p.grad_compression == "powersgd":
-        # bf16/fp16 compress the cross-node phase of the two levels (parallel/hierarchical.py).
+        # bf16/fp16 compress the cross-node phase of the two levels (distributed/hierarchical.py).
         raise ConfigError(
             "parallel.allreduce hierarchical does not combine with parallel.grad_compression "
             "powersgd (its all-reduces carry low-rank factors, a small fraction of the "

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from hpcllm.data.tokenizer import EOT_TOKEN, TOKENIZER_FILE, ByteTokenizer
 from hpcllm.generate import add_checkpoint_options, load_checkpoint
-from hpcllm.model import GPT, RMS_NORM_EPS, ModelConfig
+from hpcllm.models.gpt import GPT, RMS_NORM_EPS, ModelConfig
 
 # nn.LayerNorm's default epsilon, which gpt2's norms use.
 LAYER_NORM_EPS = 1e-5

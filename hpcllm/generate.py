@@ -19,7 +19,7 @@ from hpcllm import checkpoint
 from hpcllm.config import COUNT, NON_NEGATIVE, POSITIVE, ConfigError, from_dict
 from hpcllm.data.shards import open_shards
 from hpcllm.data.tokenizer import load_tokenizer
-from hpcllm.model import GPT
+from hpcllm.models.gpt import GPT
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:

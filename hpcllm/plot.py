@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcllm.rundir import replace_file
+from hpcllm.runtime.rundir import replace_file
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -19,8 +19,8 @@ if __name__ == "__main__":
         print(train_help())
         sys.exit(0)
     # Before torch and MPI load: a rank stuck in an import on a slow shared file system, or
-    # a peer that never reaches MPI_Init, must end the job as well (hpcllm/watchdog.py).
-    from hpcllm.watchdog import WATCHDOG
+    # a peer that never reaches MPI_Init, must end the job as well (hpcllm/runtime/watchdog.py).
+    from hpcllm.runtime.watchdog import WATCHDOG
 
     WATCHDOG.start_at_launch()
 
@@ -28,15 +28,15 @@ if __name__ == "__main__":
 import sys
 from pathlib import Path
 
-from hpcllm import plan
+from hpcllm import planner
 from hpcllm.config import parse_args
-from hpcllm.parallel.parallelize import build_stage
-from hpcllm.rundir import RunDir
-from hpcllm.runtime import StartupError, agree, print0, spmd_main
-from hpcllm.stop import StopRequest
+from hpcllm.distributed.parallelize import build_stage
+from hpcllm.runtime.rundir import RunDir
+from hpcllm.runtime.spmd import StartupError, agree, print0, spmd_main
+from hpcllm.runtime.stop import StopRequest
+from hpcllm.runtime.watchdog import WATCHDOG
 from hpcllm.training.checkpointer import check_same_model
 from hpcllm.training.trainer import DEFAULT_DATA, setup
-from hpcllm.watchdog import WATCHDOG
 
 # build_stage and check_same_model: imported from here by tests and scripts.
 __all__ = ["build_stage", "check_same_model", "main"]
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, options = agree(world, lambda: parse_args(sys.argv[1:] if argv is None else argv))
     if options["dry_run"]:
         size = options["world_size"] or world.Get_size()
-        print0(agree(world, lambda: plan.dry_run(cfg, size, DEFAULT_DATA)))
+        print0(agree(world, lambda: planner.dry_run(cfg, size, DEFAULT_DATA)))
         return 0
     stop = StopRequest(cfg.run.time_limit_s)
     run = agree(world, lambda: RunDir(cfg.run.dir) if world.Get_rank() == 0 else None)

@@ -30,7 +30,7 @@ stamp() { echo; echo "=== $(($(date +%s) - t0)) s: $*"; }
 stamp "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
-$PY -c "from mpi4py import MPI; from hpcllm.comm import detect_cuda_aware as d; print(MPI.Get_library_version().splitlines()[0], '| CUDA-aware:', d('auto'))"
+$PY -c "from mpi4py import MPI; from hpcllm.distributed.comm import detect_cuda_aware as d; print(MPI.Get_library_version().splitlines()[0], '| CUDA-aware:', d('auto'))"
 
 metrics() { # a run folder's median ms/step, comm share, tokens/s, MFU (steps > 5) and losses
   $PY - "$1" <<'EOF'

@@ -23,13 +23,13 @@ import torch
 from mpi4py import MPI
 
 from hpcllm import checkpoint
-from hpcllm import checkpoint_index as ix
+from hpcllm.checkpoint import index as ix
 from hpcllm.config import Config, load_toml
 from hpcllm.data.tokenizer import ByteTokenizer
-from hpcllm.model import param_groups
-from hpcllm.parallel.parallelize import build_stage
-from hpcllm.runtime import StartupError
-from hpcllm.topology import Grid
+from hpcllm.distributed.parallelize import build_stage
+from hpcllm.distributed.topology import Grid
+from hpcllm.models.gpt import param_groups
+from hpcllm.runtime.spmd import StartupError
 
 from helpers import losses, prepare_data, run, train, write_corpus
 

@@ -1,4 +1,4 @@
-"""Multi-rank tests of hpcllm.comm and hpcllm.parallel.data_parallel.
+"""Multi-rank tests of hpcllm.distributed.comm and hpcllm.distributed.data_parallel.
 
 Every result is checked against plain mpi4py on NumPy buffers, the reference MPI gets
 right. CUDA tests run wherever torch sees a GPU and are skipped (with the reason) elsewhere.
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hpcllm.model import GPT, ModelConfig, cross_entropy
+from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy
 
 CFG = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=16)
 HAS_CUDA = torch.cuda.is_available()
@@ -54,8 +54,8 @@ def in_buffer(t: torch.Tensor, buffer: torch.Tensor) -> bool:
 def check_data_parallel(comm, device="cpu", cuda_aware=False):
     from mpi4py import MPI
 
-    from hpcllm.comm import TensorComm
-    from hpcllm.parallel.data_parallel import DataParallel
+    from hpcllm.distributed.comm import TensorComm
+    from hpcllm.distributed.data_parallel import DataParallel
 
     largest = max(GPT(CFG).parameters(), key=lambda p: p.numel())
     nbytes = largest.numel() * 4
@@ -152,7 +152,7 @@ def test_bucketed_overlapped_allreduce_equals_plain_allreduce(comm):
 def check_tensor_collectives(comm, device="cpu", cuda_aware=False):
     from mpi4py import MPI
 
-    from hpcllm.comm import TensorComm
+    from hpcllm.distributed.comm import TensorComm
 
     tc = TensorComm(comm, cuda_aware)
     rank, size = comm.rank, comm.size
@@ -193,7 +193,7 @@ def check_allgather_reduce_scatter(comm, device="cpu", cuda_aware=False):
     import numpy as np
     from mpi4py import MPI
 
-    from hpcllm.comm import TensorComm
+    from hpcllm.distributed.comm import TensorComm
 
     tc = TensorComm(comm, cuda_aware)
     rank, size = comm.rank, comm.size
@@ -259,7 +259,7 @@ def check_allgather_reduce_scatter(comm, device="cpu", cuda_aware=False):
 
 
 def check_point_to_point(comm, device="cpu", cuda_aware=False):
-    from hpcllm.comm import TensorComm
+    from hpcllm.distributed.comm import TensorComm
 
     tc = TensorComm(comm, cuda_aware)
     rank = comm.rank
@@ -328,7 +328,7 @@ def test_autograd_collectives_give_the_unsharded_gradients(comm):
     and gradients are those of the unsharded computation on one rank."""
     import torch.nn.functional as F
 
-    from hpcllm.comm import (
+    from hpcllm.distributed.comm import (
         TensorComm,
         copy_to_parallel,
         gather_from_parallel,
@@ -384,7 +384,7 @@ cuda_mpi = pytest.mark.mpi(ranks=2, timeout=300) if HAS_CUDA else pytest.mark.sk
 
 
 def cuda_setup(comm, path, monkeypatch):
-    from hpcllm.comm import detect_cuda_aware
+    from hpcllm.distributed.comm import detect_cuda_aware
 
     if path == "cuda-aware":
         monkeypatch.delenv("HPCLLM_CUDA_AWARE", raising=False)
@@ -422,7 +422,7 @@ def test_one_rank_collectives_touch_no_mpi_buffers(monkeypatch):
     not staged through host memory (a round trip of every gradient, found on a GPU)."""
     from mpi4py import MPI
 
-    from hpcllm.comm import TensorComm
+    from hpcllm.distributed.comm import TensorComm
 
     tc = TensorComm(MPI.COMM_SELF, name="one")
     monkeypatch.setattr(tc, "_buffer", lambda *a, **k: pytest.fail("made an MPI buffer"))

@@ -33,13 +33,13 @@ from test_pipeline import (
 )
 from test_tensor_parallel import TP_ADAM_EPS, assemble
 
-from hpcllm.checkpoint_index import placement_of
-from hpcllm.comm import TensorComm
+from hpcllm.checkpoint.index import placement_of
 from hpcllm.config import Config, ConfigError, ParallelConfig, TrainConfig, validate
-from hpcllm.model import GPT, ModelConfig
-from hpcllm.parallel.build import build_rank
-from hpcllm.parallel.steps import clip_grad_norm, mean_over_grid, stage_inputs, train_step
-from hpcllm.topology import AXES, Grid
+from hpcllm.distributed.build import build_rank
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.steps import clip_grad_norm, mean_over_grid, stage_inputs, train_step
+from hpcllm.distributed.topology import AXES, Grid
+from hpcllm.models.gpt import GPT, ModelConfig
 
 from helpers import prepare_data
 from helpers import train as launch_train

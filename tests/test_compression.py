@@ -36,9 +36,9 @@ def reduce_once(ddp, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def make_ddp(comm, mode: str, bucket_mb: float, shard: bool = False, **powersgd):
-    from hpcllm.comm import TensorComm
-    from hpcllm.parallel import compression
-    from hpcllm.parallel.data_parallel import DataParallel
+    from hpcllm.distributed import compression
+    from hpcllm.distributed.comm import TensorComm
+    from hpcllm.distributed.data_parallel import DataParallel
 
     model = Shapes()
     ddp = DataParallel(model, TensorComm(comm, name="dp"), bucket_mb, shard=shard)
@@ -129,7 +129,7 @@ def test_half_precision_under_zero1_keeps_the_rounded_sum_of_its_shard(comm):
 def test_phased_work_advances_its_phases_inside_test():
     """A bucket's later phases start from test() (the backward hooks call it) as soon as the
     earlier MPI work is done, without waiting; a pending phase holds the rest back."""
-    from hpcllm.parallel.compression import PhasedWork
+    from hpcllm.distributed.compression import PhasedWork
 
     class Fake:
         def __init__(self, done: bool):

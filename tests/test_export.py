@@ -12,7 +12,7 @@ from hpcllm.data.tokenizer import ByteTokenizer, load_tokenizer
 from hpcllm.export import byte_tokenizer, write_folder
 from hpcllm.export import main as export_main
 from hpcllm.generate import load_model
-from hpcllm.model import GPT, ModelConfig
+from hpcllm.models.gpt import GPT, ModelConfig
 
 from helpers import train, write_corpus
 

@@ -1,4 +1,4 @@
-"""Hierarchical all-reduce (hpcllm.parallel.hierarchical) on 4 ranks split into 2 emulated
+"""Hierarchical all-reduce (hpcllm.distributed.hierarchical) on 4 ranks split into 2 emulated
 nodes by colour: the same sums as a flat all-reduce, through DataParallel too; `auto` agrees
 on every rank; layouts that do not fit two levels fall back to flat and say why.
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hpcllm.model import GPT, ModelConfig, cross_entropy
+from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy
 
 
 class OddSized(nn.Module):
@@ -31,10 +31,10 @@ class OddSized(nn.Module):
 def test_hierarchical_equals_flat_and_auto_agrees(comm):
     from mpi4py import MPI
 
-    from hpcllm.comm import TensorComm
-    from hpcllm.parallel.data_parallel import DataParallel
-    from hpcllm.parallel.hierarchical import agree_on_faster, select_allreduce
-    from hpcllm.topology import Grid
+    from hpcllm.distributed.comm import TensorComm
+    from hpcllm.distributed.data_parallel import DataParallel
+    from hpcllm.distributed.hierarchical import agree_on_faster, select_allreduce
+    from hpcllm.distributed.topology import Grid
 
     grid = Grid.build(comm)  # dp 4
     dp = TensorComm(grid.comm("dp"), name="dp")
@@ -114,11 +114,11 @@ def test_hierarchical_reduce_scatter_and_compression_compose(comm):
     rounding of the fp32 result."""
     from mpi4py import MPI
 
-    from hpcllm.comm import TensorComm
-    from hpcllm.parallel import compression
-    from hpcllm.parallel.data_parallel import DataParallel
-    from hpcllm.parallel.hierarchical import select_allreduce
-    from hpcllm.topology import Grid
+    from hpcllm.distributed import compression
+    from hpcllm.distributed.comm import TensorComm
+    from hpcllm.distributed.data_parallel import DataParallel
+    from hpcllm.distributed.hierarchical import select_allreduce
+    from hpcllm.distributed.topology import Grid
 
     grid = Grid.build(comm)  # dp 4
     dp = TensorComm(grid.comm("dp"), name="dp")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hpcllm.parallel.pipeline import Schedule, chunk_stages, rank_chunks, split_layers
+from hpcllm.distributed.pipeline import Schedule, chunk_stages, rank_chunks, split_layers
 
 WIDTH, DEADLOCK_S = 4, 20.0
 

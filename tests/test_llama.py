@@ -13,7 +13,7 @@ import torch
 
 from hpcllm import checkpoint
 from hpcllm.config import ConfigError, parse_args
-from hpcllm.model import GPT, ModelConfig, cross_entropy
+from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy
 from hpcllm.train import check_same_model
 
 from helpers import losses, prepare_data, train, write_corpus

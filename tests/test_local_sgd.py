@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hpcllm.config import ConfigError, parse_args
-from hpcllm.parallel.local_sgd import LocalSGD
+from hpcllm.optim.local_sgd import LocalSGD
 
 from helpers import assert_reordered_close, losses, prepare_data, read_metrics, train
 

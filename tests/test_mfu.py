@@ -1,10 +1,10 @@
-"""FLOPs per token, device peaks and MFU (hpcllm.mfu)."""
+"""FLOPs per token, device peaks and MFU (hpcllm.training.mfu)."""
 
 import pytest
 import torch
 
-from hpcllm import mfu
-from hpcllm.model import GPT, ModelConfig
+from hpcllm.models.gpt import GPT, ModelConfig
+from hpcllm.training import mfu
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
+from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy, param_groups
 
 CFG = ModelConfig(vocab_size=67, block_size=16, n_layer=3, n_head=4, d_model=32)
 SEED = 3

@@ -1,12 +1,12 @@
-"""Muon (hpcllm.muon) on one rank: the iteration, the AdamW groups, exact resume."""
+"""Muon (hpcllm.optim.muon) on one rank: the iteration, the AdamW groups, exact resume."""
 
 import copy
 
 import pytest
 import torch
 
-from hpcllm.model import GPT, ModelConfig, cross_entropy
-from hpcllm.muon import Muon, assign_owners, orthogonalize, param_groups
+from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy
+from hpcllm.optim.muon import Muon, assign_owners, orthogonalize, param_groups
 
 
 @pytest.mark.numerics

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from hpcllm.checkpoint_index import placement_of
+from hpcllm.checkpoint.index import placement_of
 from hpcllm.config import Config, ParallelConfig
-from hpcllm.model import GPT, ModelConfig, cross_entropy
-from hpcllm.muon import Muon, param_groups
-from hpcllm.parallel.parallelize import loss_function, parallelize
-from hpcllm.topology import Grid
+from hpcllm.distributed.parallelize import loss_function, parallelize
+from hpcllm.distributed.topology import Grid
+from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy
+from hpcllm.optim.muon import Muon, param_groups
 
 from helpers import TINY, assert_reordered_close, losses, prepare_data, train
 
@@ -46,7 +46,7 @@ def steps_of_muon(comm, num_steps=4, tp_comm=None) -> tuple[dict, dict]:
 @pytest.mark.numerics
 @pytest.mark.mpi(ranks=[2, 4], timeout=120)
 def test_distributed_muon_equals_single_rank_muon(comm):
-    from hpcllm.comm import TensorComm
+    from hpcllm.distributed.comm import TensorComm
 
     tc = TensorComm(comm, name="dp")
     start = [p.detach().clone() for p in GPT(CFG, init_seed=3).parameters()]
@@ -65,7 +65,7 @@ def test_muon_under_tp_equals_single_rank_muon(comm):
     matrices (gathered over tp) and each rank keeps its slice: single-rank Muon's result."""
     from test_tensor_parallel import local_part
 
-    from hpcllm.comm import TensorComm
+    from hpcllm.distributed.comm import TensorComm
 
     sharded, placements = steps_of_muon(None, tp_comm=TensorComm(comm, name="tp"))
     alone, _ = steps_of_muon(None)

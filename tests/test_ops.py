@@ -287,9 +287,9 @@ SLOW_STEP_AND_SAVE = """
 import time
 from contextlib import contextmanager
 import hpcllm.train as train
-from hpcllm.runtime import spmd_main
+from hpcllm.runtime.spmd import spmd_main
 from hpcllm.training.trainer import Trainer
-from hpcllm.watchdog import WATCHDOG
+from hpcllm.runtime.watchdog import WATCHDOG
 from mpi4py import MPI
 step, paused = Trainer.train_step, WATCHDOG.paused
 slept = False
@@ -368,7 +368,7 @@ FREEZE_RANK_1 = """
 import os, signal
 import hpcllm.train as train
 import MODULE as module
-from hpcllm.runtime import spmd_main
+from hpcllm.runtime.spmd import spmd_main
 from mpi4py import MPI
 original = module.FUNCTION
 def freezing(*args, **kwargs):
@@ -457,8 +457,8 @@ def test_a_rank_stuck_importing_torch_is_named(data_dir, tmp_path):
 def test_the_job_plumbing_loads_without_torch():
     """The watchdog, stop and run folder (and the config they read) must work before torch
     loads; a fresh interpreter shows what importing them pulls in."""
-    modules = "hpcllm.watchdog, hpcllm.config, hpcllm.stop, hpcllm.rundir"
-    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'hpcllm.model') if m in sys.modules))"
+    modules = "hpcllm.runtime.watchdog, hpcllm.config, hpcllm.runtime.stop, hpcllm.runtime.rundir"
+    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'hpcllm.models.gpt') if m in sys.modules))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True
     )

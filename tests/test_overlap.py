@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from hpcllm.model import GPT, ModelConfig
+from hpcllm.models.gpt import GPT, ModelConfig
 
 from helpers import run
 
@@ -19,11 +19,11 @@ CFG = ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=16)
 
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_overlap_modes_are_bit_identical_and_auto_agrees_across_ranks(comm):
-    from hpcllm.comm import TensorComm
-    from hpcllm.model import cross_entropy
-    from hpcllm.parallel.data_parallel import AUTO_PLAN, DataParallel
-    from hpcllm.parallel.pipeline import PipelineStage, Schedule
-    from hpcllm.parallel.steps import train_step
+    from hpcllm.distributed.comm import TensorComm
+    from hpcllm.distributed.data_parallel import AUTO_PLAN, DataParallel
+    from hpcllm.distributed.pipeline import PipelineStage, Schedule
+    from hpcllm.distributed.steps import train_step
+    from hpcllm.models.gpt import cross_entropy
 
     pp_comm = TensorComm(comm.Split(comm.rank), name="pp")
 
@@ -100,7 +100,7 @@ def test_large_temporaries_are_reused_instead_of_page_faulted_on_every_call():
     # the heap's top grows past glibc's trim threshold and is given back when they go).
     code = (
         "import resource, numpy as np\n"
-        "from hpcllm.runtime import keep_large_allocations\n"
+        "from hpcllm.runtime.spmd import keep_large_allocations\n"
         "keep_large_allocations()\n"
         "def step():\n"
         "    return [np.ones(n * 2**18, np.float32) for n in (24, 24, 16)]\n"

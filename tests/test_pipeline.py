@@ -20,20 +20,26 @@ import torch.nn as nn
 from mpi4py import MPI
 
 from hpcllm import checkpoint
-from hpcllm.comm import TensorComm
 from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
 from hpcllm.data.loader import step_positions
-from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
-from hpcllm.parallel.build import build_rank
-from hpcllm.parallel.pipeline import (
+from hpcllm.distributed.build import build_rank
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.pipeline import (
     ActivationMeter,
     PipelineStage,
     Schedule,
     rank_chunks,
     split_layers,
 )
-from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
-from hpcllm.topology import AXES, Grid
+from hpcllm.distributed.steps import (
+    clip_grad_norm,
+    evaluate,
+    mean_over_grid,
+    stage_inputs,
+    train_step,
+)
+from hpcllm.distributed.topology import AXES, Grid
+from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy, param_groups
 
 from helpers import assert_reordered_close, prepare_data, read_metrics, write_corpus
 from helpers import train as launch_train
@@ -310,7 +316,7 @@ def single_rank_reference(
     cfg: ModelConfig = GPT_CFG,
     eps: float = ADAM_EPS,
 ) -> dict:
-    """The same training in plain PyTorch: the whole GPT, no MPI and nothing of hpcllm.parallel."""
+    """The same training in plain PyTorch: the whole GPT, no MPI and nothing of hpcllm.distributed."""
     model = GPT(cfg, init_seed=INIT_SEED)
     optimizer = torch.optim.AdamW(
         param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=eps, foreach=False

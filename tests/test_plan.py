@@ -14,8 +14,8 @@ import torch
 
 from hpcllm.bench.layouts import CountingComm, build, held_bytes, random_batches, take_step
 from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
-from hpcllm.model import ModelConfig
-from hpcllm.plan import make_plan, rank_memory
+from hpcllm.models.gpt import ModelConfig
+from hpcllm.planner import make_plan, rank_memory
 
 from helpers import run
 

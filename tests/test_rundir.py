@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from hpcllm import checkpoint
-from hpcllm.rundir import ENTRIES, FOLDERS, MetricsLog, RunDir, replace_file
+from hpcllm.runtime.rundir import ENTRIES, FOLDERS, MetricsLog, RunDir, replace_file
 
 from helpers import TINY, prepare_data, train
 

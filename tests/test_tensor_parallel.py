@@ -39,22 +39,28 @@ from test_pipeline import (
     step_batches,
 )
 
-from hpcllm.checkpoint_index import Placement, placement_of
-from hpcllm.comm import TensorComm
+from hpcllm.checkpoint.index import Placement, placement_of
 from hpcllm.config import Config, ParallelConfig
-from hpcllm.model import GPT, ModelConfig, cross_entropy
-from hpcllm.parallel.build import build_rank
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.parallelize import build_stage, loss_function, parallelize
-from hpcllm.parallel.steps import clip_grad_norm, evaluate, mean_over_grid, stage_inputs, train_step
-from hpcllm.parallel.tensor_parallel import (
+from hpcllm.distributed.build import build_rank
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.data_parallel import DataParallel
+from hpcllm.distributed.parallelize import build_stage, loss_function, parallelize
+from hpcllm.distributed.steps import (
+    clip_grad_norm,
+    evaluate,
+    mean_over_grid,
+    stage_inputs,
+    train_step,
+)
+from hpcllm.distributed.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     padded_vocab,
     vocab_parallel_cross_entropy,
 )
-from hpcllm.topology import AXES, Grid
+from hpcllm.distributed.topology import AXES, Grid
+from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy
 
 from helpers import prepare_data
 from helpers import train as launch_train

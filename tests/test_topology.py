@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from hpcllm.topology import (
+from hpcllm.distributed.topology import (
     AXES,
     LayoutError,
     coords_of,
@@ -127,7 +127,7 @@ def test_node_layout_even_degenerate_and_uneven():
 
 @pytest.mark.mpi(ranks=4, timeout=120)
 def test_grid_communicators_match_the_arithmetic(comm):
-    from hpcllm.topology import Grid
+    from hpcllm.distributed.topology import Grid
 
     for pp, dp, tp in [(2, 2, 1), (1, 4, 1), (1, 2, 2), (2, 1, 2), (4, 1, 1)]:
         grid = Grid.build(comm, dp=dp, pp=pp, tp=tp)

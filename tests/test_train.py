@@ -15,9 +15,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from hpcllm import mfu
 from hpcllm.config import Config, load_toml
-from hpcllm.model import GPT, ModelConfig
+from hpcllm.models.gpt import GPT, ModelConfig
+from hpcllm.training import mfu
 
 from helpers import losses, prepare_data, read_metrics, run, train
 
@@ -58,12 +58,12 @@ def dp2_run(data_dir, tmp_path_factory):
 @pytest.mark.numerics
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_dp2_gradient_equals_one_rank_on_the_concatenated_batch(comm):
-    from hpcllm.comm import TensorComm
-    from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
-    from hpcllm.parallel.data_parallel import DataParallel
-    from hpcllm.parallel.pipeline import PipelineStage, Schedule
-    from hpcllm.parallel.steps import clip_grad_norm, train_step
-    from hpcllm.topology import Grid
+    from hpcllm.distributed.comm import TensorComm
+    from hpcllm.distributed.data_parallel import DataParallel
+    from hpcllm.distributed.pipeline import PipelineStage, Schedule
+    from hpcllm.distributed.steps import clip_grad_norm, train_step
+    from hpcllm.distributed.topology import Grid
+    from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy, param_groups
 
     cfg = ModelConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, d_model=32)
     grid = Grid.build(comm)

@@ -22,11 +22,11 @@ def build(comm, *, zero: int, bucket_mb: float, init_seed: int = 3, optim: str =
     """(model, DataParallel, optimizer, schedule, pp communicator) of the tiny GPT on dp =
     comm's ranks, trained by AdamW or by Muon (`optim`), built by hpcllm.train's own
     `build_rank` (overlapped reduction)."""
-    from hpcllm.comm import TensorComm
     from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
-    from hpcllm.model import ModelConfig
-    from hpcllm.parallel.build import build_rank
-    from hpcllm.topology import AXES, Grid
+    from hpcllm.distributed.build import build_rank
+    from hpcllm.distributed.comm import TensorComm
+    from hpcllm.distributed.topology import AXES, Grid
+    from hpcllm.models.gpt import ModelConfig
 
     cfg = Config(
         model=ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=32),
@@ -51,7 +51,7 @@ def micro_batches(step: int, rank: int, accum: int):
 def test_zero1_equals_zero0_every_step_every_parameter(comm):
     """10 steps with clipping, changing lr and grad accumulation 1 and 2; buckets small enough
     that parameters straddle the shard boundary and decay/no-decay meet inside a shard."""
-    from hpcllm.parallel.steps import clip_grad_norm, mean_over_grid, train_step
+    from hpcllm.distributed.steps import clip_grad_norm, mean_over_grid, train_step
 
     bucket_mb = 0.01
     runs = [build(comm, zero=z, bucket_mb=bucket_mb) for z in (0, 1)]
@@ -98,8 +98,8 @@ def test_muon_zero1_equals_zero0_and_each_momentum_lives_on_its_owner(comm):
     one matrix each), gathered at its owner, orthogonalised there and its update sent back;
     10 steps with clipping, a changing lr and accumulation equal Muon at zero 0, and the
     optimizer state is no longer replicated: each momentum on one rank, AdamW's in shards."""
-    from hpcllm.parallel.steps import clip_grad_norm, mean_over_grid, train_step
-    from hpcllm.parallel.zero import ShardedMuon, optimizer_state_bytes
+    from hpcllm.distributed.steps import clip_grad_norm, mean_over_grid, train_step
+    from hpcllm.optim.zero import ShardedMuon, optimizer_state_bytes
 
     runs = [build(comm, zero=z, bucket_mb=0.01, optim="muon") for z in (0, 1)]
     opt1 = runs[1][2]
@@ -147,8 +147,8 @@ def test_muon_zero1_equals_zero0_and_each_momentum_lives_on_its_owner(comm):
 
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_zero1_optimizer_state_is_half_per_rank_on_dp2(comm):
-    from hpcllm.parallel.steps import clip_grad_norm, train_step
-    from hpcllm.parallel.zero import optimizer_state_bytes
+    from hpcllm.distributed.steps import clip_grad_norm, train_step
+    from hpcllm.optim.zero import optimizer_state_bytes
 
     measured = {}
     for zero in (0, 1):
@@ -166,7 +166,7 @@ def test_zero1_optimizer_state_is_half_per_rank_on_dp2(comm):
 
 @pytest.mark.mpi(ranks=2, timeout=120)
 def test_reduce_scatter_is_launched_from_the_hooks_while_backward_runs(comm):
-    from hpcllm.comm import TensorComm
+    from hpcllm.distributed.comm import TensorComm
 
     _, ddp, _, schedule, _ = build(comm, zero=1, bucket_mb=0.01)
     pending_at_launch = []
@@ -193,10 +193,10 @@ def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypa
     from test_checkpoint import run_extra
 
     from hpcllm import checkpoint
-    from hpcllm import checkpoint_index as ix
+    from hpcllm.checkpoint import index as ix
     from hpcllm.config import Config
-    from hpcllm.parallel.steps import clip_grad_norm, train_step
-    from hpcllm.topology import Grid
+    from hpcllm.distributed.steps import clip_grad_norm, train_step
+    from hpcllm.distributed.topology import Grid
 
     root = Path(comm.bcast(str(tmp_path) if comm.rank == 0 else None))
     grid = Grid.build(comm, dp=2)

@@ -45,7 +45,7 @@ from hpcllm.bench import (
     train,
     zero,
 )
-from hpcllm.runtime import spmd_main
+from hpcllm.runtime.spmd import spmd_main
 
 SUBJECTS = {
     "allreduce": (allreduce, "bucketed gradient all-reduce vs raw MPI"),

@@ -18,9 +18,9 @@ import torch
 from mpi4py import MPI
 
 from hpcllm.bench.common import ClockedComm, ForeignLoad, environment, slowest, table, timed
-from hpcllm.model import GPT, ModelConfig
-from hpcllm.parallel.data_parallel import AUTO_PLAN, DataParallel
-from hpcllm.runtime import keep_large_allocations, print0
+from hpcllm.distributed.data_parallel import AUTO_PLAN, DataParallel
+from hpcllm.models.gpt import GPT, ModelConfig
+from hpcllm.runtime.spmd import keep_large_allocations, print0
 
 
 def add_arguments(parser) -> None:

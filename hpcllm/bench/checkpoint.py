@@ -18,8 +18,8 @@ from mpi4py import MPI
 
 from hpcllm import checkpoint
 from hpcllm.bench.common import record
-from hpcllm.model import GPT, ModelConfig, param_groups
-from hpcllm.topology import Grid
+from hpcllm.distributed.topology import Grid
+from hpcllm.models.gpt import GPT, ModelConfig, param_groups
 
 
 def add_arguments(parser) -> None:

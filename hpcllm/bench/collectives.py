@@ -19,8 +19,8 @@ import torch
 from mpi4py import MPI
 
 from hpcllm.bench.common import ForeignLoad, environment, slowest, table, timed
-from hpcllm.comm import TensorComm, detect_cuda_aware
-from hpcllm.runtime import print0
+from hpcllm.distributed.comm import TensorComm, detect_cuda_aware
+from hpcllm.runtime.spmd import print0
 
 
 def add_arguments(parser) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcllm.comm import TensorComm
+from hpcllm.distributed.comm import TensorComm
 
 # What `scaling` and `stop` set for their mpirun children: Open MPI as root, more ranks than cores, 1 thread.
 MPI_ENV = {

@@ -10,12 +10,12 @@ from contextlib import nullcontext
 import torch
 from mpi4py import MPI
 
-from hpcllm.comm import TensorComm
 from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
-from hpcllm.model import ModelConfig
-from hpcllm.parallel.build import Rank, build_rank
-from hpcllm.parallel.steps import clip_grad_norm, stage_inputs, train_step
-from hpcllm.topology import Grid
+from hpcllm.distributed.build import Rank, build_rank
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.steps import clip_grad_norm, stage_inputs, train_step
+from hpcllm.distributed.topology import Grid
+from hpcllm.models.gpt import ModelConfig
 
 CPU = torch.device("cpu")
 
@@ -118,7 +118,7 @@ def take_step(rank: Rank, batches: list) -> None:
 def held_bytes(rank: Rank) -> dict[str, int]:
     """What the rank's tensors occupy, by distinct storage: parameters, gradients (buckets and
     ZeRO-1's reduced shard) and optimizer state."""
-    from hpcllm.parallel.zero import optimizer_state_bytes
+    from hpcllm.optim.zero import optimizer_state_bytes
 
     def unique(tensors) -> int:
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}

@@ -1,6 +1,6 @@
 """`python -m hpcllm.bench memory`: peak memory per rank, measured, for one model under
 (dp 2), (dp 2, zero 1), (tp 2), (pp 2) and, on 4 ranks, (dp 2, tp 2) with zero 0 and 1,
-beside the planner's prediction (`hpcllm.plan`). Run it without mpirun: each layout runs in
+beside the planner's prediction (`hpcllm.planner`). Run it without mpirun: each layout runs in
 a fresh `mpirun` (the peak resident set is a per-process high-water mark), for a few steps
 of the training loop's step.
 
@@ -32,8 +32,8 @@ from hpcllm.bench.layouts import (
     take_step,
 )
 from hpcllm.config import Config
-from hpcllm.model import GPT
-from hpcllm.plan import make_plan
+from hpcllm.models.gpt import GPT
+from hpcllm.planner import make_plan
 
 # name -> (ranks, pp, tp, zero, micro-batch size, micro-batches): a global batch of 8
 # sequences.

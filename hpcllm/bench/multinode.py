@@ -45,10 +45,10 @@ from hpcllm.bench.common import (
     table,
     timed,
 )
-from hpcllm.comm import TensorComm
-from hpcllm.parallel.hierarchical import select_allreduce
-from hpcllm.runtime import print0
-from hpcllm.topology import Grid
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.hierarchical import select_allreduce
+from hpcllm.distributed.topology import Grid
+from hpcllm.runtime.spmd import print0
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_HOSTS = 2

@@ -25,16 +25,16 @@ import torch
 from mpi4py import MPI
 
 from hpcllm.bench.common import slowest, table, timed
-from hpcllm.comm import TensorComm
-from hpcllm.model import GPT, ModelConfig
-from hpcllm.parallel.pipeline import (
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.pipeline import (
     PipelineStage,
     Schedule,
     chunk_stages,
     rank_chunks,
     split_layers,
 )
-from hpcllm.runtime import print0
+from hpcllm.models.gpt import GPT, ModelConfig
+from hpcllm.runtime.spmd import print0
 
 
 def add_arguments(parser) -> None:

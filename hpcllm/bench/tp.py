@@ -2,7 +2,7 @@
 global batch as dp 2 x tp 1 and as tp 2 (one micro-batch of twice the sequences), in
 alternating rounds: ms per step, the share of it spent in the tp all-reduces (blocking, so
 their time is the tp communicator's wait time), and the bytes they carried beside the
-planner's prediction (`hpcllm.plan`).
+planner's prediction (`hpcllm.planner`).
 
     mpirun -np 2 python -m hpcllm.bench tp --steps 10 --warmup 2 --rounds 4
 """
@@ -24,8 +24,8 @@ from hpcllm.bench.layouts import (
     take_step,
 )
 from hpcllm.config import Config
-from hpcllm.plan import make_plan
-from hpcllm.runtime import print0
+from hpcllm.planner import make_plan
+from hpcllm.runtime.spmd import print0
 
 
 def add_arguments(parser) -> None:

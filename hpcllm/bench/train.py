@@ -1,6 +1,6 @@
 """`python -m hpcllm.bench train`: training tokens/s of hpcllm (TensorComm + DataParallel +
 AdamW, built by the training's own `build_rank`, stepped by the training loop's own step from
-hpcllm.parallel.steps) against PyTorch DDP over gloo: same model, batch, ranks and threads,
+hpcllm.distributed.steps) against PyTorch DDP over gloo: same model, batch, ranks and threads,
 in alternating rounds (hpcllm, DDP, hpcllm, ...).
 
     mpirun -np 2 python -m hpcllm.bench train --steps 30 --warmup 5
@@ -20,13 +20,13 @@ from mpi4py import MPI
 
 from hpcllm.bench.common import ClockedComm, ForeignLoad, environment, slowest, table
 from hpcllm.bench.layouts import add_model_arguments, model_config
-from hpcllm.comm import TensorComm
 from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
-from hpcllm.model import GPT, ModelConfig, cross_entropy, param_groups
-from hpcllm.parallel.build import build_rank
-from hpcllm.parallel.steps import clip_grad_norm, train_step
-from hpcllm.runtime import print0
-from hpcllm.topology import Grid
+from hpcllm.distributed.build import build_rank
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.steps import clip_grad_norm, train_step
+from hpcllm.distributed.topology import Grid
+from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy, param_groups
+from hpcllm.runtime.spmd import print0
 
 TRAIN_OPTIONS = (
     "steps",

@@ -15,10 +15,10 @@ from mpi4py import MPI
 
 from hpcllm.bench.common import ForeignLoad, environment, slowest, table
 from hpcllm.bench.train import add_shared_arguments, hpcllm_stepper, model_and_batches
-from hpcllm.comm import TensorComm
-from hpcllm.model import GPT
-from hpcllm.parallel.zero import optimizer_state_bytes
-from hpcllm.runtime import print0
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.models.gpt import GPT
+from hpcllm.optim.zero import optimizer_state_bytes
+from hpcllm.runtime.spmd import print0
 
 
 def add_arguments(parser) -> None:

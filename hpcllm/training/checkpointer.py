@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 from hpcllm import checkpoint
 from hpcllm.config import Config
+from hpcllm.distributed.topology import Grid
 from hpcllm.generate import load_run_tokenizer
-from hpcllm.model import ModelConfig
-from hpcllm.parallel.local_sgd import check_resume
-from hpcllm.runtime import print0
-from hpcllm.topology import Grid
-from hpcllm.watchdog import WATCHDOG
+from hpcllm.models.gpt import ModelConfig
+from hpcllm.optim.local_sgd import check_resume
+from hpcllm.runtime.spmd import print0
+from hpcllm.runtime.watchdog import WATCHDOG
 
 if TYPE_CHECKING:
     from hpcllm.training.trainer import Trainer

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hpcllm import mfu
-from hpcllm.rundir import RunDir
-from hpcllm.runtime import node_local, print0
+from hpcllm.runtime.rundir import RunDir
+from hpcllm.runtime.spmd import node_local, print0
+from hpcllm.training import mfu
 
 if TYPE_CHECKING:
     from hpcllm.training.trainer import Trainer

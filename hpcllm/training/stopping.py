@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 from hpcllm import checkpoint
-from hpcllm.rundir import RunDir
-from hpcllm.runtime import Diverged, print0
-from hpcllm.stop import StopRequest
+from hpcllm.runtime.rundir import RunDir
+from hpcllm.runtime.spmd import Diverged, print0
+from hpcllm.runtime.stop import StopRequest
 
 
 class Stopping:

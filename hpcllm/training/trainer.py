@@ -16,29 +16,29 @@ from pathlib import Path
 import torch
 
 from hpcllm import checkpoint
-from hpcllm.comm import TensorComm, detect_cuda_aware
 from hpcllm.config import Config, check_device, to_toml
 from hpcllm.data.loader import Loader, val_batches
 from hpcllm.data.shards import ShardSet, open_splits
+from hpcllm.distributed import steps
+from hpcllm.distributed.build import build_rank
+from hpcllm.distributed.comm import TensorComm, detect_cuda_aware
+from hpcllm.distributed.data_parallel import DataParallel
+from hpcllm.distributed.pipeline import Schedule
+from hpcllm.distributed.steps import clip_grad_norm, mean_over_grid, stage_inputs
+from hpcllm.distributed.tensor_parallel import owned_numel
+from hpcllm.distributed.topology import Grid, describe
 from hpcllm.generate import load_model, load_run_tokenizer, sample
-from hpcllm.model import GPT
+from hpcllm.models.gpt import GPT
 from hpcllm.optim import lr_scale, set_lr
-from hpcllm.parallel import steps
-from hpcllm.parallel.build import build_rank
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.local_sgd import LocalSGD
-from hpcllm.parallel.pipeline import Schedule
-from hpcllm.parallel.steps import clip_grad_norm, mean_over_grid, stage_inputs
-from hpcllm.parallel.tensor_parallel import owned_numel
-from hpcllm.rundir import RunDir, replace_file
-from hpcllm.runtime import agree, node_local, print0, rank_hosts, setup_threads
-from hpcllm.stop import StopRequest
-from hpcllm.topology import Grid, describe
+from hpcllm.optim.local_sgd import LocalSGD
+from hpcllm.runtime.rundir import RunDir, replace_file
+from hpcllm.runtime.spmd import agree, node_local, print0, rank_hosts, setup_threads
+from hpcllm.runtime.stop import StopRequest
+from hpcllm.runtime.watchdog import WATCHDOG
 from hpcllm.training.checkpointer import Checkpointer
 from hpcllm.training.metrics import Metrics, StepStats
 from hpcllm.training.stopping import Stopping
 from hpcllm.training.validator import Validator, val_bytes_per_token
-from hpcllm.watchdog import WATCHDOG
 
 DEFAULT_DATA = "data/stdlib-bpe1024"
 # A small BPE vocabulary: each token stands for ~2.6 bytes of source, so the default model sees

@@ -7,12 +7,12 @@ import math
 
 import torch
 
-from hpcllm.comm import TensorComm
 from hpcllm.config import Config
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.pipeline import Schedule
+from hpcllm.distributed.steps import evaluate, mean_over_grid
 from hpcllm.generate import load_run_tokenizer
-from hpcllm.parallel.pipeline import Schedule
-from hpcllm.parallel.steps import evaluate, mean_over_grid
-from hpcllm.watchdog import WATCHDOG
+from hpcllm.runtime.watchdog import WATCHDOG
 
 
 class Validator:

@@ -47,9 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from hpcllm.checkpoint_index import Box, Placement, placement_of, set_placement
-from hpcllm.comm import TensorComm, copy_to_parallel, reduce_from_parallel
-from hpcllm.parallel.tied import is_stage_replica
+from hpcllm.checkpoint.index import Box, Placement, placement_of, set_placement
+from hpcllm.distributed.comm import TensorComm, copy_to_parallel, reduce_from_parallel
+from hpcllm.distributed.tied import is_stage_replica
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:

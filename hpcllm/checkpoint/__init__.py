@@ -20,7 +20,7 @@ parameters between model averages: dp rank d > 0 also writes its copies, under n
 prefixed `dp{d}/`, and dp rank 0 the outer state (`outer/<param>/anchor`, `.../momentum`).
 Tensors are stored under global names (`model/blocks.3.attn.qkv.weight`,
 `optim/blocks.3.attn.qkv.weight/exp_avg`, `rng/5`) and meta.json's index
-(`checkpoint_index.py`) says which file holds which region of each, so a rank of any other
+(`checkpoint/index.py`) says which file holds which region of each, so a rank of any other
 layout reads just the tensors, the boxes of them its tensor-parallel shards hold, or its
 ZeRO-1 flat ranges.
 
@@ -47,19 +47,36 @@ import zlib
 from functools import partial
 from math import prod
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from hpcllm import checkpoint_index as index
-from hpcllm.parallel.local_sgd import LocalSGD
-from hpcllm.parallel.tied import is_stage_replica
-from hpcllm.parallel.zero import Piece, Run, ShardedOptimizer
-from hpcllm.rundir import replace_file
-from hpcllm.watchdog import WATCHDOG
+from hpcllm.checkpoint import index as index
+from hpcllm.distributed.tied import is_stage_replica
+from hpcllm.runtime.rundir import replace_file
+from hpcllm.runtime.watchdog import WATCHDOG
+
+if TYPE_CHECKING:
+    from hpcllm.optim.local_sgd import LocalSGD
+    from hpcllm.optim.zero import Piece, Run
+
+
+@runtime_checkable
+class OwnsPieces(Protocol):
+    """An optimizer whose state (and parameters' master copy) is sharded over dp, ZeRO-style:
+    it names the pieces it writes and the flat runs it reads back, and loads them itself."""
+
+    def owned_pieces(self, tp_rank: int = 0) -> list[Piece]: ...
+
+    def owned_runs(
+        self, name: str, shape: list[int]
+    ) -> tuple[tuple[int, ...], list[Run]] | None: ...
+
+    def load_owned(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
 
 FORMAT_VERSION = 2
 META = "meta.json"
@@ -201,7 +218,7 @@ def write_own_files(
     """
     tp_rank, dp_rank = grid.rank("tp"), grid.rank("dp")
     tag = f"pp{grid.rank('pp')}-dp{dp_rank}-tp{tp_rank}"
-    if isinstance(optimizer, ShardedOptimizer):
+    if isinstance(optimizer, OwnsPieces):
         return _write_flat_ranges(tmp, tag, optimizer.owned_pieces(tp_rank))
     if dp_rank != 0 and local_sgd is None:
         return {}, {}
@@ -351,7 +368,7 @@ def save(
             error = _save_failed_message(final, errors)
     error = world.bcast(error if rank == 0 else None)
     if error is not None:
-        from hpcllm.runtime import StartupError
+        from hpcllm.runtime.spmd import StartupError
 
         # The same message on every rank: spmd_main prints it once and every rank exits 2.
         raise StartupError([(r, error) for r in range(world.Get_size())])
@@ -593,7 +610,7 @@ def load_newest(
     rank raises StartupError (exit 2). `check(meta, folder)` may raise ValueError for a
     checkpoint the user cannot resume from (another model): that ends the run too.
     """
-    from hpcllm.runtime import StartupError, agree, print0
+    from hpcllm.runtime.spmd import StartupError, agree, print0
 
     world = grid.world
     root = Path(run_dir) / "checkpoints"
@@ -680,7 +697,7 @@ def _wanted(
             (k, e) for k, e in tensors.items() if k.startswith(tuple(kinds))
         ]:
             key = stored[len(prefix) :] if stored.startswith(prefix) else stored
-            if isinstance(optimizer, ShardedOptimizer):
+            if isinstance(optimizer, OwnsPieces):
                 owned = optimizer.owned_runs(key, e["shape"])
                 if owned is not None:
                     wanted[key] = _Want(e, None, owned[0], tuple(owned[1]))
@@ -768,7 +785,7 @@ def _apply(
     rng = [v for k, v in state.items() if k.startswith("rng/")]
     if rng:
         torch.set_rng_state(rng[0])
-    if isinstance(optimizer, ShardedOptimizer):
+    if isinstance(optimizer, OwnsPieces):
         optimizer.load_owned(state)
         return
     with torch.no_grad():

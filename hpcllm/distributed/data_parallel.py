@@ -23,14 +23,14 @@ the dp size and dp rank r owns the r-th contiguous 1/dp of it. A non-blocking
 `Ireduce_scatter_block` replaces the all-reduce, launched from the same hooks, so each
 rank ends up with the average of its own shard only (`Bucket.grad_shard`). The
 parameters become views into one flat fp32 buffer per bucket with the same layout:
-the optimizer (`hpcllm.parallel.zero.ShardedAdamW`) updates this rank's range of it and
+the optimizer (`hpcllm.optim.zero.ShardedAdamW`) updates this rank's range of it and
 `gather_params()` all-gathers the ranges, so every rank has the whole model again.
 
-With a `compressor` (`parallel.grad_compression`, hpcllm/parallel/compression.py) a bucket's
+With a `compressor` (`parallel.grad_compression`, hpcllm/distributed/compression.py) a bucket's
 reduction is its compressed one instead; it leaves the sum in the buffer all the same (under
 ZeRO-1, this rank's shard of it in `grad_shard`). With `hierarchical` (parallel.allreduce) the
 reduction has two levels, node then across nodes, in either form; compression then applies
-to its cross-node phase (hpcllm/parallel/hierarchical.py states the policy).
+to its cross-node phase (hpcllm/distributed/hierarchical.py states the policy).
 `wire_bytes` counts what this rank has sent for gradient reduction, from the message sizes
 and each algorithm's traffic.
 """
@@ -48,16 +48,16 @@ import torch
 import torch.nn as nn
 from mpi4py import MPI
 
-from hpcllm.comm import Pending, TensorComm
 from hpcllm.config import OVERLAP_MODES
-from hpcllm.parallel.compression import (
+from hpcllm.distributed.comm import Pending, TensorComm
+from hpcllm.distributed.compression import (
     Compressor,
     Reduction,
     allreduce_wire_bytes,
     reduce_scatter_wire_bytes,
 )
-from hpcllm.parallel.tied import TiedGradients, shared_weight
-from hpcllm.watchdog import WATCHDOG
+from hpcllm.distributed.tied import TiedGradients, shared_weight
+from hpcllm.runtime.watchdog import WATCHDOG
 
 # parallel.overlap auto: the modes of its first steps. The first step warms up (allocations,
 # first touches) and is not counted; then off and on take turns, two steps each, so a slow
@@ -69,7 +69,7 @@ AUTO_PLAN = ("on",) + ("off", "off", "on", "on") * 2
 _POLL_S = 2e-4
 
 if TYPE_CHECKING:
-    from hpcllm.parallel.hierarchical import HierarchicalAllreduce
+    from hpcllm.distributed.hierarchical import HierarchicalAllreduce
 
 
 class _Done:
@@ -115,7 +115,7 @@ class DataParallel:
     Use: `zero_grad()` before a step; set `sync = False` for all but the last
     micro-batch of a step (their gradients only accumulate locally); after the
     last backward, `finish()` returns once every gradient is the dp average.
-    With `hierarchical` (hpcllm.parallel.hierarchical, parallel.allreduce) buckets are summed
+    With `hierarchical` (hpcllm.distributed.hierarchical, parallel.allreduce) buckets are summed
     in two levels, node then across nodes, and padded to a multiple of the ranks per node
     (of the dp size under ZeRO-1, as without it).
     """
@@ -139,7 +139,7 @@ class DataParallel:
         self.wire_bytes = 0
         self.compressor: Compressor | None = None  # set by compression.build's caller
         # pp x tied embeddings: the first and last stage's sum of the shared weight's gradient
-        # (hpcllm/parallel/tied.py), set by the caller; train_step runs it after finish().
+        # (hpcllm/distributed/tied.py), set by the caller; train_step runs it after finish().
         self.tied: TiedGradients | None = None
         self._log = log or (lambda message: None)
         self._thread: _CommThread | None = None

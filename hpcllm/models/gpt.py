@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcllm.model_config import ModelConfig
+from hpcllm.models.config import ModelConfig
 
 # RMSNorm's epsilon, as Llama uses it (exported as rms_norm_eps).
 RMS_NORM_EPS = 1e-5
@@ -67,7 +67,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
         # Where the attention dropout draws its masks: tensor parallelism gives each rank's
-        # heads a generator of their own (hpcllm.parallel.tensor_parallel.dropout_rng).
+        # heads a generator of their own (hpcllm.distributed.tensor_parallel.dropout_rng).
         self.dropout_rng: Callable[[], AbstractContextManager] = nullcontext
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from hpcllm.comm import PersistentRecv, TensorComm, Work
-from hpcllm.model import cross_entropy
+from hpcllm.distributed.comm import PersistentRecv, TensorComm, Work
+from hpcllm.models.gpt import cross_entropy
 
 FORWARD_TAG, BACKWARD_TAG = 0, 1
 SCHEDULES = ("1f1b", "gpipe")

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from hpcllm.watchdog import WATCHDOG
+from hpcllm.runtime.watchdog import WATCHDOG
 
 # Reasons, by priority when ranks disagree (the all-reduce takes the maximum).
 REASONS = {

@@ -1,7 +1,7 @@
 """The optimizer a run trains with (`optim.name`) and its learning-rate schedule.
 
     adamw  torch AdamW: decay on matrices, none on biases and norms.
-    muon   Muon (hpcllm.muon) on the blocks' hidden matrices at optim.muon_lr, AdamW at
+    muon   Muon (hpcllm.optim.muon) on the blocks' hidden matrices at optim.muon_lr, AdamW at
            optim.lr on the embeddings, the head and the vectors; its orthogonalisation is
            spread over the data-parallel ranks (under ZeRO-1, with each matrix's momentum).
 
@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpcllm import muon
-from hpcllm.comm import TensorComm
 from hpcllm.config import OptimConfig
-from hpcllm.model import param_groups
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.zero import ShardedAdamW, ShardedMuon
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.data_parallel import DataParallel
+from hpcllm.models.gpt import param_groups
+from hpcllm.optim import muon
+from hpcllm.optim.zero import ShardedAdamW, ShardedMuon
 
 OPTIMIZERS = ("adamw", "muon")
 

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from mpi4py import MPI
 
-from hpcllm.watchdog import WATCHDOG
+from hpcllm.runtime.watchdog import WATCHDOG
 
 _REDUCE_IN_FP32 = (torch.bfloat16, torch.float16)
 
@@ -55,7 +55,7 @@ def detect_cuda_aware(setting: str = "auto") -> bool:
 
 class Pending(Protocol):
     """Anything that completes later: a Work, or a reduction of several phases that advances
-    them inside test() and wait() (hpcllm/parallel/compression.py)."""
+    them inside test() and wait() (hpcllm/distributed/compression.py)."""
 
     def test(self) -> bool: ...
 

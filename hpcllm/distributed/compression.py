@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn as nn
 
-from hpcllm.comm import TensorComm, Work
+from hpcllm.distributed.comm import TensorComm, Work
 
 if TYPE_CHECKING:
-    from hpcllm.parallel.data_parallel import Bucket
-    from hpcllm.parallel.hierarchical import HierarchicalAllreduce
+    from hpcllm.distributed.data_parallel import Bucket
+    from hpcllm.distributed.hierarchical import HierarchicalAllreduce
 
 # fp16's largest finite value is 65504 (~2^16): scaled chunks peak at 2^14, so the sum of
 # their rounded values stays finite after the cast (dp ranks' sums are rescaled first).

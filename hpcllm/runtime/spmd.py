@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from mpi4py import MPI
 
-from hpcllm.watchdog import WATCHDOG
+from hpcllm.runtime.watchdog import WATCHDOG
 
 T = TypeVar("T")
 

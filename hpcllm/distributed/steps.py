@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from hpcllm.comm import TensorComm
 from hpcllm.data.loader import MicroBatch
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.pipeline import Schedule
-from hpcllm.parallel.tensor_parallel import counted_once
-from hpcllm.topology import Grid
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.data_parallel import DataParallel
+from hpcllm.distributed.pipeline import Schedule
+from hpcllm.distributed.tensor_parallel import counted_once
+from hpcllm.distributed.topology import Grid
 
 
 def clip_grad_norm(

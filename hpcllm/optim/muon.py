@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from hpcllm.checkpoint_index import Placement, placement_of
+from hpcllm.checkpoint.index import Placement, placement_of
 
 # Coefficients of the quintic iteration: chosen (Jordan) to push singular values into about
 # [0.7, 1.2] in five steps rather than to converge exactly, which is all the update needs.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hpcllm.comm import TensorComm
+from hpcllm.distributed.comm import TensorComm
 
 
 def is_stage_replica(param: torch.Tensor) -> bool:

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from hpcllm import checkpoint_index as index
-from hpcllm.checkpoint_index import placement_of
-from hpcllm.muon import Muon, assign_owners, local_slice, orthogonalize, update_scale
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.tied import is_stage_replica
+from hpcllm.checkpoint import index as index
+from hpcllm.checkpoint.index import placement_of
+from hpcllm.distributed.data_parallel import DataParallel
+from hpcllm.distributed.tied import is_stage_replica
+from hpcllm.optim.muon import Muon, assign_owners, local_slice, orthogonalize, update_scale
 
 # (global tensor name, its global shape, the region of it, the tensor holding that region)
 Piece = tuple[str, list[int], index.Region, torch.Tensor]

@@ -38,20 +38,20 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from hpcllm.comm import TensorComm, Work
 from hpcllm.config import Config
-from hpcllm.model import GPT
-from hpcllm.parallel.build import Rank, build_rank
-from hpcllm.parallel.pipeline import (
+from hpcllm.distributed.build import Rank, build_rank
+from hpcllm.distributed.comm import TensorComm, Work
+from hpcllm.distributed.pipeline import (
     ActivationMeter,
     micro_batch_chunk,
     passes,
     rank_chunks,
     split_layers,
 )
-from hpcllm.parallel.tensor_parallel import padded_vocab
-from hpcllm.parallel.zero import optimizer_state_bytes
-from hpcllm.topology import AXES, Grid, describe, resolve_dims
+from hpcllm.distributed.tensor_parallel import padded_vocab
+from hpcllm.distributed.topology import AXES, Grid, describe, resolve_dims
+from hpcllm.models.gpt import GPT
+from hpcllm.optim.zero import optimizer_state_bytes
 
 if TYPE_CHECKING:
     from mpi4py import MPI

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcllm.comm import TensorComm, Work
-from hpcllm.parallel.compression import allreduce_wire_bytes, reduce_scatter_wire_bytes
-from hpcllm.topology import Grid
+from hpcllm.distributed.comm import TensorComm, Work
+from hpcllm.distributed.compression import allreduce_wire_bytes, reduce_scatter_wire_bytes
+from hpcllm.distributed.topology import Grid
 
 if TYPE_CHECKING:
-    from hpcllm.parallel.compression import HalfSum
+    from hpcllm.distributed.compression import HalfSum
 
 MODES = ("flat", "hierarchical", "auto")
 

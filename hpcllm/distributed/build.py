@@ -6,7 +6,7 @@ reducer the config asks for (flat or hierarchical all-reduce, a compressor, ZeRO
 reduce-scatter), the pipeline `Schedule` with its (vocab-parallel) loss, the optimizer
 (AdamW, ZeRO-1's sharded AdamW, or Muon over the dp and tp communicators) and local SGD.
 
-Training (`hpcllm.train`), the layout planner (`hpcllm.plan`, on meta or fake tensors with
+Training (`hpcllm.train`), the layout planner (`hpcllm.planner`, on meta or fake tensors with
 communicators that record instead of sending), the benchmarks and the layout tests all call
 it, so what they measure is what trains. Data, resume and logging are the caller's.
 """
@@ -19,18 +19,18 @@ from typing import TypeVar
 
 import torch
 
-from hpcllm.comm import TensorComm
 from hpcllm.config import Config
-from hpcllm.model import GPT
+from hpcllm.distributed import compression
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.data_parallel import DataParallel
+from hpcllm.distributed.hierarchical import select_allreduce
+from hpcllm.distributed.parallelize import build_stage, loss_function
+from hpcllm.distributed.pipeline import Schedule, chunk_stages
+from hpcllm.distributed.tied import TiedGradients
+from hpcllm.distributed.topology import Grid
+from hpcllm.models.gpt import GPT
 from hpcllm.optim import build_optimizer
-from hpcllm.parallel import compression
-from hpcllm.parallel.data_parallel import DataParallel
-from hpcllm.parallel.hierarchical import select_allreduce
-from hpcllm.parallel.local_sgd import LocalSGD
-from hpcllm.parallel.parallelize import build_stage, loss_function
-from hpcllm.parallel.pipeline import Schedule, chunk_stages
-from hpcllm.parallel.tied import TiedGradients
-from hpcllm.topology import Grid
+from hpcllm.optim.local_sgd import LocalSGD
 
 T = TypeVar("T")
 

@@ -22,11 +22,10 @@ from functools import partial
 
 import torch.nn as nn
 
-from hpcllm.comm import TensorComm
 from hpcllm.config import Config
-from hpcllm.model import GPT, cross_entropy
-from hpcllm.parallel.pipeline import LossFn, rank_chunks, split_layers
-from hpcllm.parallel.tensor_parallel import (
+from hpcllm.distributed.comm import TensorComm
+from hpcllm.distributed.pipeline import LossFn, rank_chunks, split_layers
+from hpcllm.distributed.tensor_parallel import (
     ColumnParallelLinear,
     HeadNorm,
     RowParallelLinear,
@@ -36,8 +35,9 @@ from hpcllm.parallel.tensor_parallel import (
     padded_vocab,
     vocab_parallel_cross_entropy,
 )
-from hpcllm.parallel.tied import mark_replica
-from hpcllm.topology import Grid
+from hpcllm.distributed.tied import mark_replica
+from hpcllm.distributed.topology import Grid
+from hpcllm.models.gpt import GPT, cross_entropy
 
 
 def build_stage(cfg: Config, grid: Grid, device, tp_comm: TensorComm | None = None) -> GPT:
@@ -77,7 +77,7 @@ def parallelize(model: GPT, grid: Grid, cfg: Config, tp_comm: TensorComm) -> GPT
     assert grid.size("tp") == tp_comm.size == cfg.parallel.tp
     if tp_comm.size > 1:
         _tensor_parallel(model, cfg, tp_comm)
-    # The last stage's copy of a weight tied across stages (hpcllm/parallel/tied.py).
+    # The last stage's copy of a weight tied across stages (hpcllm/distributed/tied.py).
     mark_replica(model)
     return model
 

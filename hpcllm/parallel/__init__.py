@@ -1,1 +1,0 @@
-"""Data-parallel and pipeline-parallel wrappers around the model."""
