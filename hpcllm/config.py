@@ -252,7 +252,7 @@ def load_toml(cfg: Config, path: str) -> None:
             table = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not readable TOML: {e}") from None
     for section_name, section in table.items():
         if not isinstance(section, dict):
@@ -408,6 +408,7 @@ def validate(cfg: Config) -> None:
             "run.prompt is empty but run.sample_tokens is not 0: give a prompt for the "
             "end-of-training sample, or set run.sample_tokens 0"
         )
+    check_text("run.prompt", cfg.run.prompt)
     if m.d_model % m.n_head:
         raise ConfigError(
             f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})"
@@ -466,6 +467,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device must be cpu or cuda, got '{t.device}'")
     if t.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.dtype must be float32 or bfloat16, got '{t.dtype}'")
+
+
+def check_text(key: str, text: str) -> None:
+    """A string setting must be text the tokenizer can encode: a command-line argument that
+    was not valid UTF-8 reaches Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{key} is not valid UTF-8 text ({text.encode('utf-8', 'backslashreplace')!r}); "
+            "give it in UTF-8"
+        ) from None
 
 
 def check_compression(p: ParallelConfig) -> None:

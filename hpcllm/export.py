@@ -205,6 +205,11 @@ def write_folder(model: GPT, tokenizer, data_path: str, out: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tensors = hf_state_dict(m, model.state_dict())
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors creates its file for its owner only; the folder's other files follow
+        # the umask, and a model shared with a group must be readable like its config.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)
         write_tokenizer(tokenizer, data_path, tmp, m.block_size)
         os.replace(tmp, out)
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from hpcllm import checkpoint
-from hpcllm.config import COUNT, NON_NEGATIVE, POSITIVE, ConfigError, from_dict
+from hpcllm.config import COUNT, NON_NEGATIVE, POSITIVE, ConfigError, check_text, from_dict
 from hpcllm.data.shards import open_shards
 from hpcllm.data.tokenizer import load_tokenizer
 from hpcllm.models.gpt import GPT
@@ -104,6 +104,7 @@ def check_options(args: argparse.Namespace) -> None:
         allowed.check(option, value)
     if not args.prompt:
         raise ConfigError("--prompt is empty: the model needs at least one token to continue")
+    check_text("--prompt", args.prompt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,8 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     if not any(r.train or r.val for r in runs):
         print(f"error: no loss records in {', '.join(args.run_dirs)}", file=sys.stderr)
         return 2
-    out = args.out or (Path(args.run_dirs[0]) / "loss.png" if len(runs) == 1 else "loss.png")
-    print(f"wrote {plot(runs, out)}")
+    out = Path(args.out or (Path(args.run_dirs[0]) / "loss.png" if len(runs) == 1 else "loss.png"))
+    if out.is_dir():
+        out = out / "loss.png"  # --out names a folder: the picture goes into it
+    try:
+        print(f"wrote {plot(runs, out)}")
+    except OSError as e:
+        print(f"error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 

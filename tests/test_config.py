@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -302,3 +303,13 @@ def test_check_device_without_a_gpu(monkeypatch):
         check_device(cfg)
     cfg.train.device = "cpu"
     check_device(cfg)
+
+
+def test_text_that_is_not_utf8_is_refused_naming_the_key_or_file(tmp_path):
+    # A command-line argument that was not UTF-8 reaches Python as lone surrogates.
+    with pytest.raises(ConfigError, match=r"run\.prompt is not valid UTF-8 text"):
+        parse_args(["--run.prompt", b"caf\xe9".decode("utf-8", "surrogateescape")])
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b"[train]\nmax_steps = 5\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file {bad} is not readable TOML")):
+        parse_args(["--config", str(bad)])

@@ -83,6 +83,8 @@ def test_export_loads_in_transformers_with_equal_logits_and_ids(case, data, tmp_
         "tokenizer.json",
         "tokenizer_config.json",
     ]
+    # Every file as readable as the others (safetensors alone would make its file owner-only).
+    assert len({(p.stat().st_mode & 0o777) for p in out.iterdir()}) == 1
 
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(hf).__name__ == hf_class

@@ -49,6 +49,15 @@ def test_several_runs_overlay_into_out(tmp_path):
     assert not list(tmp_path.glob(".*.tmp.png"))
 
 
+def test_out_naming_a_folder_writes_loss_png_into_it(tmp_path, capsys):
+    run_dir, folder = write_run(tmp_path / "a"), tmp_path / "pictures"
+    folder.mkdir()
+    assert main([str(run_dir), "--out", str(folder)]) == 0
+    assert (folder / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert main([str(run_dir), "--out", str(tmp_path / "no" / "such" / "x.png")]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot write ")
+
+
 def test_missing_or_empty_metrics_exit_2_naming_the_folder(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "nope/metrics.jsonl does not exist" in capsys.readouterr().err

@@ -179,3 +179,10 @@ def test_dry_run_layout_that_does_not_divide_exits_2():
     assert result.returncode == 2, result
     for text in ("16", "pp=2", "dp=3", "tp=1", "6 ranks"):
         assert text in result.stderr, (text, result)
+
+
+def test_describe_keeps_lines_short_at_any_scale():
+    lines = describe({"pp": 2, "dp": 50_000, "tp": 1}).splitlines()
+    assert max(map(len, lines)) < 200, max(map(len, lines))
+    assert "dp groups (size 50000): [0,1,2,3,4,5,6,7,...,49998,49999]" in lines[2]
+    assert "[0,1,2,3]" in describe({"pp": 1, "dp": 4, "tp": 1})  # short groups in full

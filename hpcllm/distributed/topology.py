@@ -86,10 +86,18 @@ def describe(dims: dict[str, int], max_groups: int = 8) -> str:
     lines = [f"world {world} = pp {dims['pp']} x dp {dims['dp']} x tp {dims['tp']}"]
     for axis in AXES:
         groups = group_ranks(axis, dims)
-        shown = " ".join("[" + ",".join(map(str, g)) + "]" for g in groups[:max_groups])
+        shown = " ".join(_ranks(g, max_groups) for g in groups[:max_groups])
         more = f" ... ({len(groups)} groups)" if len(groups) > max_groups else ""
         lines.append(f"  {axis} groups (size {dims[axis]}): {shown}{more}")
     return "\n".join(lines)
+
+
+def _ranks(group: list[int], max_ranks: int) -> str:
+    """A group's ranks, the first and last few of a long one (a line stays readable)."""
+    if len(group) <= 2 * max_ranks:
+        return "[" + ",".join(map(str, group)) + "]"
+    head, tail = ",".join(map(str, group[:max_ranks])), ",".join(map(str, group[-2:]))
+    return f"[{head},...,{tail}]"
 
 
 @dataclass
