@@ -22,7 +22,7 @@ if __name__ == "__main__":
     # a peer that never reaches MPI_Init, must end the job as well (hpcllm/runtime/watchdog.py).
     from hpcllm.runtime.watchdog import WATCHDOG
 
-    WATCHDOG.start_at_launch()
+    WATCHDOG.start_at_launch(sys.argv[1:])
 
 
 import sys

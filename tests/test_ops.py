@@ -417,9 +417,12 @@ def test_a_rank_frozen_in_start_up_is_named(data_dir, tmp_path):
 def test_a_rank_hung_before_mpi_init_ends_the_job(data_dir, tmp_path):
     """Rank 1 hangs before it imports mpi4py, while rank 0 waits inside MPI's start-up."""
     run_dir = tmp_path / "run"
-    settings = ops_settings(data_dir, run_dir, **{"train.max_steps": 6})
-    env = {"HPCLLM_HANG_AT_START": "1", "HPCLLM_WATCHDOG_FIRST_STEP_S": "6"}
-    job = Job(2, settings, tmp_path, env=env)
+    # The limit of the command line holds from the process's start, before the config is
+    # read by the job itself.
+    settings = ops_settings(
+        data_dir, run_dir, **{"train.max_steps": 6, "run.watchdog_first_step_s": 6}
+    )
+    job = Job(2, settings, tmp_path, env={"HPCLLM_HANG_AT_START": "1"})
     first = assert_named(job, 1, within=40)
     assert "start-up before MPI" in first, first
 
@@ -441,14 +444,10 @@ runpy.run_module("hpcllm.train", run_name="__main__", alter_sys=True)
 def test_a_rank_stuck_importing_torch_is_named(data_dir, tmp_path):
     """The watchdog is armed before torch loads, so a rank hung in `import torch` ends the job."""
     run_dir = tmp_path / "run"
-    settings = ops_settings(data_dir, run_dir, **{"train.max_steps": 6})
-    job = Job(
-        2,
-        settings,
-        tmp_path,
-        env={"HPCLLM_WATCHDOG_FIRST_STEP_S": "6"},
-        python_args=["-c", STUCK_IMPORTING_TORCH],
+    settings = ops_settings(
+        data_dir, run_dir, **{"train.max_steps": 6, "run.watchdog_first_step_s": 6}
     )
+    job = Job(2, settings, tmp_path, python_args=["-c", STUCK_IMPORTING_TORCH])
     first = assert_named(job, 1, within=40)
     assert "in: start-up: imports and config" in first, first
     assert "in find_spec" in job.err.read_text(), job.output()  # its stack shows where
@@ -594,3 +593,19 @@ def test_resume_with_another_model_shape_is_refused_naming_the_key(data_dir, ref
     assert result.returncode == 2, result
     assert "model.d_model = 32 in the checkpoint, 64 now" in result.stderr, result
     assert sorted(p.name for p in (ref_dir / "checkpoints").iterdir()) == before
+
+
+def test_the_first_step_limit_is_read_before_anything_else(tmp_path):
+    """From the command line over the TOML file over the default; a config with a mistake
+    leaves the default (the job reports the mistake itself, once it starts)."""
+    from hpcllm.config import RunConfig
+    from hpcllm.runtime.watchdog import first_step_limit
+
+    toml = tmp_path / "job.toml"
+    toml.write_text("[run]\nwatchdog_first_step_s = 40\n")
+    assert first_step_limit(["--config", str(toml)]) == 40
+    assert first_step_limit(["--config", str(toml), "--run.watchdog_first_step_s", "7"]) == 7
+    assert first_step_limit(["--run.watchdog_first_step_s=12", "--dry-run"]) == 12
+    default = RunConfig().watchdog_first_step_s
+    assert first_step_limit(["--run.watchdog_first_step_s", "soon"]) == default
+    assert first_step_limit(["--config", str(tmp_path / "missing.toml")]) == default

@@ -18,8 +18,9 @@ the target's MPI progress engine, which a frozen or dead rank never runs, and a 
 watchdog thread would then hang too; a file on the run folder stays readable.
 
 Start-up: `python -m hpcllm.train` arms the watchdog as the process starts (`start_at_launch`,
-before torch and MPI load) with `run.watchdog_first_step_s` (before the config is read: its
-default, or HPCLLM_WATCHDOG_FIRST_STEP_S), which holds until the first step has completed.
+before torch and MPI load) with `run.watchdog_first_step_s` as the job's command line and
+TOML file set it (read first of all, so that it bounds the imports too), which holds until the
+first step has completed.
 Before MPI is up the watchdog can only print and exit the process non-zero, which makes
 mpirun or srun end the job. A rank blocked inside MPI_Init, or in a stuck import of a C
 extension, may hold the GIL and so stop the watchdog thread; until the config is read,
@@ -43,7 +44,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from hpcllm.config import RunConfig
+from hpcllm.config import ConfigError, RunConfig, parse_args
 
 HOST = socket.gethostname()
 _RECORD_BYTES = 512  # heartbeat files are rewritten in place at a fixed size, never truncated
@@ -77,15 +78,14 @@ class Watchdog:
 
     # -- arming ------------------------------------------------------------------------
 
-    def start_at_launch(self) -> None:
+    def start_at_launch(self, argv: list[str]) -> None:
         """Arm the start-up watchdog as the process starts, then initialise MPI under it.
 
         For the training entry point, before it imports torch: an import stuck on a slow
-        shared file system, or a peer that never reaches MPI_Init, must end the job too.
+        shared file system, or a peer that never reaches MPI_Init, must end the job too,
+        within the `run.watchdog_first_step_s` of the job's command line (`argv`).
         """
-        limit = float(
-            os.environ.get("HPCLLM_WATCHDOG_FIRST_STEP_S", RunConfig().watchdog_first_step_s)
-        )
+        limit = first_step_limit(argv)
         self.start(limit, limit)
         if limit > 0:
             faulthandler.dump_traceback_later(limit + self._stale_after(limit), exit=True)
@@ -335,6 +335,17 @@ class Watchdog:
         finally:
             # Before MPI is up: a non-zero exit makes mpirun or srun end the job.
             os._exit(3)
+
+
+def first_step_limit(argv: list[str]) -> float:
+    """run.watchdog_first_step_s as the job will read it (defaults, then the TOML file, then
+    the command line). A config with a mistake is the job's to report once it starts: until
+    then the default holds."""
+    try:
+        cfg, _ = parse_args(argv)
+    except (ConfigError, ValueError, OSError):
+        return RunConfig().watchdog_first_step_s
+    return cfg.run.watchdog_first_step_s
 
 
 def _hang_at_start_for_tests(rank: int) -> None:
