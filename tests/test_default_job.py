@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import losses, run, write_corpus
+from helpers import losses, read_metrics, run, write_corpus
 
 PINNED = Path(__file__).parent / "data" / "default_job_losses.json"
 STEPS = 8
@@ -57,6 +57,11 @@ def default_job(np: int, run_dir: Path, data: Path, **layout) -> dict[int, float
     )
     assert result.returncode == 0, result
     assert "llama" in (run_dir / "config.toml").read_text()
+    # Shares of a step, each counted once (Muon's all-gathers were once subtracted twice,
+    # making fixed_frac negative).
+    for record in read_metrics(run_dir)[0]:
+        for key in ("loader_frac", "fixed_frac", "comm_wait_frac"):
+            assert 0 <= record[key] < 1, (key, record)
     return losses(run_dir)
 
 

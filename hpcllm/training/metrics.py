@@ -79,9 +79,11 @@ class Metrics:
 
     @contextmanager
     def optimizer(self) -> Iterator[None]:
-        start = time.perf_counter()
+        start, comm_start = time.perf_counter(), self.comm_seconds()
         yield
-        self.optimizer_s = time.perf_counter() - start
+        # Its own work only: what it waited on (ZeRO-1's and Muon's all-gathers) is
+        # communication, counted there once.
+        self.optimizer_s = time.perf_counter() - start - (self.comm_seconds() - comm_start)
 
     def step_done(self, step: int, stats: StepStats, last: bool) -> None:
         """Add the step to the window; log it every train.log_every steps, first and last."""
@@ -90,8 +92,9 @@ class Metrics:
             now - self.mark,
             comm_now - self.comm_before,
             self.trainer.loader.wait_seconds - self.loader_before,
-            # The previous step's tail and this one's, less the optimizer's update and the
-            # wait for a slower rank in the loss all-reduce (counted as communication).
+            # The previous step's tail and this one's, less the optimizer's own work and the
+            # communication since the backward (the optimizer's collectives, the wait for a
+            # slower rank in the loss all-reduce: counted as communication).
             (self.started - self.mark)
             + (now - self.computed_at)
             - self.optimizer_s
