@@ -583,6 +583,43 @@ def check_device(cfg: Config) -> None:
             )
 
 
+# Bytes per parameter that every layout holds at least: the fp32 weight, its gradient and
+# AdamW's two moments (Muon keeps one momentum for its matrices; ZeRO-1 shards the state).
+BYTES_PER_PARAM = {"adamw": 16, "muon": 12}
+
+
+def check_memory(cfg: Config, dims: dict[str, int], ranks_on_node: int) -> None:
+    """Refuse, before allocating, a model whose weights, gradients and optimizer state alone
+    need more memory per rank than its share of the node (or its GPU): a size nobody can run
+    should be one line, not an allocation error or the kernel's OOM killer."""
+    per_rank = cfg.model.num_matrix_params() / (dims["pp"] * dims["tp"])
+    state = (BYTES_PER_PARAM[cfg.optim.name] - 8) / (dims["dp"] if cfg.parallel.zero else 1)
+    need = (8 + state) * per_rank  # weight and gradient, and the (sharded) optimizer state
+    if cfg.train.device == "cuda":
+        import torch
+
+        have, where = torch.cuda.get_device_properties(0).total_memory, "its GPU"
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                total = next(
+                    int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:")
+                )
+        except (OSError, StopIteration, ValueError):
+            return  # not Linux: nothing to check against
+        have, where = total // ranks_on_node, f"1/{ranks_on_node} of this node's memory"
+    if need > have:
+        gib = 2.0**30
+        raise ConfigError(
+            f"the model does not fit: its {cfg.model.num_matrix_params():,} matrix parameters "
+            f"need at least {need / gib:.1f} GiB per rank for weights, gradients and "
+            f"{cfg.optim.name} state (pp {dims['pp']} x tp {dims['tp']}"
+            f"{', ZeRO-1 over dp ' + str(dims['dp']) if cfg.parallel.zero else ''}), and a rank "
+            f"has {have / gib:.1f} GiB ({where}); use more pp or tp ranks, parallel.zero 1, or "
+            "a smaller model (python -m hpcllm.train --dry-run prints every rank's memory)"
+        )
+
+
 def to_toml(cfg: Config) -> str:
     """The resolved config as a TOML document that load_toml reads back."""
     lines = []

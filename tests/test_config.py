@@ -313,3 +313,14 @@ def test_text_that_is_not_utf8_is_refused_naming_the_key_or_file(tmp_path):
     bad.write_bytes(b"[train]\nmax_steps = 5\n# caf\xe9\n")
     with pytest.raises(ConfigError, match=re.escape(f"config file {bad} is not readable TOML")):
         parse_args(["--config", str(bad)])
+
+
+def test_a_model_that_cannot_fit_is_refused_before_allocating():
+    from hpcllm.config import check_memory
+
+    cfg, _ = parse_args(["--model.d_model", "100000", "--model.n_head", "100"])
+    cfg.model.vocab_size = 1024
+    with pytest.raises(ConfigError, match="the model does not fit: its") as refused:
+        check_memory(cfg, {"pp": 1, "dp": 2, "tp": 1}, ranks_on_node=2)
+    assert "GiB per rank" in str(refused.value) and "--dry-run" in str(refused.value)
+    check_memory(Config(), {"pp": 1, "dp": 2, "tp": 1}, ranks_on_node=2)  # the default fits

@@ -142,3 +142,17 @@ def test_generate_length_and_determinism():
     # top_k=1 is greedy: each new token is the argmax of the logits.
     greedy = model.generate(prompt, 3, top_k=1)
     assert greedy[0, 5].item() == model(prompt)[0, -1].argmax().item()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"tie_embeddings": True}, {"arch": "llama", "n_kv_head": 2, "ffn_hidden": 96}],
+    ids=["gpt2", "gpt2-tied", "llama-gqa"],
+)
+def test_matrix_parameter_count_from_the_shape_equals_the_model(changes):
+    """The memory check before allocating counts parameters from the shape alone."""
+    cfg = dataclasses.replace(CFG, **changes)
+    model = GPT(cfg, init_seed=SEED)
+    matrices = {id(p): p for p in model.parameters() if p.dim() == 2}  # tied: one tensor
+    position = cfg.block_size * cfg.d_model if cfg.arch == "gpt2" else 0  # wpe: not counted
+    assert sum(p.numel() for p in matrices.values()) - position == cfg.num_matrix_params()

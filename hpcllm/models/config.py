@@ -43,6 +43,15 @@ class ModelConfig:
         """Key/value heads: n_kv_head, or n_head when it is 0."""
         return self.n_kv_head or self.n_head
 
+    def num_matrix_params(self) -> int:
+        """Parameters of the model's matrices (embeddings, attention, MLP, head): all but the
+        biases, norms and position embedding, from the shape alone (no torch)."""
+        d, head = self.d_model, self.d_model // self.n_head
+        attention = 2 * d * d + 2 * d * self.kv_heads() * head  # q, proj; k, v
+        mlp = (3 if self.arch == "llama" else 2) * d * self.ffn_size()
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layer * (attention + mlp) + embeddings
+
     def ffn_size(self) -> int:
         """The MLP's hidden width (ffn_hidden, or the architecture's default rule)."""
         if self.ffn_hidden:

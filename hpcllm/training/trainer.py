@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from hpcllm import checkpoint
-from hpcllm.config import Config, check_device, to_toml
+from hpcllm.config import Config, check_device, check_memory, to_toml
 from hpcllm.data.loader import Loader, val_batches
 from hpcllm.data.shards import ShardSet, open_splits
 from hpcllm.distributed import steps
@@ -244,6 +244,7 @@ def setup(cfg: Config, world) -> Trainer:
     # Data. Only the first stage needs inputs and only the last needs targets.
     train_shards, val_shards = resolve_data(cfg, world)
     agree(world, lambda: check_model_fits_data(cfg, train_shards))
+    agree(world, lambda: check_memory(cfg, grid.dims, local_size))
     t = cfg.train
     loader = agree(
         world,
