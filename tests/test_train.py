@@ -382,3 +382,19 @@ def test_16_ranks_smoke(data_dir, tmp_path):
     assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values())
     meta = json.loads((run_dir / "checkpoints" / "step_000003" / "meta.json").read_text())
     assert meta["world_size"] == 16 and meta["loader"]["consumed_samples"] == 3 * 16 * 2
+
+
+def test_the_recorded_data_path_is_absolute(tmp_path, monkeypatch):
+    """config.toml and checkpoints record data.path absolute, so generate and export find the
+    data from any folder, whatever folder the job ran in."""
+    from mpi4py import MPI
+
+    from hpcllm.config import Config
+    from hpcllm.training.trainer import resolve_data
+
+    prepare_data(tmp_path / "shards")
+    monkeypatch.chdir(tmp_path)
+    cfg = Config()
+    cfg.data.path = "shards"
+    resolve_data(cfg, MPI.COMM_SELF)
+    assert cfg.data.path == str(tmp_path / "shards")

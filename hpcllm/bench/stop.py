@@ -12,6 +12,7 @@ sequences per rank) on a small byte corpus. Medians over --repeats.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,6 +95,17 @@ class Job:
             start_new_session=True,
         )
 
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """However the measurement ends (an error, Ctrl-C), no job outlives it: the 100,000-step
+        jobs would train on alone."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def last_step(self) -> int:
         if not self.metrics.exists():
             return 0
@@ -167,23 +179,26 @@ def measure(args) -> dict:
                     ("kill", "kill9_rank1_to_exit_s"),
                 ):
                     run_dir = Path(tmp) / f"np{np}-{case}-{rep}"
-                    job = Job(np, data, run_dir, max_steps=100_000)
-                    job.wait_for_step(5)
-                    t5 = time.monotonic()
-                    job.wait_for_step(10)
-                    rows["step_ms"].append(1000 * (time.monotonic() - t5) / 5)
-                    pid = job.proc.pid if case == "usr1" else job.rank_pid(1)
-                    sig = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "kill": signal.SIGKILL}[
-                        case
-                    ]
-                    seconds, code = job.time_to_exit(pid, sig)
+                    with Job(np, data, run_dir, max_steps=100_000) as job:
+                        job.wait_for_step(5)
+                        t5 = time.monotonic()
+                        job.wait_for_step(10)
+                        rows["step_ms"].append(1000 * (time.monotonic() - t5) / 5)
+                        pid = job.proc.pid if case == "usr1" else job.rank_pid(1)
+                        sig = {
+                            "term": signal.SIGTERM,
+                            "usr1": signal.SIGUSR1,
+                            "kill": signal.SIGKILL,
+                        }[case]
+                        seconds, code = job.time_to_exit(pid, sig)
                     assert (code == 0) == (case != "kill"), (case, code)
                     rows[key].append(seconds)
                     if case == "term":  # resume the stopped run: launch to its first new step
                         stopped = json.loads((run_dir / "status.json").read_text())["step"]
-                        rerun = Job(np, data, run_dir, max_steps=stopped + 2)
-                        rows["rerun_to_first_new_step_s"].append(rerun.wait_for_step(stopped + 1))
-                        rerun.proc.wait(timeout=300)
+                        with Job(np, data, run_dir, max_steps=stopped + 2) as rerun:
+                            first = rerun.wait_for_step(stopped + 1)
+                            rows["rerun_to_first_new_step_s"].append(first)
+                            rerun.proc.wait(timeout=300)
             results[f"np{np}"] = {k: round(statistics.median(v), 2) for k, v in rows.items()}
             print(
                 f"np {np}: " + ", ".join(f"{k} {v}" for k, v in results[f"np{np}"].items()),

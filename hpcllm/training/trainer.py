@@ -57,7 +57,9 @@ def resolve_data(cfg: Config, world) -> tuple[ShardSet, ShardSet]:
             world,
             lambda: prepare(None, path, tokenizer="bpe", vocab_size=DEFAULT_VOCAB, comm=world),
         )
-    cfg.data.path = path
+    # Absolute, as recorded in config.toml and checkpoints: generate and export find the data
+    # from any folder.
+    cfg.data.path = str(Path(path).resolve())
     return agree(world, lambda: open_splits(path))
 
 
