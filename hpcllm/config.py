@@ -482,18 +482,12 @@ def check_text(key: str, text: str) -> None:
 
 
 def check_compression(p: ParallelConfig) -> None:
-    """parallel.grad_compression's value and the layouts it supports."""
+    """parallel.grad_compression's value."""
     modes = ("none", "bf16", "fp16", "powersgd")
     if p.grad_compression not in modes:
         raise ConfigError(
             f"parallel.grad_compression must be one of {', '.join(modes)}, got "
             f"'{p.grad_compression}'"
-        )
-    if p.grad_compression == "powersgd" and p.zero:
-        raise ConfigError(
-            "parallel.grad_compression powersgd with parallel.zero 1 is not supported (its "
-            "low-rank approximation has no reduce-scatter form); use parallel.zero 0, or "
-            "bf16/fp16 compression"
         )
 
 

@@ -93,6 +93,34 @@ def test_reduction_math_of_each_mode(comm):
 
 
 @pytest.mark.mpi(ranks=[2, 3], timeout=120)
+def test_powersgd_under_zero1_keeps_its_shard_of_the_zero0_result(comm):
+    """PowerSGD with ZeRO-1, over a warm-up step and compressed ones: each rank's gradient
+    shard holds bit for bit the values PowerSGD without ZeRO-1 leaves there, and its per-rank
+    state (error feedback, warm-start Q) is the same bit for bit (the same operations)."""
+    size, rank = comm.size, comm.rank
+    gen = torch.Generator().manual_seed(13 + rank)  # each rank its own gradients
+    shapes = {n: p.shape for n, p in Shapes().named_parameters()}
+    settings = {"rank": 2, "warmup": 1, "seed": 3}
+    _, whole = make_ddp(comm, "powersgd", bucket_mb=1e-4, **settings)
+    _, sharded = make_ddp(comm, "powersgd", bucket_mb=1e-4, shard=True, **settings)
+    assert len(sharded.buckets) > 1
+    for step in range(4):
+        grads = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+        reduce_once(whole, grads)
+        reduce_once(sharded, grads)
+        for b0, b1 in zip(whole.buckets, sharded.buckets, strict=True):
+            lo, hi = b1.shard_range(rank, size)
+            n = max(0, min(hi, b0.buffer.numel()) - lo)  # the rest is padding
+            assert b1.grad_shard is not None and b1.grad_shard[:n].any()
+            assert torch.equal(b1.grad_shard[:n], b0.buffer[lo : lo + n]), step
+            assert not b1.grad_shard[n:].any()
+    state, mine = whole.compressor.state_dict(), sharded.compressor.state_dict()
+    assert set(mine) == set(state) and any(k.endswith("/error") for k in state)
+    for key, value in state.items():
+        assert value.any() and torch.equal(mine[key], value), key
+
+
+@pytest.mark.mpi(ranks=[2, 3], timeout=120)
 def test_half_precision_under_zero1_keeps_the_rounded_sum_of_its_shard(comm):
     """bf16/fp16 with ZeRO-1: the compressed reduce-scatter leaves each rank the values the
     compressed all-reduce gives at its shard (the same sums, rounded the same way: bit for
@@ -209,11 +237,18 @@ def test_compressed_training_follows_the_uncompressed_run(data_dir, tmp_path):
     assert records[-1]["grad_wire_bytes"] <= 0.3 * 4 * numel
 
 
-def test_powersgd_with_pp_and_accumulation_resumes_exactly(data_dir, tmp_path):
-    """pp 2 x dp 2, 2 micro-batches a step, rank 1: trains, and a run stopped at step 6 and
-    resumed gives the uninterrupted run's losses bit for bit (error feedback and Q are in
-    the checkpoint). Resumed in another layout, the state starts afresh with a warning."""
-    more = {"parallel.pp": 2, "train.grad_accum_steps": 2, "parallel.powersgd_rank": 1}
+def test_powersgd_with_pp_accumulation_and_zero1_resumes_exactly(data_dir, tmp_path):
+    """pp 2 x dp 2 with ZeRO-1, 2 micro-batches a step, rank 1: trains, and a run stopped at
+    step 6 and resumed gives the uninterrupted run's losses bit for bit (each rank's error
+    feedback and Q are in the checkpoint, beside its shard of AdamW's moments; they are
+    ZeRO-0's, bit for bit: see above). Resumed in another layout, the state starts afresh
+    with a warning."""
+    more = {
+        "parallel.pp": 2,
+        "parallel.zero": 1,
+        "train.grad_accum_steps": 2,
+        "parallel.powersgd_rank": 1,
+    }
     ref, _, _ = run_mode(data_dir, tmp_path / "ref", 4, "powersgd", more)
     assert ref[STEPS] < ref[1] - 0.2
     resumed = tmp_path / "resumed"
@@ -238,7 +273,6 @@ def test_powersgd_with_pp_and_accumulation_resumes_exactly(data_dir, tmp_path):
 def test_compression_refuses_what_it_does_not_support():
     for settings, words in (
         ({"grad_compression": "int8"}, "must be one of none, bf16, fp16, powersgd"),
-        ({"grad_compression": "powersgd", "zero": 1}, "with parallel.zero 1 is not supported"),
         ({"powersgd_rank": 0}, "parallel.powersgd_rank = 0 is out of range"),
     ):
         cfg = Config()

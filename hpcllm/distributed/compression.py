@@ -22,7 +22,9 @@ and wait().
   parameter's name, identically on every rank and in every pipeline layout). Vectors, and matrices where rank x (n + m) >= n x m, travel uncompressed
   in the same all-reduce as the P's; the Q's go in a second one. The first `warmup` steps
   are plain all-reduces. E and Q are per-rank state (`state_dict`), saved in checkpoints so
-  that a resumed run continues exactly; the step count is the training step's.
+  that a resumed run continues exactly; the step count is the training step's. Under ZeRO-1
+  every rank still reconstructs the whole approximate sum (each needs all of it for its own
+  E), then keeps its shard of it: the same values and the same state as without ZeRO-1.
 
 Every bucket's phases run on a communicator of its own (a Dup of dp): a bucket's second
 phase starts when its first completes, which ranks may observe in a different order between
@@ -318,11 +320,13 @@ class PowerSGD(Compressor):
         comm = self.bucket_comms[id(bucket)]
         if id(bucket) == self.first:
             self.steps += 1
+        keep = _keep_shard(bucket, comm)
         if self.steps <= self.warmup:
             # Uncompressed warm-up steps: the plain all-reduce, on the bucket's communicator.
             nbytes = bucket.buffer.numel() * bucket.buffer.element_size()
             return PhasedWork(
-                [lambda: comm.iallreduce_(bucket.buffer)], allreduce_wire_bytes(nbytes, comm.size)
+                [lambda: comm.iallreduce_(bucket.buffer), *keep],
+                allreduce_wire_bytes(nbytes, comm.size),
             )
         matrices, vectors, p_buf, q_buf = self.plans[id(bucket)]
         ps = _views(p_buf, [(e.shape[0], q.shape[1]) for _, _, e, q in matrices])
@@ -356,7 +360,7 @@ class PowerSGD(Compressor):
 
         nbytes = 4 * (p_buf.numel() + q_buf.numel())
         return PhasedWork(
-            [project, back_project, decompress], allreduce_wire_bytes(nbytes, comm.size)
+            [project, back_project, decompress, *keep], allreduce_wire_bytes(nbytes, comm.size)
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -378,6 +382,20 @@ class PowerSGD(Compressor):
         for key, t in mine.items():
             t.copy_(state[key])
         return None
+
+
+def _keep_shard(bucket: Bucket, comm: TensorComm) -> list[Callable[[], None]]:
+    """Under ZeRO-1 (a bucket with a `grad_shard`): the last phase of a reduction that leaves
+    the whole sum in the buffer, keeping this rank's shard of it; none otherwise."""
+    shard = bucket.grad_shard
+    if shard is None:
+        return []
+    lo, hi = bucket.shard_range(comm.rank, comm.size)
+
+    def keep() -> None:
+        shard.copy_(bucket.buffer[lo:hi])
+
+    return [keep]
 
 
 def _views(flat: torch.Tensor, shapes) -> list[torch.Tensor]:

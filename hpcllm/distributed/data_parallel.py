@@ -28,7 +28,8 @@ the optimizer (`hpcllm.optim.zero.ShardedAdamW`) updates this rank's range of it
 
 With a `compressor` (`parallel.grad_compression`, hpcllm/distributed/compression.py) a bucket's
 reduction is its compressed one instead; it leaves the sum in the buffer all the same (under
-ZeRO-1, this rank's shard of it in `grad_shard`). With `hierarchical` (parallel.allreduce) the
+ZeRO-1, this rank's shard of it in `grad_shard`: bf16/fp16 reduce-scatter, PowerSGD
+reconstructs the whole sum on every rank and keeps the shard). With `hierarchical` (parallel.allreduce) the
 reduction has two levels, node then across nodes, in either form; compression then applies
 to its cross-node phase (hpcllm/distributed/hierarchical.py states the policy).
 `wire_bytes` counts what this rank has sent for gradient reduction, from the message sizes
@@ -360,7 +361,7 @@ class DataParallel:
     def grad_shards(self) -> list[torch.Tensor]:
         """This rank's part of the averaged gradient after finish(): every gradient under
         plain dp, only its own shard of each bucket under ZeRO-1 (where the parameters'
-        `.grad` then hold this rank's local, unreduced sums)."""
+        `.grad` then hold this rank's local, unreduced sums, or PowerSGD's unaveraged one)."""
         if not self.shard:
             return [p.grad for b in self.buckets for p in b.params if p.grad is not None]
         return [b.grad_shard for b in self.buckets if b.grad_shard is not None]
