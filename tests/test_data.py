@@ -196,6 +196,104 @@ def test_shards_that_cannot_be_right_are_refused(tmp_path, tokens, attrs, messag
         open_shards(tmp_path, "train")
 
 
+def _tokens_elsewhere(f, folder, tokens):
+    other = folder / "other.h5"
+    with h5py.File(other, "w") as g:
+        g["tokens"] = tokens
+    return other
+
+
+def _external_link(f, folder, tokens):
+    f["tokens"] = h5py.ExternalLink(str(_tokens_elsewhere(f, folder, tokens)), "/tokens")
+
+
+def _soft_link(f, folder, tokens):
+    f["data"] = tokens
+    f["tokens"] = h5py.SoftLink("/data")
+
+
+def _virtual(f, folder, tokens):
+    layout = h5py.VirtualLayout(shape=tokens.shape, dtype=tokens.dtype)
+    layout[:] = h5py.VirtualSource(
+        str(_tokens_elsewhere(f, folder, tokens)), "tokens", tokens.shape
+    )
+    f.create_virtual_dataset("tokens", layout)
+
+
+def _external_raw(f, folder, tokens):
+    (folder / "raw.bin").write_bytes(tokens.tobytes())  # any local file the user can read
+    f.create_dataset(
+        "tokens", tokens.shape, tokens.dtype, external=[(str(folder / "raw.bin"), 0, tokens.nbytes)]
+    )
+
+
+def _gzip(f, folder, tokens):
+    f.create_dataset("tokens", data=tokens, chunks=(64,), compression="gzip")
+
+
+def _chunks_unwritten(f, folder, tokens):
+    f.create_dataset("tokens", tokens.shape, tokens.dtype, chunks=(64,))[:100] = tokens[:100]
+
+
+def _never_written(f, folder, tokens):
+    f.create_dataset("tokens", tokens.shape, tokens.dtype)  # contiguous, storage never allocated
+
+
+def _compact(f, folder, tokens):
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.COMPACT)
+    space = h5py.h5s.create_simple(tokens.shape)
+    h5py.h5d.create(f.id, b"tokens", h5py.h5t.STD_U16LE, space, dcpl=dcpl).write(
+        h5py.h5s.ALL, h5py.h5s.ALL, tokens
+    )
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_external_link, r"'tokens' is an external link to /tokens in .*other.h5"),
+        (_soft_link, r"'tokens' is a soft link to /data"),
+        (_virtual, r"'tokens' is a virtual dataset reading from .*other.h5"),
+        (_external_raw, r"'tokens' is stored in the external raw file .*raw.bin"),
+        (_gzip, r"'tokens' has compressed or filtered chunks \(deflate\)"),
+        (_chunks_unwritten, r"only 2 of the 16 chunks of 'tokens' were written.*fill values"),
+        (_never_written, r"'tokens' has 0 bytes stored but its 1000 tokens need 2000"),
+        (_compact, r"'tokens' has a compact layout"),
+    ],
+)
+def test_shards_that_keep_their_tokens_elsewhere_are_refused(tmp_path, make, message):
+    tokens = np.arange(1000, dtype=np.uint16) % 300
+    path = tmp_path / "train-0000.h5"
+    with h5py.File(path, "w") as f:
+        make(f, tmp_path, tokens)
+        f.attrs.update(
+            format="hpcllm-tokens",
+            format_version=1,
+            num_tokens=len(tokens),
+            vocab_size=300,
+            tokenizer="bpe",
+            eot_id=299,
+        )
+    with pytest.raises(DataError, match=f"^{path}: {message}"):
+        open_shards(tmp_path, "train")
+
+
+def test_plainly_chunked_shards_are_read(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) % 300
+    with h5py.File(tmp_path / "train-0000.h5", "w") as f:
+        f.create_dataset("tokens", data=tokens, chunks=(64,))  # last chunk only partly used
+        f.attrs.update(format="hpcllm-tokens", format_version=1, num_tokens=1000)
+        f.attrs.update(vocab_size=300, tokenizer="bpe", eot_id=299)
+    with open_shards(tmp_path, "train") as shards:
+        assert np.array_equal(shards.read_sample(98, 10), tokens[980:991])
+
+
+def test_a_fifo_shard_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "train-0001.h5")  # h5py would wait forever for a writer
+    with pytest.raises(DataError, match=r"train-0001.h5 is a FIFO, not a regular file"):
+        open_shards(tmp_path, "train")
+
+
 def test_out_of_vocabulary_id_names_shard_offset_and_id(tmp_path):
     tokens = np.arange(200, dtype=np.uint16) % 256
     tokens[150] = 4000  # inside the second sample of seq_len 100... of the second shard
