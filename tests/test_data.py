@@ -1,7 +1,9 @@
 """Single-process tests of hpcllm.data: tokenizers, the shard format, prepare, and the loader."""
 
+import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -78,6 +80,49 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path, "bpe")
     with pytest.raises(DataError, match=r"unknown tokenizer 'gpt9'"):
         load_tokenizer(tmp_path, "gpt9")
+
+
+def _damage_ids(d):
+    d["model"]["vocab"][next(iter(d["model"]["vocab"]))] = 99_999
+
+
+def _rename_eot(d):
+    d["added_tokens"][0]["content"] = "<|end|>"
+    d["model"]["vocab"]["<|end|>"] = d["model"]["vocab"].pop("<|endoftext|>")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (b"", r"is not a tokenizer \(EOF while parsing"),
+        (b"\xff\xfe", r"is not a tokenizer"),
+        (b"[1, 2]", r"is not a tokenizer \(invalid type: sequence"),
+        (b'{"added_tokens": []}', r"is not a tokenizer \(Model missing"),
+        (lambda d: d["model"].update(type="WordLevel"), r"not a tokenizer|holds a WordLevel model"),
+        (
+            _damage_ids,
+            r"has 2\d\d tokens with ids from \d to 99999 .* ids must be 0..2\d\d, each once",
+        ),
+        (_rename_eot, r"has no <\|endoftext\|> token"),
+        (None, r"is a FIFO, not a regular file"),
+    ],
+)
+def test_damaged_tokenizer_json_is_named(tmp_path, damage, message):
+    tokens = np.arange(100, dtype=np.uint16)
+    write_tokens(tmp_path / "train-0000.h5", tokens)
+    write_tokens(tmp_path / "val-0000.h5", tokens)
+    path = tmp_path / "tokenizer.json"
+    if damage is None:
+        os.mkfifo(path)  # loading used to wait forever for a writer
+    elif isinstance(damage, bytes):
+        path.write_bytes(damage)
+    else:
+        BPETokenizer.train(["abc abd " * 50], vocab_size=300).save(path)
+        saved = json.loads(path.read_text())
+        damage(saved)
+        path.write_text(json.dumps(saved))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} .*{message}.*prepare"):
+        open_splits(tmp_path)
 
 
 def test_bpe_on_a_long_run_without_whitespace_is_fast():

@@ -92,6 +92,18 @@ def check_regular(path: str, mode: int) -> None:
         raise DataError(f"{path} is {kind}, not a regular file")
 
 
+def read_regular(path: str) -> bytes:
+    """The bytes of `path` if it is a regular file (links followed), at most as many as its
+    size when opened; DataError for a FIFO, device or folder, OSError if it cannot be read."""
+    check_regular(path, os.stat(path).st_mode)  # before opening: opening a tape device rewinds it
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in meanwhile must not block
+    with open(fd, "rb") as f:
+        info = os.fstat(fd)
+        check_regular(path, info.st_mode)
+        os.set_blocking(fd, True)
+        return f.read(info.st_size)
+
+
 def _open_checked(path: str) -> tuple[h5py.File, dict]:
     """Open one shard read-only and check its format; returns the file and its metadata."""
     try:
