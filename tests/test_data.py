@@ -14,7 +14,19 @@ import pytest
 import torch
 
 from hpcllm.data.loader import Loader, step_positions, val_batches
-from hpcllm.data.prepare import SKIP_DIRS, default_corpus_files, prepare
+from hpcllm.data.prepare import (
+    BINARY,
+    LINK_FOLDER,
+    LINK_OUTSIDE,
+    NOT_TEXT_NAME,
+    PIECE_CHARS,
+    SKIP_DIRS,
+    SPECIAL,
+    UNREADABLE,
+    _text_pieces,
+    default_corpus_files,
+    prepare,
+)
 from hpcllm.data.shards import DataError, open_shards, open_splits, write_shard
 from hpcllm.data.tokenizer import (
     MAX_PRETOKEN_BYTES,
@@ -440,7 +452,11 @@ def test_prepare_byte_streams(corpus, tmp_path):
     summary = prepare([str(corpus)], str(out), val_fraction=0.1, shard_tokens=300)
     texts = [DOCS[name] for name in sorted(DOCS, key=lambda n: str(corpus / n))]
     train, val = expected_streams(texts, 0.1, eot=256)
-    assert summary["files"] == len(DOCS) and summary["skipped"] == 1
+    assert summary["files"] == len(DOCS) and summary["skipped"] == 2
+    assert summary["skipped_why"] == {
+        NOT_TEXT_NAME: [1, str(corpus / "data.bin")],
+        BINARY: [1, str(corpus / "latin1.txt")],
+    }
     num_eots = 2 * len(texts)  # one after each document's train part and one after its val part
     assert (
         summary["train_tokens"] + summary["val_tokens"]
@@ -467,7 +483,7 @@ def test_prepare_overwrite(corpus, tmp_path):
 
 
 def test_prepare_needs_text(corpus, tmp_path):
-    with pytest.raises(DataError, match=r"no text to train on.*1 skipped"):
+    with pytest.raises(DataError, match=r"no text to train on.*1 skipped; 1 that are binary"):
         prepare([str(corpus / "latin1.txt")], str(tmp_path / "out"))
     (tmp_path / "binaries").mkdir()
     (tmp_path / "binaries" / "model.bin").write_bytes(b"\0")
@@ -538,6 +554,94 @@ def test_prepare_cli(corpus, tmp_path):
         == 0
     )
     assert run_cli("--out", str(tmp_path / "x"), "--val-fraction", "1.5").returncode == 2
+
+
+def test_prepare_reads_regular_files_only_and_says_what_it_skipped(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "good.txt").write_text("some text\n" * 20)
+    (corpus / "Apache-2.0").write_text("a license, not a .0 file\n" * 20)  # a version, read
+    (corpus / "sub" / "inside.md").write_text("linked from inside\n" * 20)
+    (corpus / "inside.md").symlink_to(corpus / "sub" / "inside.md")  # read (twice: two names)
+    os.mkfifo(corpus / "pipe")  # reading it used to wait forever
+    (corpus / "zero").symlink_to("/dev/zero")  # used to be read until memory ran out
+    (tmp_path / "secret.txt").write_text("not part of the corpus\n")
+    (corpus / "secret.txt").symlink_to(tmp_path / "secret.txt")
+    (corpus / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    (corpus / "image.png").write_bytes(b"\x89PNG")
+    result = run_cli("--input", str(corpus), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "prepared 4 files" in result.stdout
+    warnings = sorted(result.stderr.splitlines())
+    assert warnings == sorted(
+        [
+            f"warning: skipped 1 file(s) {LINK_FOLDER}, e.g. {corpus / 'elsewhere'}",
+            f"warning: skipped 1 file(s) {NOT_TEXT_NAME}, e.g. {corpus / 'image.png'}",
+            f"warning: skipped 1 file(s) {SPECIAL}, e.g. {corpus / 'pipe'}",
+            f"warning: skipped 2 file(s) {LINK_OUTSIDE}, e.g. {corpus / 'secret.txt'}",
+        ]
+    )
+    result = run_cli("--input", "/dev/zero", "--out", str(tmp_path / "out2"))
+    assert result.returncode == 2
+    assert (
+        result.stderr == "error: input /dev/zero is a device or special file, not a regular file\n"
+    )
+
+
+def test_prepare_survives_a_file_removed_while_learning_merges(corpus, tmp_path, monkeypatch):
+    victim = corpus / "notes" / "deep" / "README"
+    learn = BPETokenizer.train.__func__
+
+    def learn_and_remove(cls, texts, vocab_size):
+        def removing():
+            for i, text in enumerate(texts):
+                if i == 0:
+                    victim.unlink()
+                yield text
+
+        return learn(cls, removing(), vocab_size)
+
+    monkeypatch.setattr(BPETokenizer, "train", classmethod(learn_and_remove))
+    summary = prepare([str(corpus)], str(tmp_path / "out"), tokenizer="bpe", vocab_size=300)
+    assert summary["files"] == len(DOCS) - 1
+    assert summary["skipped_why"][UNREADABLE] == [1, str(victim)]
+
+
+def test_prepare_keeps_the_old_shards_until_the_new_ones_are_good(corpus, tmp_path):
+    out = tmp_path / "out"
+    prepare([str(corpus)], str(out))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(DataError, match=r"no text to train on"):
+        prepare([str(corpus / "latin1.txt")], str(out), overwrite=True)
+    with pytest.raises(DataError, match=r"no validation tokens .* raise --val-fraction"):
+        (tmp_path / "tiny.txt").write_text("ab")  # 2 tokens: 0.1 of a validation token
+        prepare([str(tmp_path / "tiny.txt")], str(out), overwrite=True, val_fraction=0.05)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_short_documents_still_give_a_validation_split(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(400):
+        (corpus / f"doc{i:03d}.txt").write_text(f"d{i:03d}\n")  # 5 tokens: 0.25 at 0.05
+    summary = prepare([str(corpus)], str(tmp_path / "out"), val_fraction=0.05)
+    val = [t for t in read_stream(tmp_path / "out", "val") if t != 256]
+    # 400 * 5 * 0.05 = 100 tokens; the golden-ratio sequence is within a few of its share.
+    assert abs(len(val) - 100) <= 3 and summary["val_tokens"] == 2 * len(val)
+    assert summary["train_tokens"] + len(val) == 400 * 6  # each token and EOT is in one split
+
+
+def test_text_is_read_in_pieces_that_encode_as_the_whole(tmp_path):
+    rng = random.Random(0)
+    words = ["def", "x", "  ", "\t", "é✓", "\n", "\r\n", "\n\n", " \n", "return", "(1)"]
+    text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(120_000))
+    path = tmp_path / "big.txt"
+    path.write_bytes(text.encode())  # no newline translation: the CRLFs stay
+    pieces = list(_text_pieces(str(path)))
+    assert "".join(pieces) == text and len(pieces) > 3
+    assert max(len(p) for p in pieces) <= PIECE_CHARS
+    tok = BPETokenizer.train([text[:50_000]], vocab_size=400)
+    assert np.array_equal(np.concatenate([tok.encode(p) for p in pieces]), tok.encode(text))
 
 
 def test_default_corpus_files():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import stat
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -92,16 +93,28 @@ def check_regular(path: str, mode: int) -> None:
         raise DataError(f"{path} is {kind}, not a regular file")
 
 
-def read_regular(path: str) -> bytes:
-    """The bytes of `path` if it is a regular file (links followed), at most as many as its
-    size when opened; DataError for a FIFO, device or folder, OSError if it cannot be read."""
+def open_regular(path: str) -> tuple[BinaryIO, int]:
+    """`path` opened for binary reading if it is a regular file (links followed), and its size
+    then: read no more than that, a file that grows meanwhile must not read on forever.
+    DataError for a FIFO, device or folder; OSError if it cannot be opened."""
     check_regular(path, os.stat(path).st_mode)  # before opening: opening a tape device rewinds it
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in meanwhile must not block
-    with open(fd, "rb") as f:
+    f = open(fd, "rb")
+    try:
         info = os.fstat(fd)
         check_regular(path, info.st_mode)
         os.set_blocking(fd, True)
-        return f.read(info.st_size)
+    except BaseException:
+        f.close()
+        raise
+    return f, info.st_size
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of the regular file `path` (see `open_regular`)."""
+    f, size = open_regular(path)
+    with f:
+        return f.read(size)
 
 
 def _open_checked(path: str) -> tuple[h5py.File, dict]:
