@@ -9,9 +9,10 @@ so a machine with no network still has real text to train on.
 
 Each file is one document. The last `val_fraction` of each document's tokens goes to the
 validation split and the rest to training, each part followed by the EOT id, so the split
-does not depend on the number of ranks (see `_num_val` for documents too short for that). Under MPI the sorted file list is cut into
-contiguous, size-balanced ranges; rank r writes `{split}-{r:04d}-{k:04d}.h5`, so reading
-the shards in name order gives the same token stream as a single-rank run.
+does not depend on the number of ranks (`_num_val`: documents too short for a validation
+token). Under MPI the sorted file list is cut into contiguous, size-balanced ranges; rank
+r writes `{split}-{r:04d}-{k:04d}.h5`, so reading the shards in name order gives the same
+token stream as a single-rank run.
 
 Only regular files are read (what is left out is reported, by reason), text is read in
 bounded pieces, and the new shards are written to a folder inside --out that replaces the
@@ -88,21 +89,22 @@ def _is_text_name(name: str) -> bool:
     return suffix in TEXT_SUFFIXES or not any(c.isalpha() for c in suffix)
 
 
-def _why_not(path: str, name: str, real_root: str) -> str | None:
-    """Why a file found under the folder `real_root` (resolved) is not read; None to read it."""
+def _why_not(path: str, name: str, real_root: str) -> tuple[str | None, int]:
+    """Why a file found under the folder `real_root` (resolved) is not read (None: it is
+    read), and its size."""
     if not _is_text_name(name):
-        return NOT_TEXT_NAME
+        return NOT_TEXT_NAME, 0
     if os.path.islink(path):
         target = os.path.realpath(path)
         if os.path.commonpath([target, real_root]) != real_root:
-            return LINK_OUTSIDE
+            return LINK_OUTSIDE, 0
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except OSError:
-        return UNREADABLE  # a dangling link, or removed while walking
-    if not stat.S_ISREG(mode):
-        return SPECIAL
-    return None if os.access(path, os.R_OK) else UNREADABLE
+        return UNREADABLE, 0  # a dangling link, or removed while walking
+    if not stat.S_ISREG(info.st_mode):
+        return SPECIAL, 0
+    return (None if os.access(path, os.R_OK) else UNREADABLE), info.st_size
 
 
 def find_text_files(inputs: list[str]) -> tuple[dict[str, int], dict]:
@@ -131,9 +133,9 @@ def find_text_files(inputs: list[str]) -> tuple[dict[str, int], dict]:
                 dirs.remove(d)
             for name in sorted(n for n in names if not n.startswith(".")):
                 path = os.path.normpath(os.path.join(root, name))
-                reason = _why_not(path, name, real_root)
+                reason, size = _why_not(path, name, real_root)
                 if reason is None:
-                    files[path] = os.stat(path).st_size
+                    files[path] = size
                 else:
                     _note(skipped, reason, path)
     if not files:
