@@ -1,7 +1,9 @@
 """Single-process tests of hpcllm.data: tokenizers, the shard format, prepare, and the loader."""
 
+import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -12,7 +14,19 @@ import pytest
 import torch
 
 from hpcllm.data.loader import Loader, step_positions, val_batches
-from hpcllm.data.prepare import SKIP_DIRS, default_corpus_files, prepare
+from hpcllm.data.prepare import (
+    BINARY,
+    LINK_FOLDER,
+    LINK_OUTSIDE,
+    NOT_TEXT_NAME,
+    PIECE_CHARS,
+    SKIP_DIRS,
+    SPECIAL,
+    UNREADABLE,
+    _text_pieces,
+    default_corpus_files,
+    prepare,
+)
 from hpcllm.data.shards import DataError, open_shards, open_splits, write_shard
 from hpcllm.data.tokenizer import (
     MAX_PRETOKEN_BYTES,
@@ -78,6 +92,49 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path, "bpe")
     with pytest.raises(DataError, match=r"unknown tokenizer 'gpt9'"):
         load_tokenizer(tmp_path, "gpt9")
+
+
+def _damage_ids(d):
+    d["model"]["vocab"][next(iter(d["model"]["vocab"]))] = 99_999
+
+
+def _rename_eot(d):
+    d["added_tokens"][0]["content"] = "<|end|>"
+    d["model"]["vocab"]["<|end|>"] = d["model"]["vocab"].pop("<|endoftext|>")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (b"", r"is not a tokenizer \(EOF while parsing"),
+        (b"\xff\xfe", r"is not a tokenizer"),
+        (b"[1, 2]", r"is not a tokenizer \(invalid type: sequence"),
+        (b'{"added_tokens": []}', r"is not a tokenizer \(Model missing"),
+        (lambda d: d["model"].update(type="WordLevel"), r"not a tokenizer|holds a WordLevel model"),
+        (
+            _damage_ids,
+            r"has 2\d\d tokens with ids from \d to 99999 .* ids must be 0..2\d\d, each once",
+        ),
+        (_rename_eot, r"has no <\|endoftext\|> token"),
+        (None, r"is a FIFO, not a regular file"),
+    ],
+)
+def test_damaged_tokenizer_json_is_named(tmp_path, damage, message):
+    tokens = np.arange(100, dtype=np.uint16)
+    write_tokens(tmp_path / "train-0000.h5", tokens)
+    write_tokens(tmp_path / "val-0000.h5", tokens)
+    path = tmp_path / "tokenizer.json"
+    if damage is None:
+        os.mkfifo(path)  # loading used to wait forever for a writer
+    elif isinstance(damage, bytes):
+        path.write_bytes(damage)
+    else:
+        BPETokenizer.train(["abc abd " * 50], vocab_size=300).save(path)
+        saved = json.loads(path.read_text())
+        damage(saved)
+        path.write_text(json.dumps(saved))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} .*{message}.*prepare"):
+        open_splits(tmp_path)
 
 
 def test_bpe_on_a_long_run_without_whitespace_is_fast():
@@ -196,6 +253,104 @@ def test_shards_that_cannot_be_right_are_refused(tmp_path, tokens, attrs, messag
         open_shards(tmp_path, "train")
 
 
+def _tokens_elsewhere(f, folder, tokens):
+    other = folder / "other.h5"
+    with h5py.File(other, "w") as g:
+        g["tokens"] = tokens
+    return other
+
+
+def _external_link(f, folder, tokens):
+    f["tokens"] = h5py.ExternalLink(str(_tokens_elsewhere(f, folder, tokens)), "/tokens")
+
+
+def _soft_link(f, folder, tokens):
+    f["data"] = tokens
+    f["tokens"] = h5py.SoftLink("/data")
+
+
+def _virtual(f, folder, tokens):
+    layout = h5py.VirtualLayout(shape=tokens.shape, dtype=tokens.dtype)
+    layout[:] = h5py.VirtualSource(
+        str(_tokens_elsewhere(f, folder, tokens)), "tokens", tokens.shape
+    )
+    f.create_virtual_dataset("tokens", layout)
+
+
+def _external_raw(f, folder, tokens):
+    (folder / "raw.bin").write_bytes(tokens.tobytes())  # any local file the user can read
+    f.create_dataset(
+        "tokens", tokens.shape, tokens.dtype, external=[(str(folder / "raw.bin"), 0, tokens.nbytes)]
+    )
+
+
+def _gzip(f, folder, tokens):
+    f.create_dataset("tokens", data=tokens, chunks=(64,), compression="gzip")
+
+
+def _chunks_unwritten(f, folder, tokens):
+    f.create_dataset("tokens", tokens.shape, tokens.dtype, chunks=(64,))[:100] = tokens[:100]
+
+
+def _never_written(f, folder, tokens):
+    f.create_dataset("tokens", tokens.shape, tokens.dtype)  # contiguous, storage never allocated
+
+
+def _compact(f, folder, tokens):
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.COMPACT)
+    space = h5py.h5s.create_simple(tokens.shape)
+    h5py.h5d.create(f.id, b"tokens", h5py.h5t.STD_U16LE, space, dcpl=dcpl).write(
+        h5py.h5s.ALL, h5py.h5s.ALL, tokens
+    )
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_external_link, r"'tokens' is an external link to /tokens in .*other.h5"),
+        (_soft_link, r"'tokens' is a soft link to /data"),
+        (_virtual, r"'tokens' is a virtual dataset reading from .*other.h5"),
+        (_external_raw, r"'tokens' is stored in the external raw file .*raw.bin"),
+        (_gzip, r"'tokens' has compressed or filtered chunks \(deflate\)"),
+        (_chunks_unwritten, r"only 2 of the 16 chunks of 'tokens' were written.*fill values"),
+        (_never_written, r"'tokens' has 0 bytes stored but its 1000 tokens need 2000"),
+        (_compact, r"'tokens' has a compact layout"),
+    ],
+)
+def test_shards_that_keep_their_tokens_elsewhere_are_refused(tmp_path, make, message):
+    tokens = np.arange(1000, dtype=np.uint16) % 300
+    path = tmp_path / "train-0000.h5"
+    with h5py.File(path, "w") as f:
+        make(f, tmp_path, tokens)
+        f.attrs.update(
+            format="hpcllm-tokens",
+            format_version=1,
+            num_tokens=len(tokens),
+            vocab_size=300,
+            tokenizer="bpe",
+            eot_id=299,
+        )
+    with pytest.raises(DataError, match=f"^{path}: {message}"):
+        open_shards(tmp_path, "train")
+
+
+def test_plainly_chunked_shards_are_read(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) % 300
+    with h5py.File(tmp_path / "train-0000.h5", "w") as f:
+        f.create_dataset("tokens", data=tokens, chunks=(64,))  # last chunk only partly used
+        f.attrs.update(format="hpcllm-tokens", format_version=1, num_tokens=1000)
+        f.attrs.update(vocab_size=300, tokenizer="bpe", eot_id=299)
+    with open_shards(tmp_path, "train") as shards:
+        assert np.array_equal(shards.read_sample(98, 10), tokens[980:991])
+
+
+def test_a_fifo_shard_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "train-0001.h5")  # h5py would wait forever for a writer
+    with pytest.raises(DataError, match=r"train-0001.h5 is a FIFO, not a regular file"):
+        open_shards(tmp_path, "train")
+
+
 def test_out_of_vocabulary_id_names_shard_offset_and_id(tmp_path):
     tokens = np.arange(200, dtype=np.uint16) % 256
     tokens[150] = 4000  # inside the second sample of seq_len 100... of the second shard
@@ -297,7 +452,11 @@ def test_prepare_byte_streams(corpus, tmp_path):
     summary = prepare([str(corpus)], str(out), val_fraction=0.1, shard_tokens=300)
     texts = [DOCS[name] for name in sorted(DOCS, key=lambda n: str(corpus / n))]
     train, val = expected_streams(texts, 0.1, eot=256)
-    assert summary["files"] == len(DOCS) and summary["skipped"] == 1
+    assert summary["files"] == len(DOCS) and summary["skipped"] == 2
+    assert summary["skipped_why"] == {
+        NOT_TEXT_NAME: [1, str(corpus / "data.bin")],
+        BINARY: [1, str(corpus / "latin1.txt")],
+    }
     num_eots = 2 * len(texts)  # one after each document's train part and one after its val part
     assert (
         summary["train_tokens"] + summary["val_tokens"]
@@ -324,7 +483,7 @@ def test_prepare_overwrite(corpus, tmp_path):
 
 
 def test_prepare_needs_text(corpus, tmp_path):
-    with pytest.raises(DataError, match=r"no text to train on.*1 skipped"):
+    with pytest.raises(DataError, match=r"no text to train on.*1 skipped; 1 that are binary"):
         prepare([str(corpus / "latin1.txt")], str(tmp_path / "out"))
     (tmp_path / "binaries").mkdir()
     (tmp_path / "binaries" / "model.bin").write_bytes(b"\0")
@@ -395,6 +554,94 @@ def test_prepare_cli(corpus, tmp_path):
         == 0
     )
     assert run_cli("--out", str(tmp_path / "x"), "--val-fraction", "1.5").returncode == 2
+
+
+def test_prepare_reads_regular_files_only_and_says_what_it_skipped(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "good.txt").write_text("some text\n" * 20)
+    (corpus / "Apache-2.0").write_text("a license, not a .0 file\n" * 20)  # a version, read
+    (corpus / "sub" / "inside.md").write_text("linked from inside\n" * 20)
+    (corpus / "inside.md").symlink_to(corpus / "sub" / "inside.md")  # read (twice: two names)
+    os.mkfifo(corpus / "pipe")  # reading it used to wait forever
+    (corpus / "zero").symlink_to("/dev/zero")  # used to be read until memory ran out
+    (tmp_path / "secret.txt").write_text("not part of the corpus\n")
+    (corpus / "secret.txt").symlink_to(tmp_path / "secret.txt")
+    (corpus / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    (corpus / "image.png").write_bytes(b"\x89PNG")
+    result = run_cli("--input", str(corpus), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "prepared 4 files" in result.stdout
+    warnings = sorted(result.stderr.splitlines())
+    assert warnings == sorted(
+        [
+            f"warning: skipped 1 file(s) {LINK_FOLDER}, e.g. {corpus / 'elsewhere'}",
+            f"warning: skipped 1 file(s) {NOT_TEXT_NAME}, e.g. {corpus / 'image.png'}",
+            f"warning: skipped 1 file(s) {SPECIAL}, e.g. {corpus / 'pipe'}",
+            f"warning: skipped 2 file(s) {LINK_OUTSIDE}, e.g. {corpus / 'secret.txt'}",
+        ]
+    )
+    result = run_cli("--input", "/dev/zero", "--out", str(tmp_path / "out2"))
+    assert result.returncode == 2
+    assert (
+        result.stderr == "error: input /dev/zero is a device or special file, not a regular file\n"
+    )
+
+
+def test_prepare_survives_a_file_removed_while_learning_merges(corpus, tmp_path, monkeypatch):
+    victim = corpus / "notes" / "deep" / "README"
+    learn = BPETokenizer.train.__func__
+
+    def learn_and_remove(cls, texts, vocab_size):
+        def removing():
+            for i, text in enumerate(texts):
+                if i == 0:
+                    victim.unlink()
+                yield text
+
+        return learn(cls, removing(), vocab_size)
+
+    monkeypatch.setattr(BPETokenizer, "train", classmethod(learn_and_remove))
+    summary = prepare([str(corpus)], str(tmp_path / "out"), tokenizer="bpe", vocab_size=300)
+    assert summary["files"] == len(DOCS) - 1
+    assert summary["skipped_why"][UNREADABLE] == [1, str(victim)]
+
+
+def test_prepare_keeps_the_old_shards_until_the_new_ones_are_good(corpus, tmp_path):
+    out = tmp_path / "out"
+    prepare([str(corpus)], str(out))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(DataError, match=r"no text to train on"):
+        prepare([str(corpus / "latin1.txt")], str(out), overwrite=True)
+    with pytest.raises(DataError, match=r"no validation tokens .* raise --val-fraction"):
+        (tmp_path / "tiny.txt").write_text("ab")  # 2 tokens: 0.1 of a validation token
+        prepare([str(tmp_path / "tiny.txt")], str(out), overwrite=True, val_fraction=0.05)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_short_documents_still_give_a_validation_split(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(400):
+        (corpus / f"doc{i:03d}.txt").write_text(f"d{i:03d}\n")  # 5 tokens: 0.25 at 0.05
+    summary = prepare([str(corpus)], str(tmp_path / "out"), val_fraction=0.05)
+    val = [t for t in read_stream(tmp_path / "out", "val") if t != 256]
+    # 400 * 5 * 0.05 = 100 tokens; the golden-ratio sequence is within a few of its share.
+    assert abs(len(val) - 100) <= 3 and summary["val_tokens"] == 2 * len(val)
+    assert summary["train_tokens"] + len(val) == 400 * 6  # each token and EOT is in one split
+
+
+def test_text_is_read_in_pieces_that_encode_as_the_whole(tmp_path):
+    rng = random.Random(0)
+    words = ["def", "x", "  ", "\t", "é✓", "\n", "\r\n", "\n\n", " \n", "return", "(1)"]
+    text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(120_000))
+    path = tmp_path / "big.txt"
+    path.write_bytes(text.encode())  # no newline translation: the CRLFs stay
+    pieces = list(_text_pieces(str(path)))
+    assert "".join(pieces) == text and len(pieces) > 3
+    assert max(len(p) for p in pieces) <= PIECE_CHARS
+    tok = BPETokenizer.train([text[:50_000]], vocab_size=400)
+    assert np.array_equal(np.concatenate([tok.encode(p) for p in pieces]), tok.encode(text))
 
 
 def test_default_corpus_files():

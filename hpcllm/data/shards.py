@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
+from typing import BinaryIO
 
 import h5py
 import numpy as np
+from h5py import h5d
 
 FORMAT = "hpcllm-tokens"
 FORMAT_VERSION = 1
@@ -81,8 +84,45 @@ def _read_attr(f: h5py.File, path: str, key: str):
     return value.decode() if isinstance(value, bytes) else value
 
 
+def check_regular(path: str, mode: int) -> None:
+    """DataError unless `mode` (from a stat of `path`) is a regular file's: reading a FIFO
+    waits forever for a writer and a device such as /dev/zero never ends."""
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+        kind = next((k for test, k in kinds.items() if test(mode)), "a device or special file")
+        raise DataError(f"{path} is {kind}, not a regular file")
+
+
+def open_regular(path: str) -> tuple[BinaryIO, int]:
+    """`path` opened for binary reading if it is a regular file (links followed), and its size
+    then: read no more than that, a file that grows meanwhile must not read on forever.
+    DataError for a FIFO, device or folder; OSError if it cannot be opened."""
+    check_regular(path, os.stat(path).st_mode)  # before opening: opening a tape device rewinds it
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in meanwhile must not block
+    f = open(fd, "rb")
+    try:
+        info = os.fstat(fd)
+        check_regular(path, info.st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        f.close()
+        raise
+    return f, info.st_size
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of the regular file `path` (see `open_regular`)."""
+    f, size = open_regular(path)
+    with f:
+        return f.read(size)
+
+
 def _open_checked(path: str) -> tuple[h5py.File, dict]:
     """Open one shard read-only and check its format; returns the file and its metadata."""
+    try:
+        check_regular(path, os.stat(path).st_mode)
+    except OSError as e:
+        raise DataError(f"{path} cannot be read: {e.strerror}") from e
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
@@ -106,9 +146,7 @@ def _open_checked(path: str) -> tuple[h5py.File, dict]:
             for key in ("vocab_size", "tokenizer", "eot_id", "num_tokens")
         }
         meta = {key: (str(v) if key == "tokenizer" else int(v)) for key, v in meta.items()}
-        tokens = f.get("tokens")
-        if not isinstance(tokens, h5py.Dataset) or tokens.ndim != 1:
-            raise DataError(f"{path} has no 1-D 'tokens' dataset; prepare the data again")
+        tokens = _tokens_in_file(f, path)
         if len(tokens) != meta["num_tokens"]:
             raise DataError(
                 f"{path} is truncated: attribute num_tokens is {meta['num_tokens']} but the "
@@ -119,6 +157,69 @@ def _open_checked(path: str) -> tuple[h5py.File, dict]:
         f.close()
         raise
     return f, meta
+
+
+def _tokens_in_file(f: h5py.File, path: str) -> h5py.Dataset:
+    """The 'tokens' dataset, if its bytes lie in this file, unfiltered and all written, as
+    `write_shard` stores them; DataError naming what is wrong otherwise.
+
+    Looks only at the link, the creation property list and the chunk index, never at the
+    data: anything else would make the trainer read other files (external links, external
+    raw storage, virtual datasets), decompress without bound (a few KB of gzip chunks can
+    stand for gigabytes) or train on fill values (chunks never written).
+    """
+    again = "a shard must hold its tokens itself, as python -m hpcllm.data.prepare writes them"
+    link = f.get("tokens", getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise DataError(
+            f"{path}: 'tokens' is an external link to {link.path} in {link.filename}; {again}"
+        )
+    if isinstance(link, h5py.SoftLink):
+        raise DataError(f"{path}: 'tokens' is a soft link to {link.path}; {again}")
+    tokens = f.get("tokens")
+    if not isinstance(tokens, h5py.Dataset) or tokens.ndim != 1:
+        raise DataError(f"{path} has no 1-D 'tokens' dataset; prepare the data again")
+    dsid = tokens.id
+    dcpl = dsid.get_create_plist()
+    layout = dcpl.get_layout()
+    if layout == h5d.VIRTUAL:
+        sources = {dcpl.get_virtual_filename(i) for i in range(dcpl.get_virtual_count())}
+        raise DataError(
+            f"{path}: 'tokens' is a virtual dataset reading from {', '.join(sorted(sources))}; "
+            f"{again}"
+        )
+    if dcpl.get_external_count():
+        name = dcpl.get_external(0)[0].decode(errors="replace")
+        raise DataError(f"{path}: 'tokens' is stored in the external raw file {name}; {again}")
+    itemsize = tokens.dtype.itemsize
+    if layout == h5d.CONTIGUOUS:
+        needed = tokens.size * itemsize
+    elif layout == h5d.CHUNKED:
+        if dcpl.get_nfilters():
+            names = [
+                dcpl.get_filter(i)[3].decode(errors="replace") for i in range(dcpl.get_nfilters())
+            ]
+            raise DataError(
+                f"{path}: 'tokens' has compressed or filtered chunks ({', '.join(names)}); "
+                f"{again}, uncompressed"
+            )
+        (chunk,) = dcpl.get_chunk()
+        num_chunks = -(-tokens.size // chunk)
+        if dsid.get_num_chunks() != num_chunks:
+            raise DataError(
+                f"{path}: only {dsid.get_num_chunks()} of the {num_chunks} chunks of 'tokens' "
+                f"were written, the rest would be read as fill values; prepare the data again"
+            )
+        needed = num_chunks * chunk * itemsize  # an unfiltered chunk is stored whole
+    else:
+        raise DataError(f"{path}: 'tokens' has a compact layout; {again}")
+    if dsid.get_storage_size() != needed:
+        raise DataError(
+            f"{path}: 'tokens' has {dsid.get_storage_size()} bytes stored but its "
+            f"{tokens.size} tokens need {needed}; it was never fully written, prepare the "
+            f"data again"
+        )
+    return tokens
 
 
 # The vocabulary each tokenizer implies, where it is fixed (None: learned, any size).

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from hpcllm.data.shards import PREPARE_HINT, DataError
+from hpcllm.data.shards import PREPARE_HINT, DataError, read_regular
 
 EOT_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -99,9 +99,39 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path) -> BPETokenizer:
-        from tokenizers import Tokenizer
+        """The tokenizer saved at `path`; DataError naming the file if `save` cannot have written it."""
+        from tokenizers import Tokenizer, models
 
-        return cls(Tokenizer.from_file(os.fspath(path)))
+        path = os.fspath(path)
+        again = (
+            f"it is damaged or was not written by hpcllm.data.prepare; "
+            f"{PREPARE_HINT.format(os.path.dirname(path) or '.')} --tokenizer bpe --overwrite"
+        )
+        try:
+            tokenizer = Tokenizer.from_str(read_regular(path).decode("utf-8"))
+        except OSError as e:
+            raise DataError(f"{path} cannot be read: {e.strerror}") from e
+        except DataError as e:
+            raise DataError(f"{e}; {again}") from e
+        except Exception as e:  # tokenizers raises a bare Exception for text it cannot parse
+            raise DataError(f"{path} is not a tokenizer ({e}); {again}") from e
+        if not isinstance(tokenizer.model, models.BPE):
+            raise DataError(
+                f"{path} holds a {type(tokenizer.model).__name__} model, not BPE; {again}"
+            )
+        vocab_size = tokenizer.get_vocab_size()
+        ids = sorted(tokenizer.get_vocab().values())
+        if ids != list(range(vocab_size)):
+            # An id past the end would index outside the embedding; a gap or a repeat
+            # would make vocab_size (the model's width) disagree with the ids.
+            raise DataError(
+                f"{path} has {len(ids)} tokens with ids from {ids[0] if ids else None} to "
+                f"{ids[-1] if ids else None} but a vocabulary of {vocab_size}: ids must be "
+                f"0..{vocab_size - 1}, each once; {again}"
+            )
+        if tokenizer.token_to_id(EOT_TOKEN) is None:
+            raise DataError(f"{path} has no {EOT_TOKEN} token; {again}")
+        return cls(tokenizer)
 
     def encode(self, text: str) -> np.ndarray:
         return np.array(self._tokenizer.encode(text).ids, dtype=np.int64)
@@ -129,7 +159,7 @@ def load_tokenizer(data_dir, name: str) -> ByteTokenizer | BPETokenizer:
         return ByteTokenizer()
     if name == BPETokenizer.name:
         path = os.path.join(os.fspath(data_dir), TOKENIZER_FILE)
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise DataError(
                 f"{path} is missing but the shards in {data_dir} were written with the BPE "
                 f"tokenizer; {PREPARE_HINT.format(data_dir)} --tokenizer bpe --overwrite"
