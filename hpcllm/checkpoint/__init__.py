@@ -2,27 +2,19 @@
 
 A checkpoint is a folder `<run.dir>/checkpoints/step_000100/` holding
 
-    model-pp{p}-dp{d}-tp{t}.safetensors  parameters written by the rank at these coordinates
-    optim-pp{p}-dp{d}-tp{t}.safetensors  their AdamW state
-    rng.safetensors                      every rank's torch RNG state (gathered by rank 0)
-    rank-pp{p}-dp{d}-tp{t}.safetensors   state private to one rank (gradient compression's
-                                         error feedback), restored in the same layout only
-    meta.json                            written last: step, loader position, config, grid,
-                                         tokenizer, every file's size and CRC-32, tensor index
+    <file>-pp{p}-dp{d}-tp{t}.safetensors  the pieces the rank at these coordinates wrote,
+                                          one file per `Piece.file` ("model", "optim", ...)
+    rng.safetensors                       every rank's torch RNG state (gathered by rank 0)
+    meta.json                             written last: step, the parts' records, config,
+                                          grid, every file's size and CRC-32, tensor index
 
-Each rank writes only what it owns, so there are no duplicate writers: dp rank 0 of each
-(pp, tp) coordinate writes its stage's tensor-parallel shards and their optimizer state, and
-tp rank 0 also the tensors replicated over tp; under ZeRO-1 (`parallel.zero 1`) every dp
-rank writes the flat ranges of them that it owns instead (under tp, ranges of its local
-shards, recorded as boxes). Under local SGD (`parallel.sync_every > 1`) the dp ranks keep
-their own AdamW moments, and their own
-parameters between model averages: dp rank d > 0 also writes its copies, under names
-prefixed `dp{d}/`, and dp rank 0 the outer state (`outer/<param>/anchor`, `.../momentum`).
-Tensors are stored under global names (`model/blocks.3.attn.qkv.weight`,
-`optim/blocks.3.attn.qkv.weight/exp_avg`, `rng/5`) and meta.json's index
-(`checkpoint/index.py`) says which file holds which region of each, so a rank of any other
-layout reads just the tensors, the boxes of them its tensor-parallel shards hold, or its
-ZeRO-1 flat ranges.
+What is saved is what the parts of a rank's state declare (`pieces.Stateful`): each gives
+the pieces of global tensors it holds (global name, global shape, region, replica or not) and
+loads itself from a `pieces.Reader` that gives it any region of any tensor. This module knows
+only pieces and files: each rank writes its pieces that are not replicas, meta.json's index
+(`checkpoint/index.py`) records which file holds which region of each tensor, and a rank of
+any other layout reads just the regions its parts ask for. What the parts are, and who
+writes what, is in hpcllm/training/state.py.
 
 Saving is atomic: everything goes into `.tmp-step_000100/`, fsync'ed; once every rank's
 files are complete, rank 0 writes meta.json with their sizes and checksums and renames the
@@ -32,7 +24,8 @@ checkpoint is intact.
 
 Loading verifies sizes and checksums and refuses anything that is not a safetensors file
 (no pickle is ever loaded). All ranks agree on which checkpoint they load: if any rank finds
-damage, every rank warns and falls back to the previous complete checkpoint.
+damage, every rank warns and falls back to the previous complete checkpoint, and no part is
+changed.
 """
 
 from __future__ import annotations
