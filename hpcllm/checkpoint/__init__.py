@@ -259,7 +259,7 @@ def _commit(
     for rank_files, rank_entries, _, _ in gathered:
         files.update(rank_files)
         for key, entry in rank_entries.items():
-            # A tensor split between writers (tensor-parallel shards, ZeRO-1 ranges) arrives
+            # A tensor split between writers (the pieces of several ranks) arrives
             # as pieces from each of them.
             if key in entries:
                 entries[key]["pieces"] += entry["pieces"]
