@@ -30,6 +30,7 @@ from hpcllm.distributed.parallelize import build_stage
 from hpcllm.distributed.topology import Grid
 from hpcllm.models.gpt import param_groups
 from hpcllm.runtime.spmd import StartupError
+from hpcllm.training.state import stateful_parts
 
 from helpers import losses, prepare_data, run, train, write_corpus
 
@@ -189,7 +190,7 @@ def load_here(run_dir: Path):
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
     try:
         return checkpoint.load_newest(
-            str(run_dir), grid=grid, model=model, optimizer=optimizer
+            str(run_dir), grid=grid, parts=stateful_parts(grid, model, optimizer)
         ), model
     finally:
         grid.free()
@@ -406,8 +407,7 @@ def save_tiny(run_dir: Path, step: int, grid: Grid, stage, keep: int = 2) -> Pat
         str(run_dir),
         step,
         grid=grid,
-        model=model,
-        optimizer=optimizer,
+        parts=stateful_parts(grid, model, optimizer),
         extra=run_extra(cfg, step),
         keep=keep,
     )
@@ -442,7 +442,9 @@ def test_each_rank_writes_and_reads_only_what_it_owns(comm, tmp_path, monkeypatc
     ]
     _, fresh, fresh_opt = tiny_stage(grid)
     opened.clear(), checksummed.clear()
-    found = checkpoint.load_newest(str(root / "pp2"), grid=grid, model=fresh, optimizer=fresh_opt)
+    found = checkpoint.load_newest(
+        str(root / "pp2"), grid=grid, parts=stateful_parts(grid, fresh, fresh_opt)
+    )
     assert found is not None and found[0] == folder
     mine = {f"model-pp{comm.rank}-dp0-tp0.safetensors", f"optim-pp{comm.rank}-dp0-tp0.safetensors"}
     assert set(opened) == mine | {"rng.safetensors"}, opened
@@ -480,7 +482,9 @@ def test_damage_one_rank_sees_makes_every_rank_fall_back(comm, tmp_path, capsys)
         truncate_to.write_bytes(truncate_to.read_bytes()[:100])
     comm.Barrier()
     _, fresh, fresh_opt = tiny_stage(grid)
-    found = checkpoint.load_newest(str(root), grid=grid, model=fresh, optimizer=fresh_opt)
+    found = checkpoint.load_newest(
+        str(root), grid=grid, parts=stateful_parts(grid, fresh, fresh_opt)
+    )
     assert found is not None and found[0].name == "step_000001"
     out = capsys.readouterr().out
     if comm.rank == 0:

@@ -197,6 +197,7 @@ def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypa
     from hpcllm.config import Config
     from hpcllm.distributed.steps import clip_grad_norm, train_step
     from hpcllm.distributed.topology import Grid
+    from hpcllm.training.state import stateful_parts
 
     root = Path(comm.bcast(str(tmp_path) if comm.rank == 0 else None))
     grid = Grid.build(comm, dp=2)
@@ -211,7 +212,11 @@ def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypa
     model, _, optimizer, _, _ = trained[1]
     cfg = Config()
     folder = checkpoint.save(
-        str(root), 2, grid=grid, model=model, optimizer=optimizer, extra=run_extra(cfg, 2)
+        str(root),
+        2,
+        grid=grid,
+        parts=stateful_parts(grid, model, optimizer),
+        extra=run_extra(cfg, 2),
     )
     # Both dp ranks wrote (their own ranges); nobody wrote a whole replica.
     assert sorted(p.name for p in folder.glob("*-pp*")) == [
@@ -232,7 +237,9 @@ def test_each_rank_writes_and_reads_only_its_own_ranges(comm, tmp_path, monkeypa
         run = build(comm, zero=zero, bucket_mb=0.01, init_seed=9)
         fresh, _, fresh_opt, _, _ = run
         reads.clear()
-        found = checkpoint.load_newest(str(root), grid=grid, model=fresh, optimizer=fresh_opt)
+        found = checkpoint.load_newest(
+            str(root), grid=grid, parts=stateful_parts(grid, fresh, fresh_opt)
+        )
         assert found is not None and found[0] == folder
         moments = [(n, r) for n, r in reads if n.endswith("/exp_avg")]
         assert moments

@@ -20,6 +20,7 @@ from hpcllm import checkpoint
 from hpcllm.bench.common import record
 from hpcllm.distributed.topology import Grid
 from hpcllm.models.gpt import GPT, ModelConfig, param_groups
+from hpcllm.training.state import stateful_parts
 
 
 def add_arguments(parser) -> None:
@@ -84,8 +85,7 @@ def measure(args, world: MPI.Comm) -> dict:
                 tmp,
                 rep + 1,
                 grid=grid,
-                model=model,
-                optimizer=optimizer,
+                parts=stateful_parts(grid, model, optimizer),
                 extra=bench_meta(rep + 1, cfg, args),
                 keep=1,
             )
@@ -94,7 +94,9 @@ def measure(args, world: MPI.Comm) -> dict:
             fresh_model, fresh_optimizer = model_and_optimizer()
             os.system("sync")
             start = time.perf_counter()
-            checkpoint.load_newest(tmp, grid=grid, model=fresh_model, optimizer=fresh_optimizer)
+            checkpoint.load_newest(
+                tmp, grid=grid, parts=stateful_parts(grid, fresh_model, fresh_optimizer)
+            )
             loads.append(time.perf_counter() - start)
             del fresh_model, fresh_optimizer
     result = {

@@ -2,27 +2,19 @@
 
 A checkpoint is a folder `<run.dir>/checkpoints/step_000100/` holding
 
-    model-pp{p}-dp{d}-tp{t}.safetensors  parameters written by the rank at these coordinates
-    optim-pp{p}-dp{d}-tp{t}.safetensors  their AdamW state
-    rng.safetensors                      every rank's torch RNG state (gathered by rank 0)
-    rank-pp{p}-dp{d}-tp{t}.safetensors   state private to one rank (gradient compression's
-                                         error feedback), restored in the same layout only
-    meta.json                            written last: step, loader position, config, grid,
-                                         tokenizer, every file's size and CRC-32, tensor index
+    <file>-pp{p}-dp{d}-tp{t}.safetensors  the pieces the rank at these coordinates wrote,
+                                          one file per `Piece.file` ("model", "optim", ...)
+    rng.safetensors                       every rank's torch RNG state (gathered by rank 0)
+    meta.json                             written last: step, the parts' records, config,
+                                          grid, every file's size and CRC-32, tensor index
 
-Each rank writes only what it owns, so there are no duplicate writers: dp rank 0 of each
-(pp, tp) coordinate writes its stage's tensor-parallel shards and their optimizer state, and
-tp rank 0 also the tensors replicated over tp; under ZeRO-1 (`parallel.zero 1`) every dp
-rank writes the flat ranges of them that it owns instead (under tp, ranges of its local
-shards, recorded as boxes). Under local SGD (`parallel.sync_every > 1`) the dp ranks keep
-their own AdamW moments, and their own
-parameters between model averages: dp rank d > 0 also writes its copies, under names
-prefixed `dp{d}/`, and dp rank 0 the outer state (`outer/<param>/anchor`, `.../momentum`).
-Tensors are stored under global names (`model/blocks.3.attn.qkv.weight`,
-`optim/blocks.3.attn.qkv.weight/exp_avg`, `rng/5`) and meta.json's index
-(`checkpoint/index.py`) says which file holds which region of each, so a rank of any other
-layout reads just the tensors, the boxes of them its tensor-parallel shards hold, or its
-ZeRO-1 flat ranges.
+What is saved is what the parts of a rank's state declare (`pieces.Stateful`): each gives
+the pieces of global tensors it holds (global name, global shape, region, replica or not) and
+loads itself from a `pieces.Reader` that gives it any region of any tensor. This module knows
+only pieces and files: each rank writes its pieces that are not replicas, meta.json's index
+(`checkpoint/index.py`) records which file holds which region of each tensor, and a rank of
+any other layout reads just the regions its parts ask for. What the parts are, and who
+writes what, is in hpcllm/training/state.py.
 
 Saving is atomic: everything goes into `.tmp-step_000100/`, fsync'ed; once every rank's
 files are complete, rank 0 writes meta.json with their sizes and checksums and renames the
@@ -32,7 +24,8 @@ checkpoint is intact.
 
 Loading verifies sizes and checksums and refuses anything that is not a safetensors file
 (no pickle is ever loaded). All ranks agree on which checkpoint they load: if any rank finds
-damage, every rank warns and falls back to the previous complete checkpoint.
+damage, every rank warns and falls back to the previous complete checkpoint, and no part is
+changed.
 """
 
 from __future__ import annotations
@@ -44,39 +37,21 @@ import re
 import shutil
 import socket
 import zlib
+from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from math import prod
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hpcllm.checkpoint import index as index
-from hpcllm.distributed.tied import is_stage_replica
+from hpcllm.checkpoint.pieces import CheckpointError as CheckpointError
+from hpcllm.checkpoint.pieces import Piece, Reader, Stateful
 from hpcllm.runtime.rundir import replace_file
 from hpcllm.runtime.watchdog import WATCHDOG
-
-if TYPE_CHECKING:
-    from hpcllm.optim.local_sgd import LocalSGD
-    from hpcllm.optim.zero import Piece, Run
-
-
-@runtime_checkable
-class OwnsPieces(Protocol):
-    """An optimizer whose state (and parameters' master copy) is sharded over dp, ZeRO-style:
-    it names the pieces it writes and the flat runs it reads back, and loads them itself."""
-
-    def owned_pieces(self, tp_rank: int = 0) -> list[Piece]: ...
-
-    def owned_runs(
-        self, name: str, shape: list[int]
-    ) -> tuple[tuple[int, ...], list[Run]] | None: ...
-
-    def load_owned(self, tensors: dict[str, torch.Tensor]) -> None: ...
-
 
 FORMAT_VERSION = 2
 META = "meta.json"
@@ -85,10 +60,6 @@ _CHUNK = 1 << 22
 # safetensors creates files readable by their owner only; give them the usual umask instead.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class CheckpointError(ValueError):
-    """A damaged or foreign checkpoint; the message names the file and what is wrong."""
 
 
 # ----------------------------------------------------------------- files
@@ -195,115 +166,25 @@ def _describe_foreign(path: Path, error: Exception) -> str:
 # ----------------------------------------------------------------- saving
 
 
-def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's per-parameter state keyed by parameter name, not by position."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return {names[id(p)]: optimizer.state[p] for p in params if p in optimizer.state}
-
-
-def write_own_files(
-    tmp: Path, grid, model: nn.Module, optimizer, local_sgd: LocalSGD | None = None
-) -> tuple[dict, dict]:
-    """This rank's own file writes: the model and optimizer shards it owns.
-
-    Under ZeRO-1 every dp rank writes its own flat ranges of the parameters and their
-    optimizer state (under tp, of its local shards, as boxes of the global tensors; those of
-    tensors replicated over tp on tp rank 0 only). Otherwise dp replicas hold the same shards and dp rank 0 of each
-    (pp, tp) coordinate writes them: its tensor-parallel shards (each as the boxes of its
-    placement) and, on tp rank 0 only, the tensors replicated over tp. Under local SGD the
-    replicas differ, and every dp rank writes its own (dp rank d > 0 under `dp{d}/` names),
-    dp rank 0 also the outer state.
+def write_pieces(tmp: Path, tag: str, pieces: list[Piece]) -> tuple[dict, dict]:
+    """Write this rank's pieces (replicas left to their writers), one safetensors file per
+    `piece.file`, `<file>-<tag>.safetensors`. A tensor with one piece here is stored under
+    its global name, one with several (the boxes of a tensor-parallel shard, of a flat range
+    of one) as name#0, name#1, ...
     Returns ({file: {"size", "crc32"}}, {tensor name: index entry}) for meta.json.
     """
-    tp_rank, dp_rank = grid.rank("tp"), grid.rank("dp")
-    tag = f"pp{grid.rank('pp')}-dp{dp_rank}-tp{tp_rank}"
-    if isinstance(optimizer, OwnsPieces):
-        return _write_flat_ranges(tmp, tag, optimizer.owned_pieces(tp_rank))
-    if dp_rank != 0 and local_sgd is None:
-        return {}, {}
-    prefix = f"dp{dp_rank}/" if dp_rank else ""
-    states = {"optim": optimizer_state_by_name(model, optimizer), "outer": {}}
-    if local_sgd is not None and dp_rank == 0:
-        states["outer"] = local_sgd.state_by_name()
-    # kind -> {global name: (local tensor, its placement or None when whole)}
-    groups: dict[str, dict[str, tuple[torch.Tensor, index.Placement | None]]] = {
-        "model": {},
-        "optim": {},
-        "outer": {},
-    }
-    # named_parameters() lists a tied weight once: safetensors refuses shared storage.
-    for n, p in model.named_parameters():
-        placement = index.placement_of(p)
-        if placement is None and tp_rank != 0:
-            continue  # replicated over tp: tp rank 0 writes it
-        if is_stage_replica(p):
-            continue  # the last stage's copy of a tied weight: the first stage writes it
-        groups["model"][f"{prefix}model/{n}"] = (p, placement)
-        for kind, state in states.items():
-            for k, v in state.get(n, {}).items():
-                v = torch.as_tensor(v)
-                key = f"{prefix}{kind}/{n}/{k}"
-                # AdamW's moments are placed as their parameter; its 0-dim step is replicated.
-                if v.shape == p.shape:
-                    groups[kind][key] = (v, placement)
-                elif tp_rank == 0:
-                    groups[kind][key] = (v, None)
-    files: dict[str, dict] = {}
+    mine = [p for p in pieces if not p.replica]
+    count = Counter(p.name for p in mine)
+    stored: dict[str, dict[str, torch.Tensor]] = {}
     entries: dict[str, dict] = {}
-    for kind, tensors in groups.items():
-        name = f"{kind}-{tag}.safetensors"
-        stored: dict[str, torch.Tensor] = {}
-        for key, (t, placement) in tensors.items():
-            if placement is None:
-                stored[key] = t
-                entries[key] = index.entry(t, [index.piece(name, key, index.whole(t.shape))])
-                continue
-            pieces = []
-            for i, (start, stop, box) in enumerate(placement.parts):
-                part_key = key if len(placement.parts) == 1 else f"{key}#{i}"
-                # A copy: safetensors refuses tensors that share memory.
-                stored[part_key] = t.detach().narrow(placement.dim, start, stop - start).clone()
-                pieces.append(index.piece(name, part_key, box))
-            entries[key] = index.entry(t, pieces, placement.shape)
-        if stored:
-            files[name] = write_tensor_file(tmp / name, stored)
+    for p in mine:
+        name = f"{p.file}-{tag}.safetensors"
+        entry = entries.setdefault(p.name, index.entry(p.tensor, [], p.shape))
+        key = p.name if count[p.name] == 1 else f"{p.name}#{len(entry['pieces'])}"
+        stored.setdefault(name, {})[key] = p.tensor
+        entry["pieces"].append(index.piece(name, key, p.region))
+    files = {name: write_tensor_file(tmp / name, tensors) for name, tensors in stored.items()}
     return files, entries
-
-
-def _write_flat_ranges(tmp: Path, tag: str, pieces: list[Piece]) -> tuple[dict, dict]:
-    """ZeRO-1: this rank's (name, global shape, region, tensor) pieces, one file per kind."""
-    files: dict[str, dict] = {}
-    entries: dict[str, dict] = {}
-    for kind in ("model", "optim"):
-        mine = [p for p in pieces if p[0].startswith(f"{kind}/")]
-        if not mine:
-            continue
-        name = f"{kind}-{tag}.safetensors"
-        count: dict[str, int] = {}
-        for p in mine:
-            count[p[0]] = count.get(p[0], 0) + 1
-        stored: dict[str, torch.Tensor] = {}
-        for key, shape, region, t in mine:
-            # One region of a tensor is stored under its global name; several (the boxes of
-            # a range of a tp shard) as key#0, key#1, ...
-            entry = entries.setdefault(key, index.entry(t, [], shape))
-            part_key = key if count[key] == 1 else f"{key}#{len(entry['pieces'])}"
-            stored[part_key] = t
-            entry["pieces"].append(index.piece(name, part_key, region))
-        files[name] = write_tensor_file(tmp / name, stored)
-    return files, entries
-
-
-def _write_rank_tensors(tmp: Path, grid, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    tag = f"pp{grid.rank('pp')}-dp{grid.rank('dp')}-tp{grid.rank('tp')}"
-    name = f"rank-{tag}.safetensors"
-    prefix = f"rank/{grid.world.Get_rank()}/"
-    stored = {prefix + k: t for k, t in tensors.items()}
-    entries = {
-        k: index.entry(t, [index.piece(name, k, index.whole(t.shape))]) for k, t in stored.items()
-    }
-    return {name: write_tensor_file(tmp / name, stored)}, entries
 
 
 def save(
@@ -311,19 +192,15 @@ def save(
     step: int,
     *,
     grid,
-    model: nn.Module,
-    optimizer,
-    extra: dict,
+    parts: list[Stateful],
+    extra: dict | None = None,
     keep: int = 2,
-    rank_tensors: dict[str, torch.Tensor] | None = None,
-    local_sgd: LocalSGD | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
 
-    `extra` goes into meta.json (loader position, config, tokenizer). `rank_tensors` is this
-    rank's private state, stored as `rank/<world rank>/<name>` (see load_newest). With
-    `local_sgd` every dp rank also writes its own parameters and optimizer state. A failed
-    write on any rank (a full disk) ends the run on every rank with exit 2 and one line
+    Each rank writes the pieces its `parts` hold (`Stateful.sharded_state`, replicas left to
+    their writers); meta.json gets rank 0's parts' records and `extra` (config, tokenizer). A
+    failed write on any rank (a full disk) ends the run on every rank with exit 2 and one line
     naming the folder.
     """
     world = grid.world
@@ -344,12 +221,9 @@ def save(
     files: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     if error is None:
+        tag = f"pp{grid.rank('pp')}-dp{grid.rank('dp')}-tp{grid.rank('tp')}"
         try:
-            files, entries = write_own_files(tmp, grid, model, optimizer, local_sgd)
-            if rank_tensors:
-                more_files, more_entries = _write_rank_tensors(tmp, grid, rank_tensors)
-                files |= more_files
-                entries |= more_entries
+            files, entries = write_pieces(tmp, tag, [p for s in parts for p in s.sharded_state()])
         except OSError as e:
             error = f"rank {rank}: {e}"
     rng = torch.get_rng_state().numpy().tobytes()
@@ -359,8 +233,9 @@ def save(
     if rank == 0:
         errors = [g[3] for g in gathered if g[3] is not None]
         if not errors:
+            records = {k: v for part in parts for k, v in part.record().items()}
             try:
-                _commit(tmp, final, step, grid, gathered, extra, keep)
+                _commit(tmp, final, step, grid, gathered, {**records, **(extra or {})}, keep)
             except OSError as e:
                 errors.append(f"rank 0: {e}")
         if errors:
@@ -384,7 +259,7 @@ def _commit(
     for rank_files, rank_entries, _, _ in gathered:
         files.update(rank_files)
         for key, entry in rank_entries.items():
-            # A tensor split between writers (tensor-parallel shards, ZeRO-1 ranges) arrives
+            # A tensor split between writers (the pieces of several ranks) arrives
             # as pieces from each of them.
             if key in entries:
                 entries[key]["pieces"] += entry["pieces"]
@@ -589,26 +464,16 @@ def _check_index(meta: dict, path: Path) -> None:
 # ----------------------------------------------------------------- loading
 
 
-def load_newest(
-    run_dir: str,
-    *,
-    grid,
-    model: nn.Module,
-    optimizer,
-    check=None,
-    local_sgd: LocalSGD | None = None,
-):
-    """Collective: restore the newest undamaged checkpoint; returns (folder, meta) or None.
+def load_newest(run_dir: str, *, grid, parts: list[Stateful], check=None):
+    """Collective: restore the newest undamaged checkpoint into `parts`; returns (folder, meta)
+    or None.
 
-    Each rank reads only the tensors of its own stage, plus its RNG state and its private
-    `rank_tensors` (returned in meta["rank_tensors"], names without their prefix; empty in
-    another layout) when the layout is the one that wrote the checkpoint. With `local_sgd`,
-    each dp rank reads its own copies of the parameters and optimizer state where the
-    checkpoint has them (else dp rank 0's), and the outer state. If any rank finds damage,
-    every rank warns (naming
-    the file and the damage) and tries the previous checkpoint; when none is left, every
-    rank raises StartupError (exit 2). `check(meta, folder)` may raise ValueError for a
-    checkpoint the user cannot resume from (another model): that ends the run too.
+    Each part reads the regions it needs (`Stateful.load_sharded`), and each rank its RNG state
+    when the layout is the one that wrote the checkpoint. If any rank finds damage, every rank
+    warns (naming the file and the damage) and tries the previous checkpoint, and no part is
+    changed; when none is left, every rank raises StartupError (exit 2). `check(meta, folder)`
+    may raise ValueError for a checkpoint the user cannot resume from (another model): that
+    ends the run too.
     """
     from hpcllm.runtime.spmd import StartupError, agree, print0
 
@@ -625,20 +490,17 @@ def load_newest(
             except CheckpointError as e:
                 damage = str(e)
         meta, damage = world.bcast((meta, damage))
-        state = None
+        apply = None
         if damage is None:
             if check is not None:
                 agree(world, partial(check, meta, folder))
-            state, mine = _read_own(folder, meta, grid, model, optimizer, local_sgd)
+            apply, mine = _read_own(folder, meta, grid, parts)
             found = [d for d in world.allgather(mine) if d is not None]
             damage = "; ".join(dict.fromkeys(found)) if found else None
         if damage is None:
-            _apply(state, model, optimizer, local_sgd)
-            assert state is not None  # no damage: every rank read its tensors
-            prefix = f"rank/{world.Get_rank()}/"
-            meta["rank_tensors"] = {
-                k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)
-            }
+            assert apply is not None  # no damage: every rank read its pieces
+            for restore in apply:
+                restore()
             return folder, meta
         rejected.append(damage)
         print0(f"warning: checkpoint {folder} is damaged: {damage}; trying the previous checkpoint")
@@ -651,161 +513,52 @@ def load_newest(
     return None
 
 
-class _Want(NamedTuple):
-    """What a rank reads of one tensor."""
-
-    entry: dict  # its index entry
-    placement: index.Placement | None  # its tensor-parallel shard; None: not tp-sharded
-    local_shape: tuple[int, ...]  # the shape of the local tensor it fills
-    # ZeRO-1: the runs of the flat range this rank owns (zero.Run), local_shape its length
-    runs: tuple[Run, ...] | None = None
-
-    def regions(self) -> list[index.Region]:
-        if self.runs is not None:
-            return [region for _, _, region in self.runs]
-        if self.placement is None:
-            return [index.whole(self.entry["shape"])]
-        return [box for _, _, box in self.placement.parts]
-
-
-def _wanted(
-    meta: dict, grid, model: nn.Module, optimizer, folder: Path, local_sgd: LocalSGD | None = None
-) -> dict[str, _Want]:
-    """What this rank needs: its stage's parameters and their optimizer state (its
-    tensor-parallel shards of them, or under ZeRO-1 only the flat ranges it owns), the outer
-    state under local SGD, and its RNG state if the checkpoint was written by this layout.
-    Keyed by the names dp rank 0 stores them under: under local SGD dp rank d reads its own
-    `dp{d}/` copies into them where the checkpoint has them."""
-    tensors = meta["tensors"]
-    wanted: dict[str, _Want] = {}
-    dp_rank = grid.rank("dp")
-    for n, p in model.named_parameters():
-        own = f"dp{dp_rank}/" if local_sgd is not None and dp_rank else ""
-        prefix = own if f"{own}model/{n}" in tensors else ""
-        entry = tensors.get(f"{prefix}model/{n}")
-        if entry is None:
-            raise CheckpointError(f"{folder / META}: the index has no parameter {n}")
-        placement = index.placement_of(p)
-        shape = placement.shape if placement is not None else tuple(p.shape)
-        if tuple(entry["shape"]) != shape:
-            raise CheckpointError(
-                f"{folder / META}: parameter {n} has shape {entry['shape']} in the index, "
-                f"the model's is {list(shape)}"
-            )
-        kinds = [f"{prefix}optim/{n}/", *([f"outer/{n}/"] if local_sgd is not None else [])]
-        for stored, e in [(f"{prefix}model/{n}", entry)] + [
-            (k, e) for k, e in tensors.items() if k.startswith(tuple(kinds))
-        ]:
-            key = stored[len(prefix) :] if stored.startswith(prefix) else stored
-            if isinstance(optimizer, OwnsPieces):
-                owned = optimizer.owned_runs(key, e["shape"])
-                if owned is not None:
-                    wanted[key] = _Want(e, None, owned[0], tuple(owned[1]))
-                continue
-            # State shaped as the parameter is sharded as it is; the rest is whole.
-            like_param = tuple(e["shape"]) == shape
-            wanted[key] = _Want(
-                e,
-                placement if like_param else None,
-                tuple(p.shape) if like_param else tuple(e["shape"]),
-            )
-    if meta["grid"] == grid.dims:
-        key = f"rng/{grid.world.Get_rank()}"
-        if key not in tensors:
-            raise CheckpointError(f"{folder / META}: the index has no {key}")
-        wanted[key] = _Want(tensors[key], None, tuple(tensors[key]["shape"]))
-        mine = f"rank/{grid.world.Get_rank()}/"
-        for key, e in tensors.items():
-            if key.startswith(mine):
-                wanted[key] = _Want(e, None, tuple(e["shape"]))
-    return wanted
-
-
-def _read_local(files: TensorFiles, name: str, want: _Want) -> torch.Tensor:
-    """The local tensor of `want`: whole, this rank's flat range of it (ZeRO-1), or its
-    tensor-parallel parts (zeros elsewhere: the padding of a vocab-parallel shard)."""
-    if want.runs is not None:
-        if not want.local_shape:  # a 0-dim step
-            return files.read(name, want.entry)
-        local = torch.zeros(want.local_shape, dtype=getattr(torch, want.entry["dtype"]))
-        for start, stop, region in want.runs:
-            local[start:stop] = files.read(name, want.entry, region).reshape(-1)
-        return local
-    if want.placement is None:
-        return files.read(name, want.entry)
-    local = torch.zeros(want.local_shape, dtype=getattr(torch, want.entry["dtype"]))
-    for start, stop, box in want.placement.parts:
-        part = local.narrow(want.placement.dim, start, stop - start)
-        part.copy_(files.read(name, want.entry, box))
-    return local
-
-
 def _read_own(
-    folder: Path, meta: dict, grid, model: nn.Module, optimizer, local_sgd: LocalSGD | None = None
-) -> tuple[dict | None, str | None]:
-    """This rank's tensors (its shards or owned ranges of them) and the damage it found.
+    folder: Path, meta: dict, grid, parts: list[Stateful]
+) -> tuple[list[Callable[[], None]] | None, str | None]:
+    """What restores this rank's parts (and RNG state) from `folder`, and the damage it found.
 
     Verifying checksums is shared out: each file is checked by one of the ranks that read
-    it (any rank for a file nobody reads), so no rank reads a file only to checksum it.
+    it (any rank for a file nobody reads), so no rank reads a file only to checksum it. A
+    rank whose reads failed also checks the files it read, to name the damage.
     """
     world = grid.world
-    wanted: dict[str, _Want] = {}
-    reads: list[str] = []
+    files = TensorFiles(folder)
+    touched: set[str] = set()
+
+    def read(name: str, entry: dict, region: index.Region | None) -> torch.Tensor:
+        region = region or index.whole(entry["shape"])
+        touched.update(index.files_of(entry, region))
+        return files.read(name, entry, region)
+
+    reader = Reader(folder, meta, read)
+    apply: list[Callable[[], None]] = []
     damage: str | None = None
     try:
-        wanted = _wanted(meta, grid, model, optimizer, folder, local_sgd)
-        reads = sorted(
-            set().union(*(index.files_of(w.entry, r) for w in wanted.values() for r in w.regions()))
-        )
+        if meta["grid"] == grid.dims:
+            rng = reader.read(f"rng/{world.Get_rank()}")
+            apply.append(partial(torch.set_rng_state, rng))
+        apply += [part.load_sharded(reader) for part in parts]
     except CheckpointError as e:
         damage = str(e)
-    readers = world.allgather(reads)
-    for i, name in enumerate(sorted(meta["files"])):
-        ranks = [r for r, files in enumerate(readers) if name in files] or list(
-            range(world.Get_size())
-        )
-        if damage is None and ranks[i % len(ranks)] == world.Get_rank():
-            try:
-                verify_file(folder, name, meta["files"][name])
-            except CheckpointError as e:
-                damage = str(e)
+    readers = world.allgather(sorted(touched))
+    checks = [
+        name
+        for i, name in enumerate(sorted(meta["files"]))
+        if (
+            ranks := [r for r, f in enumerate(readers) if name in f]
+            or list(range(world.Get_size()))
+        )[i % len(ranks)]
+        == world.Get_rank()
+    ]
     if damage is not None:
-        return None, damage
-    files = TensorFiles(folder)
-    try:
-        return {name: _read_local(files, name, want) for name, want in wanted.items()}, None
-    except CheckpointError as e:
-        return None, str(e)
-
-
-def _apply(
-    state: dict | None, model: nn.Module, optimizer, local_sgd: LocalSGD | None = None
-) -> None:
-    assert state is not None
-    rng = [v for k, v in state.items() if k.startswith("rng/")]
-    if rng:
-        torch.set_rng_state(rng[0])
-    if isinstance(optimizer, OwnsPieces):
-        optimizer.load_owned(state)
-        return
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(state[f"model/{n}"])
-    for n, p in model.named_parameters():
-        prefix = f"optim/{n}/"
-        param_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if param_state:
-            # AdamW keeps its 0-dim `step` on the CPU; the moments live with the parameter.
-            optimizer.state[p] = {
-                k: v.to(p.device) if v.dim() else v for k, v in param_state.items()
-            }
-    if local_sgd is not None:
-        outer: dict[str, dict[str, torch.Tensor]] = {}
-        for key, v in state.items():
-            if key.startswith("outer/"):
-                n, _, k = key[len("outer/") :].rpartition("/")
-                outer.setdefault(n, {})[k] = v
-        local_sgd.load_state_by_name(outer)
+        checks = sorted(touched & set(meta["files"]))
+    for name in checks:
+        try:
+            verify_file(folder, name, meta["files"][name])
+        except CheckpointError as e:
+            return None, str(e)
+    return (None, damage) if damage is not None else (apply, None)
 
 
 def read_model(folder: Path, meta: dict) -> dict[str, torch.Tensor]:

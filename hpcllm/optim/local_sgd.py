@@ -14,7 +14,7 @@ anchor:
 outer_lr 1 and momentum 0 is plain model averaging: the anchor becomes the mean itself. The
 anchor and momentum are identical on every dp rank (each stage and tp shard keeps its own
 part), so a checkpoint stores them once, like the parameters; between averages each dp rank's
-parameters and moments differ and every dp rank writes its own (hpcllm/checkpoint/__init__.py).
+parameters and moments differ and every dp rank writes its own (hpcllm/training/state.py).
 """
 
 from __future__ import annotations

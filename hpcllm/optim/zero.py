@@ -17,8 +17,8 @@ momentum) and its update comes back to the ranges' holders (see the class). Both
 
 For checkpoints, a segment is described per parameter (`Part`): which flat range of which
 parameter it holds. A rank writes, and on load reads, exactly those ranges of the parameters
-and of their optimizer state (`owned_pieces`, `owned_runs`, `load_owned`); `hpcllm.checkpoint`
-stores them as flat-range pieces of the global tensors, so any other layout can read them.
+and of their optimizer state (`owned_pieces`, `load_sharded`): flat-range pieces of the global
+tensors (hpcllm/checkpoint/pieces.py), so any other layout can read them.
 
 Under tensor parallelism each tp rank has its own DataParallel over its local (tp-sliced)
 parameters, so its buckets, shards and flat ranges are those of the local tensors; a range
@@ -28,19 +28,20 @@ of a tp-sliced parameter is stored as the boxes of the global tensor that hold i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 from hpcllm.checkpoint import index as index
 from hpcllm.checkpoint.index import placement_of
+from hpcllm.checkpoint.pieces import CheckpointError, Piece, Reader
 from hpcllm.distributed.data_parallel import DataParallel
 from hpcllm.distributed.tied import is_stage_replica
 from hpcllm.optim.muon import Muon, assign_owners, local_slice, orthogonalize, update_scale
 
-# (global tensor name, its global shape, the region of it, the tensor holding that region)
-Piece = tuple[str, list[int], index.Region, torch.Tensor]
 # (start, stop) of a run of a rank's flat range of a parameter, and the global region it holds
 Run = tuple[int, int, index.Region]
 
@@ -65,6 +66,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     its parameter's group."""
 
     ddp: DataParallel
+    named: list[tuple[str, nn.Parameter]]
     parts: list[Part]
     _parts_of: dict[str, list[Part]]
 
@@ -73,7 +75,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if not ddp.shard:
             raise ValueError(f"{type(self).__name__} needs DataParallel(..., shard=True)")
         self.ddp = ddp
-        names = {id(p): n for n, p in model.named_parameters()}
+        self.named = list(model.named_parameters())
+        names = {id(p): n for n, p in self.named}
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
         segments: list[list[torch.Tensor]] = [[] for _ in groups]
         self.parts = []
@@ -136,20 +139,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
             # replicated over tp: tp rank 0's dp ranks write it; a tied weight's last-stage
             # copy: the first stage's
             return []
-        shape = list(part.param.shape if placement is None else placement.shape)
+        shape = tuple(part.param.shape if placement is None else placement.shape)
         pieces: list[Piece] = []
         for key, value in items:
-            name = f"optim/{part.name}/{key}" if key else f"model/{part.name}"
+            name, file = (
+                (f"optim/{part.name}/{key}", "optim") if key else (f"model/{part.name}", "model")
+            )
             if value.dim() == 0:
                 if part.start == 0 and tp_rank == 0:
                     # Parameters of one segment share its counter; safetensors wants copies.
-                    pieces.append((name, [], index.whole(()), value.clone()))
+                    pieces.append(Piece(name, (), index.whole(()), value.clone(), file=file))
                 continue
             for at, stop, region in self._runs(part, placement):
                 tensor = value[part.at + at : part.at + stop]
                 if isinstance(region, index.Box):
                     tensor = tensor.view(region.length)
-                pieces.append((name, shape, region, tensor))
+                pieces.append(Piece(name, shape, region, tensor, file=file))
         return pieces
 
     @staticmethod
@@ -175,9 +180,32 @@ class ShardedOptimizer(torch.optim.Optimizer):
         (part,) = parts  # a rank owns one contiguous range of a parameter
         return (part.stop - part.start,), self._runs(part, index.placement_of(part.param))
 
+    def load_sharded(self, reader: Reader) -> Callable[[], None]:
+        """Read this rank's ranges of the parameters and their state (`owned_runs`) from a
+        checkpoint of any layout; the returned function restores them (`load_owned`)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for n, p in self.named:
+            placement = placement_of(p)
+            shape = placement.shape if placement is not None else tuple(p.shape)
+            if not reader.has(f"model/{n}"):
+                raise CheckpointError(f"{reader.where}: the index has no parameter {n}")
+            if reader.shape(f"model/{n}") != shape:
+                raise CheckpointError(
+                    f"{reader.where}: parameter {n} has shape {list(reader.shape(f'model/{n}'))} "
+                    f"in the index, the model's is {list(shape)}"
+                )
+            for key in [f"model/{n}", *reader.names(f"optim/{n}/")]:
+                owned = self.owned_runs(key, list(reader.shape(key)))
+                if owned is not None:
+                    local, runs = owned
+                    tensors[key] = (
+                        reader.read_runs(key, local[0], runs) if local else reader.read(key)
+                    )
+        return partial(self.load_owned, tensors)
+
     @torch.no_grad()
     def load_owned(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore this rank's ranges (read by `owned_runs`), then all-gather the parameters."""
+        """Restore this rank's ranges (read by `load_sharded`), then all-gather the parameters."""
         for part in self.parts:
             span = slice(part.at, part.at + part.stop - part.start)
             part.segment[span].copy_(tensors[f"model/{part.name}"])

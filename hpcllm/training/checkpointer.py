@@ -1,14 +1,17 @@
 """The trainer's checkpoints: saved every checkpoint.every steps, at the end and on a stop;
 resumed from the newest undamaged one in run.dir, with a warning for what cannot continue
 exactly (an interrupted save, another global batch or data.path, compression state of
-another layout)."""
+another layout). What is saved is the parts' pieces and records (training/state.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcllm import checkpoint
+from hpcllm.checkpoint.pieces import Piece, Reader, Stateful
 from hpcllm.config import Config
 from hpcllm.distributed.topology import Grid
 from hpcllm.generate import load_run_tokenizer
@@ -16,19 +19,34 @@ from hpcllm.models.gpt import ModelConfig
 from hpcllm.optim.local_sgd import check_resume
 from hpcllm.runtime.spmd import print0
 from hpcllm.runtime.watchdog import WATCHDOG
+from hpcllm.training.state import stateful_parts
 
 if TYPE_CHECKING:
     from hpcllm.training.trainer import Trainer
 
 
 class Checkpointer:
-    """Saves and restores everything a trainer's step depends on: the model, the optimizer,
-    the loader's position, the step, gradient compression and local SGD state."""
+    """Saves and restores everything a trainer's step depends on: the parts of
+    `training/state.py` (model, optimizer, local SGD, gradient compression), the loader's
+    position and the step."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.every = trainer.cfg.checkpoint.every
         self.saved_at = trainer.step  # the step of the newest checkpoint, saved or resumed
+        self.parts: list[Stateful] = [
+            *stateful_parts(
+                trainer.grid,
+                trainer.model,
+                trainer.optimizer,
+                local_sgd=trainer.local_sgd,
+                compressor=trainer.ddp.compressor,
+                step=lambda: trainer.step,
+                max_steps=trainer.cfg.train.max_steps,
+            ),
+            LoaderState(trainer),
+            Progress(trainer),
+        ]
 
     def should_save(self, step: int, last: bool, stopped: str | None) -> bool:
         return bool(self.every and step % self.every == 0) or last or bool(stopped)
@@ -40,35 +58,15 @@ class Checkpointer:
             tokenizer = checkpoint.tokenizer_record(
                 load_run_tokenizer(tr.cfg.data.path), tr.cfg.data.path
             )
-        since_step, since_sample = tr.samples_since
-        max_steps = tr.cfg.train.max_steps
         # Watched: a peer that stops during the save must not hang this rank in its barriers.
         with WATCHDOG.watch(f"checkpoint save at step {tr.step}"):
             path = checkpoint.save(
                 tr.cfg.run.dir,
                 tr.step,
                 grid=tr.grid,
-                model=tr.model,
-                optimizer=tr.optimizer,
+                parts=self.parts,
                 keep=tr.cfg.checkpoint.keep,
-                rank_tensors=tr.ddp.compressor.state_dict() if tr.ddp.compressor else None,
-                extra={
-                    "loader": tr.loader.state_dict(),
-                    # Lets a load check the step against the loader position.
-                    "samples": {
-                        "global_batch_size": tr.loader.global_batch_size,
-                        "since_step": since_step,
-                        "since_sample": since_sample,
-                    },
-                    "config": tr.cfg.to_dict(),
-                    "tokenizer": tokenizer,
-                    **(
-                        {"local_sgd": tr.local_sgd.checkpoint_record(tr.step, max_steps)}
-                        if tr.local_sgd
-                        else {}
-                    ),
-                },
-                local_sgd=tr.local_sgd,
+                extra={"config": tr.cfg.to_dict(), "tokenizer": tokenizer},
             )
         self.saved_at = tr.step
         return path
@@ -77,8 +75,8 @@ class Checkpointer:
         """Continue from the newest undamaged checkpoint in run.dir, if there is one."""
         trainer = self.trainer
         cfg = trainer.cfg
-        latest, partial = checkpoint.find_latest(cfg.run.dir)
-        for p in partial:
+        latest, interrupted = checkpoint.find_latest(cfg.run.dir)
+        for p in interrupted:
             print0(
                 f"warning: ignoring incomplete checkpoint {p} (its save was interrupted); "
                 f"resuming from {latest or 'scratch'}"
@@ -86,54 +84,73 @@ class Checkpointer:
         found = checkpoint.load_newest(
             cfg.run.dir,
             grid=trainer.grid,
-            model=trainer.model,
-            optimizer=trainer.optimizer,
+            parts=self.parts,
             check=lambda meta, path: check_resumable(meta, cfg, trainer.grid, path),
-            local_sgd=trainer.local_sgd,
         )
         if found is None:
             return
         path, meta = found
-        trainer.loader.load_state_dict(meta["loader"])
-        trainer.step = self.saved_at = meta["step"]
-        saved = meta["samples"]
-        if saved["global_batch_size"] == trainer.loader.global_batch_size:
-            trainer.samples_since = (saved["since_step"], saved["since_sample"])
-        else:
-            trainer.samples_since = (meta["step"], meta["loader"]["consumed_samples"])
-        same_layout = meta["grid"] == trainer.grid.dims
+        self.saved_at = meta["step"]
         warn_if_not_exact_continuation(meta["config"], trainer, path)
-        resume_compression(trainer, meta, path)
-        moved = "" if same_layout else f", layout {meta['grid']} -> {trainer.grid.dims}"
+        moved = (
+            ""
+            if meta["grid"] == trainer.grid.dims
+            else f", layout {meta['grid']} -> {trainer.grid.dims}"
+        )
         print0(
             f"resumed from {path} at step {trainer.step} (sample {trainer.loader.consumed_samples}{moved})"
         )
 
 
-def resume_compression(trainer: Trainer, meta: dict, path) -> None:
-    """Restore gradient compression's per-rank state (PowerSGD's error feedback and Q's).
-    It belongs to one dp rank of one layout: in another layout, or from a checkpoint without
-    it (another grad_compression, powersgd_rank), it starts afresh (zero error, seeded Q) with
-    a warning. The warmup counts training steps, so a resumed run does not repeat it."""
-    compressor = trainer.ddp.compressor
-    if compressor is None:
-        return
-    compressor.steps = trainer.step  # on every rank: the warmup is decided alike
-    if not compressor.state_dict():
-        return
-    state = meta["rank_tensors"]
-    why: str | None
-    if meta["grid"] != trainer.grid.dims:
-        why = f"the layout changed ({meta['grid']} -> {trainer.grid.dims})"
-    elif not state:
-        why = "the checkpoint holds none"
-    else:
-        why = compressor.load_state_dict(state)
-    if why is not None:
-        print0(
-            f"warning: resuming from {path}, the gradient compression state (error feedback, "
-            f"warm-start Q) starts afresh: {why}"
-        )
+class LoaderState:
+    """The loader's position: meta.json's `loader` record, no tensors."""
+
+    def __init__(self, trainer: Trainer):
+        self.loader = trainer.loader
+
+    def sharded_state(self) -> list[Piece]:
+        return []
+
+    def record(self) -> dict:
+        return {"loader": self.loader.state_dict()}
+
+    def load_sharded(self, reader: Reader) -> Callable[[], None]:
+        return partial(self.loader.load_state_dict, reader.meta["loader"])
+
+
+class Progress:
+    """The step (meta.json's `step`, written by the checkpointer) and where the current
+    global batch size took over (`samples`), which lets a load check the step against the
+    loader position."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def sharded_state(self) -> list[Piece]:
+        return []
+
+    def record(self) -> dict:
+        tr = self.trainer
+        since_step, since_sample = tr.samples_since
+        return {
+            "samples": {
+                "global_batch_size": tr.loader.global_batch_size,
+                "since_step": since_step,
+                "since_sample": since_sample,
+            }
+        }
+
+    def load_sharded(self, reader: Reader) -> Callable[[], None]:
+        return partial(self._apply, reader.meta)
+
+    def _apply(self, meta: dict) -> None:
+        tr = self.trainer
+        tr.step = meta["step"]
+        saved = meta["samples"]
+        if saved["global_batch_size"] == tr.loader.global_batch_size:
+            tr.samples_since = (saved["since_step"], saved["since_sample"])
+        else:
+            tr.samples_since = (meta["step"], meta["loader"]["consumed_samples"])
 
 
 def warn_if_not_exact_continuation(saved: dict, trainer: Trainer, path) -> None:
