@@ -294,7 +294,65 @@ DAMAGE = {
         torch_save_file,
         f"{MODEL_FILE}: not a safetensors tensor file (a PyTorch/pickle file",
     ),
+    # An index is a file from someone else: every lie in it is damage, named.
+    "a file name outside the folder": (
+        lambda f: edit_meta(f, lambda m: rename_file_in_index(m, MODEL_FILE, "../model.bin")),
+        "'files' names '../model.bin', which is not a plain file name",
+    ),
+    "an absolute file name": (
+        lambda f: edit_meta(f, lambda m: rename_file_in_index(m, MODEL_FILE, "/etc/passwd")),
+        "'files' names '/etc/passwd', which is not a plain file name",
+    ),
+    "overlapping pieces": (
+        lambda f: edit_meta(f, overlap_two_pieces),
+        "overlap",
+    ),
+    "a piece out of bounds": (
+        lambda f: edit_meta(f, lambda m: first_box(m)["offset"].__setitem__(0, 10**6)),
+        "lies outside shape",
+    ),
+    "a declared shape larger than the files": (
+        lambda f: edit_meta(f, grow_a_tensor),
+        "bytes of tensors in",
+    ),
+    "a dtype the file does not hold": (  # as many bytes: only the file's header can tell
+        lambda f: edit_meta(f, lambda m: m["tensors"]["model/wte.weight"].update(dtype="int32")),
+        "the index says torch.int32",
+    ),
 }
+
+
+def rename_file_in_index(meta: dict, old: str, new: str) -> None:
+    meta["files"][new] = meta["files"].pop(old)
+    for entry in meta["tensors"].values():
+        for p in entry["pieces"]:
+            if p["file"] == old:
+                p["file"] = new
+
+
+def first_box(meta: dict) -> dict:
+    return next(
+        p for e in meta["tensors"].values() if e["shape"] for p in e["pieces"] if "offset" in p
+    )
+
+
+def overlap_two_pieces(meta: dict) -> None:
+    """A matrix's one piece split in two that both hold its first half of the rows: the
+    element count adds up, but the second half would never be read (a gap, filled with
+    whatever memory held)."""
+    entry = next(
+        e for e in meta["tensors"].values() if len(e["shape"]) == 2 and e["shape"][0] % 2 == 0
+    )
+    half = [entry["shape"][0] // 2, entry["shape"][1]]
+    piece = entry["pieces"][0]
+    entry["pieces"] = [{**piece, "offset": [0, 0], "length": half} for _ in range(2)]
+
+
+def grow_a_tensor(meta: dict) -> None:
+    """A 65 GB tensor declared, its one piece enlarged to match: no allocation may follow."""
+    entry = meta["tensors"]["model/wte.weight"]
+    entry["shape"] = [2**17, 2**17]
+    entry["pieces"] = [{**entry["pieces"][0], "offset": [0, 0], "length": [2**17, 2**17]}]
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))

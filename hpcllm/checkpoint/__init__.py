@@ -441,12 +441,22 @@ def read_meta(folder: Path) -> dict:
 
 
 def _check_index(meta: dict, path: Path) -> None:
+    """The index is a file from someone else: every name it gives must be a file of this
+    folder, and every tensor exactly tiled by pieces that its files can hold, before anything
+    is read or allocated."""
     for name, record in meta["files"].items():
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise CheckpointError(
+                f"{path}: 'files' names {name!r}, which is not a plain file name in the "
+                "checkpoint's own folder"
+            )
         _check_types(record, {"size": _INT, "crc32": _INT}, f"files.{name}", path)
+    held = dict.fromkeys(meta["files"], 0)  # bytes of tensor data each file must hold
     for name, entry in meta["tensors"].items():
         where = f"tensors.{name}"
         _check_types(entry, {"shape": _LIST, "dtype": _STR, "pieces": _LIST}, where, path)
-        if not isinstance(getattr(torch, entry["dtype"], None), torch.dtype):
+        dtype = getattr(torch, entry["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
             raise CheckpointError(f"{path}: '{where}.dtype' {entry['dtype']!r} is not a dtype")
         for p in entry["pieces"]:
             region = (
@@ -459,6 +469,24 @@ def _check_index(meta: dict, path: Path) -> None:
                 raise CheckpointError(
                     f"{path}: '{where}' names {p['file']}, which 'files' does not record"
                 )
+        try:
+            volumes = index.check_tiling(entry["shape"], entry["pieces"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: '{where}': {e}") from None
+        for p, volume in zip(entry["pieces"], volumes, strict=True):
+            held[p["file"]] += volume * dtype.itemsize
+    for name, nbytes in held.items():
+        if nbytes > meta["files"][name]["size"]:
+            file = path.parent / name
+            if file.is_file() and not file.is_symlink():  # say what the file is, if it can
+                try:
+                    open_tensor_file(file)
+                except SafetensorError as e:
+                    raise CheckpointError(f"{file}: {_describe_foreign(file, e)}") from None
+            raise CheckpointError(
+                f"{path}: the index puts {nbytes:,} bytes of tensors in {name}, a file of "
+                f"{meta['files'][name]['size']:,} bytes: not the tensor file it describes"
+            )
 
 
 # ----------------------------------------------------------------- loading

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from math import prod
 
 import torch
@@ -162,6 +163,54 @@ def files_of(entry: dict, region: Region) -> set[str]:
     }
 
 
+def check_tiling(shape: list, pieces: list[dict]) -> list[int]:
+    """The number of elements of each piece, once they are known to tile a tensor of `shape`
+    exactly: inside it, and together every element once (ValueError otherwise: a gap, an
+    overlap, a piece out of bounds). Pieces are boxes or flat ranges, not both."""
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"shape {shape} is not a list of sizes")
+    numel = prod(shape)
+    if all("flat" in p for p in pieces):
+        spans = sorted(_ints(p["flat"], 2) for p in pieces)
+        if any(not 0 <= a <= b <= numel for a, b in spans):
+            raise ValueError(f"a flat piece lies outside the tensor's {numel} elements")
+        if any(b > c for (_, b), (c, _) in pairwise(spans)):
+            raise ValueError("two flat pieces overlap")
+        volumes = [b - a for a, b in (_ints(p["flat"], 2) for p in pieces)]
+    elif not any("flat" in p for p in pieces):
+        boxes = [(_ints(p["offset"], len(shape)), _ints(p["length"], len(shape))) for p in pieces]
+        for offset, length in boxes:
+            if any(
+                o < 0 or n < 0 or o + n > s for o, n, s in zip(offset, length, shape, strict=True)
+            ):
+                raise ValueError(f"a piece at {offset} of {length} lies outside shape {shape}")
+        for k, (offset, length) in enumerate(boxes):
+            for other, other_length in boxes[k + 1 :]:
+                if (
+                    prod(length)
+                    and prod(other_length)
+                    and all(
+                        o < p + m and p < o + n
+                        for o, n, p, m in zip(offset, length, other, other_length, strict=True)
+                    )
+                ):
+                    raise ValueError(f"pieces at {offset} and {other} overlap")
+        volumes = [prod(length) for _, length in boxes]
+    else:
+        raise ValueError("its pieces mix boxes and flat ranges")
+    if sum(volumes) != numel:
+        raise ValueError(f"its pieces hold {sum(volumes)} of its {numel} elements")
+    return volumes
+
+
+def _ints(values, count: int) -> list[int]:
+    if len(values) != count or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    ):
+        raise ValueError(f"{values} is not {count} integer(s)")
+    return list(values)
+
+
 def read(entry: dict, region: Region, get: GetSlice) -> torch.Tensor:
     """`region` of the tensor described by `entry`, read from the pieces that overlap it.
 
@@ -237,7 +286,9 @@ def _box_from_boxes(shape, dtype, pieces, box: Box, get: GetSlice) -> torch.Tens
         lo, hi = overlap
         src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, p["offset"], strict=True))
         dst = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, box.offset, strict=True))
-        out[dst] = get(p["file"], p["key"])[src]  # type: ignore[index]  # a slice or a tensor
+        stored = get(p["file"], p["key"])
+        _check_stored(stored, p, dtype)
+        out[dst] = stored[src]  # type: ignore[index]  # a slice or a tensor
         covered += prod(b - a for a, b in zip(lo, hi, strict=True))
     # Pieces never overlap (one writer per region), so counting elements is enough.
     if covered != prod(box.length):
@@ -247,6 +298,34 @@ def _box_from_boxes(shape, dtype, pieces, box: Box, get: GetSlice) -> torch.Tens
             f"of {box} (the tensor's shape is {list(shape)})"
         )
     return out
+
+
+# safetensors' names of the dtypes a checkpoint may hold.
+_STORED_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _check_stored(stored, p: dict, dtype: torch.dtype) -> None:
+    """The file's own header must agree with the index on a piece's shape and dtype: no
+    silent cast, no garbage from a shorter tensor."""
+    if hasattr(stored, "get_shape"):  # a safetensors slice: its header, nothing read yet
+        shape, kind = list(stored.get_shape()), _STORED_DTYPES.get(stored.get_dtype())
+    else:
+        shape, kind = list(stored.shape), stored.dtype
+    if shape != list(p["length"]) or kind != dtype:
+        raise ValueError(
+            f"{p['file']}: {p['key']} holds {kind} {shape}, the index says {dtype} {p['length']}"
+        )
 
 
 def _flat_from_flats(shape, dtype, pieces, flat: Flat, get: GetSlice) -> torch.Tensor:
