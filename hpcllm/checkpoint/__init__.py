@@ -624,5 +624,6 @@ def check_tokenizer(recorded: dict, tokenizer, data_path: str, folder: Path) -> 
     if diffs:
         raise ValueError(
             f"checkpoint {folder} was trained with another tokenizer: {'; '.join(diffs)}. "
-            "Pass --data with the shard folder the run was trained on"
+            "Use the shard folder the run was trained on (generate and export: --data; "
+            "training: --data.path), or another run.dir"
         )

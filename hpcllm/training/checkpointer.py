@@ -176,10 +176,25 @@ def warn_if_not_exact_continuation(saved: dict, trainer: Trainer, path) -> None:
 
 
 def check_resumable(meta: dict, cfg: Config, grid: Grid, path) -> None:
-    """Refuse a checkpoint of another model, or one between local SGD's model averages that
-    this layout cannot continue."""
+    """Refuse a checkpoint of another model, of another tokenizer (data re-prepared since),
+    or one between local SGD's model averages that this layout cannot continue."""
     check_same_model(meta["config"]["model"], cfg, path)
+    if meta.get("tokenizer"):
+        tokenizer = load_run_tokenizer(cfg.data.path)
+        checkpoint.check_tokenizer(meta["tokenizer"], tokenizer, cfg.data.path, path)
     check_resume(meta, cfg.parallel.sync_every, grid.size("dp"), path)
+
+
+def refuse_other_checkpoints(run_dir: str) -> None:
+    """checkpoint.resume false in a folder that holds checkpoints: the new run's saves would
+    be deleted as the oldest beside the old run's later steps, and `latest` would name them."""
+    latest, _ = checkpoint.find_latest(run_dir)
+    if latest is not None:
+        raise ValueError(
+            f"checkpoint.resume is false, but run.dir {run_dir} holds checkpoints of another "
+            f"run (the newest: {latest}); give this run another --run.dir, or move "
+            f"{Path(run_dir) / 'checkpoints'} away first"
+        )
 
 
 def check_same_model(saved: dict, cfg: Config, path) -> None:

@@ -35,7 +35,7 @@ from hpcllm.runtime.rundir import RunDir, replace_file
 from hpcllm.runtime.spmd import agree, node_local, print0, rank_hosts, setup_threads
 from hpcllm.runtime.stop import StopRequest
 from hpcllm.runtime.watchdog import WATCHDOG
-from hpcllm.training.checkpointer import Checkpointer
+from hpcllm.training.checkpointer import Checkpointer, refuse_other_checkpoints
 from hpcllm.training.metrics import Metrics, StepStats
 from hpcllm.training.stopping import Stopping
 from hpcllm.training.validator import Validator, val_bytes_per_token
@@ -307,6 +307,8 @@ def setup(cfg: Config, world) -> Trainer:
     )
     if cfg.checkpoint.resume:
         trainer.checkpointer.resume(world)
+    else:
+        agree(world, lambda: refuse_other_checkpoints(cfg.run.dir))
 
     n_params = world.allreduce(
         sum(owned_numel(p, grid.rank("tp")) for p in model.parameters())
