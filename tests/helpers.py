@@ -162,6 +162,31 @@ def train(
     return run(cmd, timeout=timeout, env=env)
 
 
+def refusal(settings: dict, *, extra_args: list[str] = (), base: dict = TINY) -> str:
+    """The error that `python -m hpcllm.train` (`base` overridden by `settings`) stops with
+    before training, found in this process by the entry point's own `main` on MPI.COMM_WORLD
+    (this one rank, or every rank of an mpi test): parse, layout, data, build and resume
+    checks. Asserts that nothing was trained or left in a run folder it created. What the
+    process then does with the error (exit 2, one "error: " line, no traceback) is the CLI
+    contract, tested by test_train.py's two subprocess smoke tests."""
+    from hpcllm import train as entry
+    from hpcllm.runtime.spmd import StartupError
+
+    settings = {**base, **settings}
+    run_dir = Path(settings.get("run.dir", "runs/default"))
+    existed = run_dir.exists()
+    metrics = run_dir / "metrics.jsonl"
+    before = metrics.read_text() if metrics.exists() else None
+    with pytest.raises(StartupError) as refused:
+        entry.main([*overrides(settings), *extra_args])
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Barrier()  # rank 0 has removed the folder it created
+    assert existed or not run_dir.exists(), f"the refused run left {run_dir} behind"
+    assert (metrics.read_text() if metrics.exists() else None) == before, "a refused run trained"
+    return str(refused.value)
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) of a run's metrics.jsonl."""
     records = [

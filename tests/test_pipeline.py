@@ -41,7 +41,14 @@ from hpcllm.distributed.steps import (
 from hpcllm.distributed.topology import AXES, Grid
 from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy, param_groups
 
-from helpers import assert_reordered_close, prepare_data, read_metrics, write_corpus
+from helpers import (
+    TINY,
+    assert_reordered_close,
+    prepare_data,
+    read_metrics,
+    refusal,
+    write_corpus,
+)
 from helpers import train as launch_train
 
 VOCAB, SEQ_LEN, D_MODEL, N_LAYER, N_HEAD = 64, 16, 32, 4, 2
@@ -747,35 +754,28 @@ def test_rank_dying_mid_schedule_ends_the_job(data_dir, tmp_path):
     assert result.wall < 45, f"the job took {result.wall:.0f}s to end after a rank died\n{result}"
 
 
-@pytest.mark.parametrize(
-    "np, settings, message",
-    [
-        (
-            4,
-            {"model.n_layer": 2, "parallel.pp": 4},
-            "parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks",
-        ),
-        (
-            2,
-            {"parallel.pp": 2, "parallel.stage_layers": "1,1"},
-            "parallel.stage_layers '1,1' must give 2 positive block counts",
-        ),
-        (
-            2,
-            {"parallel.pp": 2, "parallel.schedule": "zigzag"},
-            "parallel.schedule must be 1f1b or gpipe, got 'zigzag'",
-        ),
-    ],
-    ids=["more-stages-than-blocks", "split-misses-blocks", "unknown-schedule"],
-)
-def test_bad_layout_refused_before_training(data_dir, tmp_path, np, settings, message):
-    run_dir = tmp_path / "run"
-    result = launch_train(
-        np, {**SETTINGS, "data.path": data_dir, "run.dir": run_dir, **settings}, timeout=90
-    )
-    assert result.returncode == 2, str(result)
-    assert f"error: {message}" in result.stderr and result.stderr.count("error:") == 1, str(result)
-    assert "Traceback" not in result.stderr, str(result)
-    assert (
-        not run_dir.exists() and "step 1" not in result.stdout
-    )  # nothing trained, nothing written
+BAD_LAYOUTS = {
+    # name: (settings, the error), refused while each rank builds its stage
+    "more-stages-than-blocks": (
+        {"model.n_layer": 2, "parallel.pp": 4},
+        "parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks",
+    ),
+    "split-misses-blocks": (
+        {"parallel.pp": 2, "parallel.stage_layers": "1,1"},
+        "parallel.stage_layers '1,1' must give 2 positive block counts",
+    ),
+}
+
+
+@pytest.mark.mpi(ranks=4, timeout=120)
+def test_bad_layout_refused_before_training(comm, mpi_tmp_path):
+    """hpcllm.train's start-up on 4 ranks (in process: helpers.refusal) refuses each layout
+    on every rank with the same message, before training and leaving no run folder."""
+    if comm.rank == 0:
+        prepare_data(mpi_tmp_path / "shards")
+    comm.Barrier()
+    for name, (settings, message) in BAD_LAYOUTS.items():
+        run_dir = mpi_tmp_path / name
+        more = {"data.path": mpi_tmp_path / "shards", "run.dir": run_dir, **settings}
+        got = refusal(more, base={**TINY, **SETTINGS})
+        assert got.startswith(message), (name, got)  # no "rank N:" prefix: all ranks agree

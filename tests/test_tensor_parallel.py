@@ -583,21 +583,3 @@ def test_checkpoint_resumes_under_another_tp(runs, written, resumed):
         result.stdout[-2000:]
     )
     check_continues(source, target, TP_E2E_PARAM_TOL)
-
-
-def test_tp_not_dividing_the_heads_is_refused(data_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    result = launch_train(
-        2,
-        {
-            **SETTINGS,
-            "data.path": data_dir,
-            "run.dir": run_dir,
-            "parallel.tp": 2,
-            "model.n_head": 1,
-        },
-        timeout=90,
-    )
-    assert result.returncode == 2, str(result)
-    assert "error: parallel.tp = 2 must divide model.n_head (1)" in result.stderr, str(result)
-    assert result.stderr.count("error:") == 1 and not run_dir.exists(), str(result)
