@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,31 @@ def train(
     return run(cmd, timeout=timeout, env=env)
 
 
+def refusal(settings: dict, *, extra_args: list[str] = (), base: dict = TINY) -> str:
+    """The error that `python -m hpcllm.train` (`base` overridden by `settings`) stops with
+    before training, found in this process by the entry point's own `main` on MPI.COMM_WORLD
+    (this one rank, or every rank of an mpi test): parse, layout, data, build and resume
+    checks. Asserts that nothing was trained or left in a run folder it created. What the
+    process then does with the error (exit 2, one "error: " line, no traceback) is the CLI
+    contract, tested by test_train.py's two subprocess smoke tests."""
+    from hpcllm import train as entry
+    from hpcllm.runtime.spmd import StartupError
+
+    settings = {**base, **settings}
+    run_dir = Path(settings.get("run.dir", "runs/default"))
+    existed = run_dir.exists()
+    metrics = run_dir / "metrics.jsonl"
+    before = metrics.read_text() if metrics.exists() else None
+    with pytest.raises(StartupError) as refused:
+        entry.main([*overrides(settings), *extra_args])
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Barrier()  # rank 0 has removed the folder it created
+    assert existed or not run_dir.exists(), f"the refused run left {run_dir} behind"
+    assert (metrics.read_text() if metrics.exists() else None) == before, "a refused run trained"
+    return str(refused.value)
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) of a run's metrics.jsonl."""
     records = [
@@ -173,6 +199,58 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def losses(run_dir: Path) -> dict[int, float]:
     """Training loss by step."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir)[0]}
+
+
+def merged_params(checkpoint_dir: Path) -> dict:
+    """Every parameter of a checkpoint under its global name, merged from all its shards."""
+    from hpcllm import checkpoint
+
+    return checkpoint.read_model(checkpoint_dir, checkpoint.read_meta(checkpoint_dir))
+
+
+def assert_close_dicts(got: dict, ref: dict, **tol) -> None:
+    """Same keys, and each value within `tol` (torch.testing.assert_close's rtol, atol)."""
+    import torch
+
+    assert set(got) == set(ref), set(got) ^ set(ref)
+    for key in sorted(ref):
+        torch.testing.assert_close(
+            torch.as_tensor(got[key]),
+            torch.as_tensor(ref[key]),
+            **tol,
+            msg=lambda m, k=key: f"{k}: {m}",
+        )
+
+
+def resume_elsewhere(
+    source: Path,
+    step: int,
+    target: Path,
+    np: int | None,
+    settings: dict,
+    *,
+    loss_tol: dict,
+    param_tol: dict | None = None,
+    timeout: float = 240,
+) -> Result:
+    """The step-`step` checkpoint of the uninterrupted run in `source`, alone in the fresh run
+    folder `target`, resumed by `np` ranks under `settings` (another layout, or another
+    setting of a feature): it says so, its later steps repeat `source`'s losses within
+    `loss_tol` and, with `param_tol`, its final weights `source`'s. Returns the run."""
+    folder = f"checkpoints/step_{step:06d}"
+    shutil.copytree(Path(source) / folder, Path(target) / folder)
+    result = train(np, {**settings, "run.dir": target}, timeout=timeout)
+    assert result.returncode == 0, result
+    assert f"resumed from {Path(target) / folder} at step {step} " in result.stdout, result
+    got, uninterrupted = losses(target), losses(source)
+    assert sorted(got) == [s for s in sorted(uninterrupted) if s > step], sorted(got)
+    assert_close_dicts(got, {s: uninterrupted[s] for s in got}, **loss_tol)
+    if param_tol is not None:
+        last = f"checkpoints/step_{max(uninterrupted):06d}"
+        assert_close_dicts(
+            merged_params(Path(target) / last), merged_params(Path(source) / last), **param_tol
+        )
+    return result
 
 
 # ------------------------------------------------------------------ float32 tolerances

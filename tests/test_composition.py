@@ -18,20 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import shutil
 from contextlib import nullcontext
 
 import pytest
 import torch
 from mpi4py import MPI
-from test_pipeline import (
-    E2E_PARAM_TOL,
-    SETTINGS,
-    check_continues,
-    check_ok,
-    merged_params,
-    step_batches,
-)
+from test_pipeline import E2E_PARAM_TOL, LOSS_TOL, SETTINGS, step_batches
 from test_tensor_parallel import TP_ADAM_EPS, assemble
 
 from hpcllm.checkpoint.index import placement_of
@@ -42,8 +34,7 @@ from hpcllm.distributed.steps import clip_grad_norm, mean_over_grid, stage_input
 from hpcllm.distributed.topology import AXES, Grid
 from hpcllm.models.gpt import GPT, ModelConfig
 
-from helpers import REPO, prepare_data
-from helpers import train as launch_train
+from helpers import REPO, merged_params, resume_elsewhere
 
 CPU = torch.device("cpu")
 SEQ_LEN, STEPS, MICRO = 16, 4, 2  # micro-batches per step: a multiple of pp (interleaving)
@@ -400,25 +391,25 @@ def test_at_most_three_pairs_of_features_are_refused_each_saying_why():
         assert name in docs and words in docs, name
 
 
-def test_tied_embeddings_pp2_and_pp1_resume_each_others_checkpoints(tmp_path):
+def test_tied_embeddings_pp2_and_pp1_resume_each_others_checkpoints(
+    reference_run, shards, tmp_path
+):
     """`python -m hpcllm.train` with model.tie_embeddings: pp 2 (interleaved, 2 chunks per
     rank) and pp 1 train the same 6 steps; the checkpoints hold the shared weight once (as
     wte.weight), and each layout resumes the other's step-3 checkpoint to the same end."""
-    data = prepare_data(tmp_path / "shards")
-    layouts = {"pp2": (2, {"parallel.pp": 2, "parallel.virtual_stages": 2}), "pp1": (1, {})}
-    for name, (np, more) in layouts.items():
-        settings = {**SETTINGS, "data.path": data, "run.dir": tmp_path / name, **more}
-        check_ok(launch_train(np, {**settings, "model.tie_embeddings": True}, timeout=180))
-    for name in layouts:
-        params = merged_params(tmp_path / name / "checkpoints/step_000006")
+    tied = {**SETTINGS, "data.path": shards, "model.tie_embeddings": True}
+    layouts = {2: {"parallel.pp": 2, "parallel.virtual_stages": 2}, 1: {}}
+    runs = {pp: reference_run(pp, {**tied, **more})[0] for pp, more in layouts.items()}
+    for run_dir in runs.values():
+        params = merged_params(run_dir / "checkpoints/step_000006")
         assert "wte.weight" in params and "lm_head.weight" not in params
-    for source, target in (("pp2", "pp1"), ("pp1", "pp2")):
-        moved = tmp_path / f"{source}-to-{target}"
-        (moved / "checkpoints").mkdir(parents=True)
-        shutil.copytree(
-            tmp_path / source / "checkpoints/step_000003", moved / "checkpoints/step_000003"
+    for source, target in ((2, 1), (1, 2)):
+        resume_elsewhere(
+            runs[source],
+            3,
+            tmp_path / f"pp{source}-to-pp{target}",
+            target,
+            {**tied, **layouts[target]},
+            loss_tol=LOSS_TOL,
+            param_tol=E2E_PARAM_TOL,
         )
-        np, more = layouts[target]
-        settings = {**SETTINGS, "data.path": data, "run.dir": moved, **more}
-        check_ok(launch_train(np, {**settings, "model.tie_embeddings": True}, timeout=180))
-        check_continues(tmp_path / source, moved, E2E_PARAM_TOL)

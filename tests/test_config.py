@@ -199,6 +199,10 @@ INTERLEAVED = [
             ["--parallel.tp", "3", "--model.n_head", "4"],
             "parallel.tp = 3 must divide model.n_head (4)",
         ),
+        (
+            ["--parallel.pp", "2", "--parallel.schedule", "zigzag"],
+            "parallel.schedule must be 1f1b or gpipe, got 'zigzag'",
+        ),
         (["--train.dtype", "fp8"], "train.dtype must be float32 or bfloat16"),
         (["--parallel.cuda_aware", "maybe"], "parallel.cuda_aware must be auto, yes or no"),
         (["--parallel.allreduce", "ring"], "parallel.allreduce must be flat, hierarchical or auto"),

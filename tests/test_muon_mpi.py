@@ -10,7 +10,7 @@ from hpcllm.distributed.topology import Grid
 from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy
 from hpcllm.optim.muon import Muon, param_groups
 
-from helpers import TINY, assert_reordered_close, losses, prepare_data, train
+from helpers import TINY, assert_close_dicts, assert_reordered_close, losses, resume_elsewhere
 
 CFG = ModelConfig(vocab_size=40, block_size=8, n_layer=3, n_head=2, d_model=16)
 
@@ -81,51 +81,38 @@ def test_muon_under_tp_equals_single_rank_muon(comm):
         assert_reordered_close(mine, expected, steps=4, msg=name)
 
 
-def test_muon_training_dp2_equals_dp1_with_accumulation(tmp_path):
-    data = prepare_data(tmp_path / "data")
-    muon = {**TINY, "data.path": data, "train.max_steps": 8, "optim.name": "muon"}
-    dp2 = train(2, {**muon, "run.dir": tmp_path / "dp2"}, timeout=180)
-    assert dp2.returncode == 0, dp2
-    dp1 = train(
-        None,
-        {**muon, "run.dir": tmp_path / "dp1", "train.grad_accum_steps": 2},
-        timeout=180,
-    )
-    assert dp1.returncode == 0, dp1
-    ref, got = losses(tmp_path / "dp2"), losses(tmp_path / "dp1")
+def muon_job(shards, **more) -> dict:
+    """8 steps of Muon at a constant rate, checkpointing at 4 (conftest's reference_run trains
+    each such job once)."""
+    constant_lr = {"optim.warmup_steps": 0, "optim.min_lr": TINY["optim.lr"]}
+    return {
+        **constant_lr,
+        "data.path": shards,
+        "optim.name": "muon",
+        "train.max_steps": 8,
+        "checkpoint.every": 4,
+        **more,
+    }
+
+
+# dp 2 and one rank's 2 micro-batches sum the batch in another order: fp32 rounding, 8 steps.
+LOSS_TOL = {"rtol": 1e-5, "atol": 0.0}
+
+
+def test_muon_training_dp2_equals_dp1_with_accumulation(reference_run, shards):
+    dp2, _ = reference_run(2, muon_job(shards))
+    dp1, _ = reference_run(None, muon_job(shards, **{"train.grad_accum_steps": 2}))
+    ref, got = losses(dp2), losses(dp1)
     assert sorted(ref) == sorted(got) == list(range(1, 9))
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    assert_close_dicts(got, ref, **LOSS_TOL)
     # And Muon is not AdamW: the same run with AdamW takes another path.
-    adamw = train(None, {**muon, "optim.name": "adamw", "run.dir": tmp_path / "adamw"}, timeout=180)
-    assert adamw.returncode == 0, adamw
-    assert losses(tmp_path / "adamw")[8] != pytest.approx(ref[8], rel=1e-3)
+    adamw, _ = reference_run(None, muon_job(shards, **{"optim.name": "adamw"}))
+    assert losses(adamw)[8] != pytest.approx(ref[8], rel=1e-3)
 
 
-def test_muon_resume_continues_exactly_across_layouts(tmp_path):
-    """Muon's momentum is saved with the checkpoint: 4 steps on dp 2, then 4 more on dp 1
-    (same global batch) equal 8 steps straight through."""
-    data = prepare_data(tmp_path / "data")
-    constant_lr = {"optim.warmup_steps": 0, "optim.min_lr": TINY.get("optim.lr", 1e-3)}
-    muon = {**TINY, **constant_lr, "data.path": data, "optim.name": "muon"}
-    straight = train(
-        2, {**muon, "run.dir": tmp_path / "straight", "train.max_steps": 8}, timeout=180
-    )
-    assert straight.returncode == 0, straight
-    first = train(2, {**muon, "run.dir": tmp_path / "resumed", "train.max_steps": 4}, timeout=180)
-    assert first.returncode == 0, first
-    second = train(
-        None,
-        {
-            **muon,
-            "run.dir": tmp_path / "resumed",
-            "train.max_steps": 8,
-            "train.grad_accum_steps": 2,
-        },
-        timeout=180,
-    )
-    assert second.returncode == 0, second
-    assert "resumed from" in second.stdout
-    ref, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    for step in range(5, 9):
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+def test_muon_resume_continues_exactly_across_layouts(reference_run, shards, tmp_path):
+    """Muon's momentum is saved with the checkpoint: the step-4 checkpoint of 8 steps on dp 2,
+    resumed on dp 1 (same global batch), repeats steps 5-8."""
+    dp2, _ = reference_run(2, muon_job(shards))
+    dp1 = muon_job(shards, **{"train.grad_accum_steps": 2})
+    resume_elsewhere(dp2, 4, tmp_path / "resumed", None, dp1, loss_tol=LOSS_TOL)

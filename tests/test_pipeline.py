@@ -11,7 +11,6 @@ mid-schedule, and layouts refused before training.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from contextlib import nullcontext
 
 import pytest
@@ -19,7 +18,6 @@ import torch
 import torch.nn as nn
 from mpi4py import MPI
 
-from hpcllm import checkpoint
 from hpcllm.config import Config, OptimConfig, ParallelConfig, TrainConfig
 from hpcllm.data.loader import step_positions
 from hpcllm.distributed.build import build_rank
@@ -41,7 +39,17 @@ from hpcllm.distributed.steps import (
 from hpcllm.distributed.topology import AXES, Grid
 from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy, param_groups
 
-from helpers import assert_reordered_close, prepare_data, read_metrics, write_corpus
+from helpers import (
+    TINY,
+    assert_close_dicts,
+    assert_reordered_close,
+    losses,
+    merged_params,
+    prepare_data,
+    read_metrics,
+    refusal,
+    resume_elsewhere,
+)
 from helpers import train as launch_train
 
 VOCAB, SEQ_LEN, D_MODEL, N_LAYER, N_HEAD = 64, 16, 32, 4, 2
@@ -597,140 +605,89 @@ SETTINGS = {
 E2E_PARAM_TOL = {"atol": 2e-5, "rtol": 1e-5}
 
 
-def check_ok(result) -> None:
-    assert result.returncode == 0, str(result)
+# Losses of a layout's run against another's, and of a resumed run against the uninterrupted one.
+LOSS_TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-def loss_by_step(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir)[0]}
+def one_rank_run(reference_run, shards):
+    """The uninterrupted SETTINGS run on one rank (pp 1, tp 1), shared by this file and
+    test_tensor_parallel: (run folder, result)."""
+    return reference_run(None, {**SETTINGS, "data.path": shards})
 
 
-def merged_params(checkpoint_dir) -> dict[str, torch.Tensor]:
-    return checkpoint.read_model(checkpoint_dir, checkpoint.read_meta(checkpoint_dir))
-
-
-def assert_close_dicts(got: dict, ref: dict, **tol) -> None:
-    assert set(got) == set(ref)
-    for key in sorted(ref):
-        torch.testing.assert_close(
-            torch.as_tensor(got[key]),
-            torch.as_tensor(ref[key]),
-            **tol,
-            msg=lambda m, k=key: f"{k}: {m}",
-        )
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline-data")
-    return prepare_data(
-        root / "shards", write_corpus(root / "corpus", num_docs=3, words_per_doc=600)
-    )
-
-
-@pytest.fixture(scope="module")
-def runs(data_dir, tmp_path_factory):
-    """Two uninterrupted 6-step runs, checkpointing every 3 steps: pp=2 on 2 ranks,
-    interleaved (parallel.virtual_stages 2: blocks 0 and 2 on rank 0, 1 and 3 on rank 1; with
-    an end-of-run sample), and pp=1 on 1 rank, same global batch. The resume test moves
-    their checkpoints across pp and virtual stages, and exercises plain pp=2."""
-    root = tmp_path_factory.mktemp("pipeline-runs")
-    pp2 = launch_train(
+def pp2_run(reference_run, shards):
+    """SETTINGS on pp 2 interleaved (parallel.virtual_stages 2: blocks 0 and 2 on rank 0, 1 and
+    3 on rank 1), with an end-of-run sample: (run folder, result)."""
+    return reference_run(
         2,
         {
             **SETTINGS,
-            "data.path": data_dir,
-            "run.dir": root / "pp2",
+            "data.path": shards,
             "parallel.pp": 2,
             "parallel.virtual_stages": 2,
             "run.sample_tokens": 12,
         },
-        timeout=180,
     )
-    pp1 = launch_train(
-        1,
-        {**SETTINGS, "data.path": data_dir, "run.dir": root / "pp1", "parallel.pp": 1},
-        timeout=180,
-    )
-    check_ok(pp2)
-    check_ok(pp1)
-    return {"root": root, "pp2": pp2, "pp1": pp1}
 
 
-def test_train_pp2_matches_pp1_losses_validation_and_sample(runs):
-    root = runs["root"]
-    train2, val2 = read_metrics(root / "pp2")
-    train1, val1 = read_metrics(root / "pp1")
+def test_train_pp2_matches_pp1_losses_validation_and_sample(reference_run, shards):
+    (pp2, result), (pp1, _) = pp2_run(reference_run, shards), one_rank_run(reference_run, shards)
+    train2, val2 = read_metrics(pp2)
+    train1, val1 = read_metrics(pp1)
     assert [r["step"] for r in train2] == [r["step"] for r in train1] == list(range(1, 7))
-    assert_close_dicts(loss_by_step(root / "pp2"), loss_by_step(root / "pp1"), **TOL)
+    assert_close_dicts(losses(pp2), losses(pp1), **TOL)
     # Validation runs forward-only through the pipeline; the loss is the single rank's.
     assert [r["step"] for r in val2] == [r["step"] for r in val1] == [3, 6]
     assert_close_dicts(
         {r["step"]: r["val_loss"] for r in val2}, {r["step"]: r["val_loss"] for r in val1}, **TOL
     )
     assert_close_dicts(
-        merged_params(root / "pp2/checkpoints/step_000006"),
-        merged_params(root / "pp1/checkpoints/step_000006"),
+        merged_params(pp2 / "checkpoints/step_000006"),
+        merged_params(pp1 / "checkpoints/step_000006"),
         **E2E_PARAM_TOL,
     )
     # Each stage wrote its own shard; the end-of-run sample merges them on rank 0.
-    assert sorted(p.name for p in (root / "pp2/checkpoints/step_000006").glob("model-*")) == [
+    assert sorted(p.name for p in (pp2 / "checkpoints/step_000006").glob("model-*")) == [
         "model-pp0-dp0-tp0.safetensors",
         "model-pp1-dp0-tp0.safetensors",
     ]
-    out = runs["pp2"].stdout
+    out = result.stdout
     assert out.count("sample:\n") == 1, out[-2000:]
     assert len(out.split("sample:\n", 1)[1].strip()) > 0
 
 
-@pytest.mark.parametrize(
-    "written, resumed", [("pp2", 1), ("pp1", 2)], ids=["pp2-to-pp1", "pp1-to-pp2"]
-)
-def test_checkpoint_resumes_under_another_pp(runs, data_dir, written, resumed):
+@pytest.mark.parametrize("written, resumed", [(2, 1), (1, 2)], ids=["pp2-to-pp1", "pp1-to-pp2"])
+def test_checkpoint_resumes_under_another_pp(reference_run, shards, tmp_path, written, resumed):
     """The step-3 checkpoint of one layout, alone in a fresh run folder, resumed under the
     other: steps 4-6 repeat the uninterrupted run's losses (step 5 on depends on the
     restored AdamW state), and the final weights match. pp2 was written interleaved
     (2 chunks per rank) and the resumed pp=2 run is not, so each direction also changes
     parallel.virtual_stages."""
-    root = runs["root"]
-    source, target = root / written, root / f"{written}-resumed-pp{resumed}"
-    shutil.copytree(source / "checkpoints/step_000003", target / "checkpoints/step_000003")
-    result = launch_train(
+    run = pp2_run if written == 2 else one_rank_run
+    source, _ = run(reference_run, shards)
+    result = resume_elsewhere(
+        source,
+        3,
+        tmp_path / "resumed",
         resumed,
-        {**SETTINGS, "data.path": data_dir, "run.dir": target, "parallel.pp": resumed},
-        timeout=180,
+        {**SETTINGS, "data.path": shards, "parallel.pp": resumed},
+        loss_tol=LOSS_TOL,
+        param_tol=E2E_PARAM_TOL,
     )
-    check_ok(result)
-    assert "resumed from" in result.stdout and "at step 3" in result.stdout, result.stdout[-2000:]
-    old = 3 - resumed
     assert (
-        f"layout {{'pp': {old}, 'dp': 1, 'tp': 1}} -> {{'pp': {resumed}, 'dp': 1, 'tp': 1}}"
+        f"layout {{'pp': {written}, 'dp': 1, 'tp': 1}} -> {{'pp': {resumed}, 'dp': 1, 'tp': 1}}"
         in result.stdout
     )
-    check_continues(source, target, E2E_PARAM_TOL)
 
 
-def check_continues(source, target, param_tol: dict) -> None:
-    """The run resumed at step 3 in `target` repeats steps 4-6 of the uninterrupted run in
-    `source`: its losses, and the final weights within `param_tol`."""
-    got, uninterrupted = loss_by_step(target), loss_by_step(source)
-    assert sorted(got) == [4, 5, 6]
-    assert_close_dicts(got, {s: uninterrupted[s] for s in got}, atol=1e-5, rtol=1e-5)
-    assert_close_dicts(
-        merged_params(target / "checkpoints/step_000006"),
-        merged_params(source / "checkpoints/step_000006"),
-        **param_tol,
-    )
-
-
-def test_rank_dying_mid_schedule_ends_the_job(data_dir, tmp_path):
+def test_rank_dying_mid_schedule_ends_the_job(shards, tmp_path):
     """Rank 1 (the last stage) raises at step 2 while rank 0 waits for its gradients:
     MPI_Abort ends the job with an error naming rank 1 instead of leaving rank 0 hanging."""
     result = launch_train(
         2,
         {
             **SETTINGS,
-            "data.path": data_dir,
+            "data.path": shards,
             "run.dir": tmp_path / "run",
             "parallel.pp": 2,
             "train.max_steps": 1000,
@@ -747,35 +704,28 @@ def test_rank_dying_mid_schedule_ends_the_job(data_dir, tmp_path):
     assert result.wall < 45, f"the job took {result.wall:.0f}s to end after a rank died\n{result}"
 
 
-@pytest.mark.parametrize(
-    "np, settings, message",
-    [
-        (
-            4,
-            {"model.n_layer": 2, "parallel.pp": 4},
-            "parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks",
-        ),
-        (
-            2,
-            {"parallel.pp": 2, "parallel.stage_layers": "1,1"},
-            "parallel.stage_layers '1,1' must give 2 positive block counts",
-        ),
-        (
-            2,
-            {"parallel.pp": 2, "parallel.schedule": "zigzag"},
-            "parallel.schedule must be 1f1b or gpipe, got 'zigzag'",
-        ),
-    ],
-    ids=["more-stages-than-blocks", "split-misses-blocks", "unknown-schedule"],
-)
-def test_bad_layout_refused_before_training(data_dir, tmp_path, np, settings, message):
-    run_dir = tmp_path / "run"
-    result = launch_train(
-        np, {**SETTINGS, "data.path": data_dir, "run.dir": run_dir, **settings}, timeout=90
-    )
-    assert result.returncode == 2, str(result)
-    assert f"error: {message}" in result.stderr and result.stderr.count("error:") == 1, str(result)
-    assert "Traceback" not in result.stderr, str(result)
-    assert (
-        not run_dir.exists() and "step 1" not in result.stdout
-    )  # nothing trained, nothing written
+BAD_LAYOUTS = {
+    # name: (settings, the error), refused while each rank builds its stage
+    "more-stages-than-blocks": (
+        {"model.n_layer": 2, "parallel.pp": 4},
+        "parallel.pp = 4 stages but the model has only model.n_layer = 2 blocks",
+    ),
+    "split-misses-blocks": (
+        {"parallel.pp": 2, "parallel.stage_layers": "1,1"},
+        "parallel.stage_layers '1,1' must give 2 positive block counts",
+    ),
+}
+
+
+@pytest.mark.mpi(ranks=4, timeout=120)
+def test_bad_layout_refused_before_training(comm, mpi_tmp_path):
+    """hpcllm.train's start-up on 4 ranks (in process: helpers.refusal) refuses each layout
+    on every rank with the same message, before training and leaving no run folder."""
+    if comm.rank == 0:
+        prepare_data(mpi_tmp_path / "shards")
+    comm.Barrier()
+    for name, (settings, message) in BAD_LAYOUTS.items():
+        run_dir = mpi_tmp_path / name
+        more = {"data.path": mpi_tmp_path / "shards", "run.dir": run_dir, **settings}
+        got = refusal(more, base={**TINY, **SETTINGS})
+        assert got.startswith(message), (name, got)  # no "rank N:" prefix: all ranks agree

@@ -13,7 +13,7 @@ import pytest
 from hpcllm import checkpoint
 from hpcllm.runtime.rundir import ENTRIES, FOLDERS, MetricsLog, RunDir, replace_file
 
-from helpers import TINY, prepare_data, train
+from helpers import prepare_data, refusal
 
 # Every name a run writes in its folder, in checkpoints/ and in heartbeat/, including the
 # temporaries older versions wrote there.
@@ -129,14 +129,13 @@ def test_metrics_on_a_really_full_file_system(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_a_run_with_a_planted_link_exits_2_with_one_line(tmp_path, outside):
-    """The CLI contract: one line naming the link, exit 2, nothing written through it."""
+def test_a_run_with_a_planted_link_is_refused_naming_it(tmp_path, outside):
+    """hpcllm.train's start-up (in process) refuses the run, naming the link; nothing is
+    written through it."""
     data_dir = prepare_data(tmp_path / "data")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").symlink_to(outside)
-    result = train(2, {**TINY, "data.path": data_dir, "run.dir": run_dir, "train.max_steps": 2})
-    assert result.returncode == 2, result
-    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr, result
-    assert f"{run_dir / 'metrics.jsonl'} is a symbolic link" in result.stderr, result
+    message = refusal({"data.path": data_dir, "run.dir": run_dir, "train.max_steps": 2})
+    assert f"{run_dir / 'metrics.jsonl'} is a symbolic link" in message, message
     assert outside.read_text() == "keep me\n"

@@ -1,7 +1,7 @@
 """Tests of tensor parallelism: the parallel layers against dense ones, every layout with
 tp > 1 on up to 4 ranks against the single-rank run, dropout streams, memory per rank, and
-end to end (`python -m hpcllm.train`): tp 2 against tp 1, checkpoints resumed across tp,
-bad combinations refused.
+end to end (`python -m hpcllm.train`): tp 2 against tp 1 and checkpoints resumed across tp
+(the tp 1 run is test_pipeline's one-rank run, shared through conftest's reference_run).
 
 The vocabulary of the in-process tests (67) and of the byte shards (257) is odd, so every
 tp > 1 run also exercises the vocabulary padding.
@@ -10,7 +10,6 @@ tp > 1 run also exercises the vocabulary padding.
 from __future__ import annotations
 
 import json
-import shutil
 from contextlib import nullcontext
 
 import pytest
@@ -23,18 +22,15 @@ from test_pipeline import (
     D_MODEL,
     GRAD_CLIP,
     INIT_SEED,
+    LOSS_TOL,
     N_LAYER,
     SEQ_LEN,
     SETTINGS,
     VAL_BATCHES,
     VAL_SEED,
-    assert_close_dicts,
-    check_continues,
-    check_ok,
     differences,
     layout_config,
-    loss_by_step,
-    merged_params,
+    one_rank_run,
     single_rank_reference,
     step_batches,
 )
@@ -62,8 +58,7 @@ from hpcllm.distributed.tensor_parallel import (
 from hpcllm.distributed.topology import AXES, Grid
 from hpcllm.models.gpt import GPT, ModelConfig, cross_entropy
 
-from helpers import prepare_data
-from helpers import train as launch_train
+from helpers import assert_close_dicts, losses, merged_params, resume_elsewhere
 
 VOCAB = 67
 TP_CFG = ModelConfig(
@@ -506,33 +501,22 @@ def test_cuda_tp_gpt_matches_dense(comm, path, monkeypatch):
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("tp-data") / "shards")
-
-
-@pytest.fixture(scope="module")
-def runs(data_dir, tmp_path_factory):
-    """Uninterrupted 6-step runs checkpointing every 3 steps: tp 2 on 2 ranks (with an
-    end-of-run sample, which merges the shards) and tp 1 on one process."""
-    root = tmp_path_factory.mktemp("tp-runs")
-    base = {**SETTINGS, "data.path": data_dir, "model.n_head": 4}
-    tp2 = launch_train(
-        2, {**base, "run.dir": root / "tp2", "parallel.tp": 2, "run.sample_tokens": 12}, timeout=180
+def tp2_run(reference_run, shards):
+    """SETTINGS on tp 2 (2 ranks; one of model.n_head = 2 heads each), with an end-of-run
+    sample, which merges the shards: (run folder, result). Its tp 1 counterpart is
+    test_pipeline's one-rank run, the same job."""
+    return reference_run(
+        2, {**SETTINGS, "data.path": shards, "parallel.tp": 2, "run.sample_tokens": 12}
     )
-    tp1 = launch_train(None, {**base, "run.dir": root / "tp1"}, timeout=180)
-    check_ok(tp2)
-    check_ok(tp1)
-    return {"root": root, "base": base, "tp2": tp2}
 
 
-def test_train_tp2_matches_tp1_and_writes_shards(runs):
-    root = runs["root"]
-    assert_close_dicts(loss_by_step(root / "tp2"), loss_by_step(root / "tp1"), atol=1e-5, rtol=1e-5)
-    step6 = root / "tp2/checkpoints/step_000006"
+def test_train_tp2_matches_tp1_and_writes_shards(reference_run, shards):
+    (tp2, result), (tp1, _) = tp2_run(reference_run, shards), one_rank_run(reference_run, shards)
+    assert_close_dicts(losses(tp2), losses(tp1), **LOSS_TOL)
+    step6 = tp2 / "checkpoints/step_000006"
     assert_close_dicts(
         merged_params(step6),
-        merged_params(root / "tp1/checkpoints/step_000006"),
+        merged_params(tp1 / "checkpoints/step_000006"),
         **TP_E2E_PARAM_TOL,
     )
     assert sorted(p.name for p in step6.glob("model-*")) == [
@@ -561,43 +545,26 @@ def test_train_tp2_matches_tp1_and_writes_shards(runs):
         "optim/blocks.0.mlp.fc.weight/step",
     ):
         assert [p["file"][-15:-12] for p in tensors[name]["pieces"]] == ["tp0"], name
-    out = runs["tp2"].stdout
+    out = result.stdout
     assert out.count("sample:\n") == 1 and out.split("sample:\n", 1)[1].strip(), out[-2000:]
 
 
 @pytest.mark.parametrize("written, resumed", [(2, 1), (1, 2)], ids=["tp2-to-tp1", "tp1-to-tp2"])
-def test_checkpoint_resumes_under_another_tp(runs, written, resumed):
+def test_checkpoint_resumes_under_another_tp(reference_run, shards, tmp_path, written, resumed):
     """The step-3 checkpoint of one tp, alone in a fresh run folder, resumed under the other:
     steps 4-6 repeat the uninterrupted run's losses (step 5 on depends on the restored AdamW
     state), and the final weights match."""
-    root = runs["root"]
-    source, target = root / f"tp{written}", root / f"tp{written}-resumed-tp{resumed}"
-    shutil.copytree(source / "checkpoints/step_000003", target / "checkpoints/step_000003")
-    result = launch_train(
-        resumed if resumed > 1 else None,
-        {**runs["base"], "run.dir": target, "parallel.tp": resumed},
-        timeout=180,
+    run = tp2_run if written == 2 else one_rank_run
+    source, _ = run(reference_run, shards)
+    result = resume_elsewhere(
+        source,
+        3,
+        tmp_path / "resumed",
+        resumed,
+        {**SETTINGS, "data.path": shards, "parallel.tp": resumed},
+        loss_tol=LOSS_TOL,
+        param_tol=TP_E2E_PARAM_TOL,
     )
-    check_ok(result)
     assert f"'tp': {written}}} -> {{'pp': 1, 'dp': 1, 'tp': {resumed}}}" in result.stdout, (
         result.stdout[-2000:]
     )
-    check_continues(source, target, TP_E2E_PARAM_TOL)
-
-
-def test_tp_not_dividing_the_heads_is_refused(data_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    result = launch_train(
-        2,
-        {
-            **SETTINGS,
-            "data.path": data_dir,
-            "run.dir": run_dir,
-            "parallel.tp": 2,
-            "model.n_head": 1,
-        },
-        timeout=90,
-    )
-    assert result.returncode == 2, str(result)
-    assert "error: parallel.tp = 2 must divide model.n_head (1)" in result.stderr, str(result)
-    assert result.stderr.count("error:") == 1 and not run_dir.exists(), str(result)

@@ -1,7 +1,5 @@
 """The rank grid: pure arithmetic for world sizes up to 1024, MPI communicators on 4 ranks,
-and the --dry-run layout printer."""
-
-import sys
+and the --dry-run layout printer (hpcllm.train's main, in process)."""
 
 import pytest
 
@@ -16,7 +14,7 @@ from hpcllm.distributed.topology import (
     resolve_dims,
 )
 
-from helpers import run
+from helpers import refusal
 
 WORLD_SIZES = [1, 2, 4, 6, 12, 16, 64, 1024]
 
@@ -158,27 +156,26 @@ def test_grid_communicators_match_the_arithmetic(comm):
 # ------------------------------------------------------------------ --dry-run
 
 
-def dry_run(*args: str):
-    return run([sys.executable, "-m", "hpcllm.train", "--dry-run", *args], timeout=60)
+def test_dry_run_prints_a_1024_rank_layout_without_mpirun(capsys):
+    from hpcllm import train
+
+    args = ["--world-size", "1024", "--parallel.pp", "4", "--model.vocab_size", "257"]
+    assert train.main(["--dry-run", *args]) == 0  # in process: the CLI contract is test_train's
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "world 1024 = pp 4 x dp 256 x tp 1", out
+    assert "pp groups (size 4): [0,256,512,768]" in out
 
 
-def test_dry_run_prints_a_1024_rank_layout_without_mpirun():
-    result = dry_run("--world-size", "1024", "--parallel.pp", "4", "--model.vocab_size", "257")
-    assert result.returncode == 0, result
-    assert result.stdout.splitlines()[0] == "world 1024 = pp 4 x dp 256 x tp 1", result
-    assert "pp groups (size 4): [0,256,512,768]" in result.stdout
-
-
-def test_dry_run_layout_that_does_not_divide_exits_2():
-    result = dry_run("--world-size", "1024", "--parallel.pp", "3")
-    assert result.returncode == 2, result
-    assert result.stderr.startswith("error: "), result
+def test_dry_run_layout_that_does_not_divide_is_refused():
+    message = refusal(
+        {}, base={}, extra_args=["--dry-run", "--world-size", "1024", "--parallel.pp", "3"]
+    )
     for text in ("1024", "pp=3", "tp=1"):
-        assert text in result.stderr, (text, result)
-    result = dry_run("--world-size", "16", "--parallel.pp", "2", "--parallel.dp", "3")
-    assert result.returncode == 2, result
+        assert text in message, (text, message)
+    args = ["--dry-run", "--world-size", "16", "--parallel.pp", "2", "--parallel.dp", "3"]
+    message = refusal({}, base={}, extra_args=args)
     for text in ("16", "pp=2", "dp=3", "tp=1", "6 ranks"):
-        assert text in result.stderr, (text, result)
+        assert text in message, (text, message)
 
 
 def test_describe_keeps_lines_short_at_any_scale():

@@ -6,14 +6,19 @@ in several layouts against one rank and resume a ZeRO-1 checkpoint under other l
 """
 
 import json
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import assert_reordered_close, losses, prepare_data, read_metrics, train
+from helpers import (
+    assert_close_dicts,
+    assert_reordered_close,
+    losses,
+    read_metrics,
+    resume_elsewhere,
+)
 
 STEPS = 10
 
@@ -280,20 +285,17 @@ def test_parallel_zero_is_range_checked():
 # ----------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("zero-data") / "shards")
-
-
-def settings(data_dir, run_dir, **more) -> dict:
-    """A 2-step-accumulation global batch of 8 sequences whatever the layout: dp x accum = 4."""
+def job(shards, **more) -> dict:
+    """A 2-step-accumulation global batch of 8 sequences whatever the layout (dp x accum = 4),
+    checkpointing at step 5: the settings of the runs below (conftest's reference_run trains
+    each once, shared between the tests)."""
     return {
-        "data.path": data_dir,
-        "run.dir": run_dir,
+        "data.path": shards,
         "train.max_steps": STEPS,
         "train.grad_accum_steps": 4,
         "parallel.bucket_mb": 0.01,
         "optim.grad_clip": 0.5,
+        "checkpoint.every": 5,
         **more,
     }
 
@@ -306,21 +308,22 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return read_model(folder, read_meta(folder))
 
 
-def test_layouts_with_zero_0_and_1_equal_one_rank(data_dir, tmp_path):
-    ref_dir = tmp_path / "one"
-    result = train(None, settings(data_dir, ref_dir))
-    assert result.returncode == 0, result
+DP2_ZERO1 = {"parallel.dp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}
+# Another order of the same sums (dp, tp, micro-batches): fp32 rounding over at most 10 steps.
+LOSS_TOL = {"rtol": 1e-5, "atol": 0.0}
+
+
+def test_layouts_with_zero_0_and_1_equal_one_rank(reference_run, shards):
+    ref_dir, _ = reference_run(None, job(shards))
     ref_records = read_metrics(ref_dir)[0]
     ref_params = final_params(ref_dir)
     layouts = [
         (2, {"parallel.dp": 2, "parallel.zero": 0, "train.grad_accum_steps": 2}),
-        (2, {"parallel.dp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}),
+        (2, DP2_ZERO1),
         (4, {"parallel.dp": 2, "parallel.pp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}),
     ]
     for np_, layout in layouts:
-        run_dir = tmp_path / "-".join(f"{k.split('.')[1]}{v}" for k, v in layout.items())
-        result = train(np_, settings(data_dir, run_dir, **layout), timeout=240)
-        assert result.returncode == 0, result
+        run_dir, _ = reference_run(np_, job(shards, **layout))
         records = read_metrics(run_dir)[0]
         assert len(records) == STEPS
         for got, ref in zip(records, ref_records, strict=True):
@@ -332,12 +335,10 @@ def test_layouts_with_zero_0_and_1_equal_one_rank(data_dir, tmp_path):
             assert_reordered_close(p, ref_params[name], steps=STEPS, msg=(layout, name))
 
 
-def test_zero1_checkpoint_is_sharded_and_resumes_under_other_layouts(data_dir, tmp_path):
-    ref_dir = tmp_path / "ref"
-    layout = {"parallel.dp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}
-    result = train(2, settings(data_dir, ref_dir, **layout, **{"checkpoint.every": 5}))
-    assert result.returncode == 0, result
-    ref = losses(ref_dir)
+def test_zero1_checkpoint_is_sharded_and_resumes_under_other_layouts(
+    reference_run, shards, tmp_path
+):
+    ref_dir, _ = reference_run(2, job(shards, **DP2_ZERO1))
 
     # Each dp rank wrote its own flat ranges: two writers per sharded tensor, no overlap.
     half = ref_dir / "checkpoints" / "step_000005"
@@ -354,34 +355,18 @@ def test_zero1_checkpoint_is_sharded_and_resumes_under_other_layouts(data_dir, t
         (2, {"parallel.dp": 2, "parallel.zero": 0, "train.grad_accum_steps": 2}),
         (None, {"parallel.dp": 1, "parallel.zero": 0, "train.grad_accum_steps": 4}),
     ]:
-        got = resumed_losses(data_dir, half, tmp_path, np_, other)
-        for step in got:
-            assert got[step] == pytest.approx(ref[step], rel=1e-5), (other, step, got, ref)
+        target = tmp_path / f"resume-dp{other['parallel.dp']}-zero{other['parallel.zero']}"
+        resume_elsewhere(ref_dir, 5, target, np_, job(shards, **other), loss_tol=LOSS_TOL)
 
 
-def resumed_losses(data_dir, half: Path, tmp_path: Path, np_, other: dict) -> dict[int, float]:
-    """Losses of steps 6-10 of a run resumed from checkpoint `half` under layout `other`."""
-    run_dir = tmp_path / f"resume-dp{other['parallel.dp']}-zero{other['parallel.zero']}"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(half, run_dir / "checkpoints" / half.name)
-    result = train(np_, settings(data_dir, run_dir, **other), timeout=240)
-    assert result.returncode == 0, result
-    assert "resumed from" in result.stdout, result
-    got = losses(run_dir)
-    assert sorted(got) == list(range(6, STEPS + 1)), (other, got)
-    return got
-
-
-def test_zero1_under_tp_checkpoint_tiles_and_resumes_under_another_layout(data_dir, tmp_path):
+def test_zero1_under_tp_checkpoint_tiles_and_resumes_under_another_layout(
+    reference_run, shards, tmp_path
+):
     """Written by (dp 2, tp 2, zero 1): every rank writes the boxes of its flat ranges of the
     tp-sliced tensors, tp rank 0 alone those of the replicated ones; resumed under (dp 2,
     tp 1, zero 1), whose ranges cut the tensors elsewhere, steps 6-10 repeat the
     uninterrupted run's losses."""
-    ref_dir = tmp_path / "ref"
-    layout = {"parallel.dp": 2, "parallel.tp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}
-    result = train(4, settings(data_dir, ref_dir, **layout, **{"checkpoint.every": 5}), timeout=240)
-    assert result.returncode == 0, result
-    ref = losses(ref_dir)
+    ref_dir, _ = reference_run(4, job(shards, **DP2_ZERO1, **{"parallel.tp": 2}))
 
     half = ref_dir / "checkpoints" / "step_000005"
     tensors = json.loads((half / "meta.json").read_text())["tensors"]
@@ -401,29 +386,19 @@ def test_zero1_under_tp_checkpoint_tiles_and_resumes_under_another_layout(data_d
     assert all("length" in p for p in fc["pieces"])
     assert sum(p["length"][0] * p["length"][1] for p in fc["pieces"]) == 128 * 32
 
-    run_dir = tmp_path / "resume-dp2-tp1-zero1"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(half, run_dir / "checkpoints" / half.name)
-    other = {"parallel.dp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}
-    result = train(2, settings(data_dir, run_dir, **other), timeout=240)
-    assert result.returncode == 0, result
-    assert "resumed from" in result.stdout, result
-    got = losses(run_dir)
-    assert sorted(got) == list(range(6, STEPS + 1)), got
-    for step in got:
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
+    target = tmp_path / "resume-dp2-tp1-zero1"
+    resume_elsewhere(ref_dir, 5, target, 2, job(shards, **DP2_ZERO1), loss_tol=LOSS_TOL)
 
 
-def test_muon_zero1_checkpoint_resumes_exactly_and_under_zero0(data_dir, tmp_path):
+MUON = {"optim.name": "muon", "optim.muon_lr": 0.02}
+
+
+def test_muon_zero1_checkpoint_resumes_exactly_and_under_zero0(reference_run, shards, tmp_path):
     """Muon under ZeRO-1 (dp 2): each hidden matrix's momentum is written whole by its owner,
     AdamW's moments as each rank's flat ranges. Resumed in the same layout, steps 6-10 repeat
     the uninterrupted run bit for bit; under (dp 1, zero 0), to fp32 rounding."""
-    muon = {"optim.name": "muon", "optim.muon_lr": 0.02}
-    layout = {"parallel.dp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2, **muon}
-    ref_dir = tmp_path / "ref"
-    result = train(2, settings(data_dir, ref_dir, **layout, **{"checkpoint.every": 5}))
-    assert result.returncode == 0, result
-    ref = losses(ref_dir)
+    layout = {**DP2_ZERO1, **MUON}
+    ref_dir, _ = reference_run(2, job(shards, **layout))
 
     half = ref_dir / "checkpoints" / "step_000005"
     tensors = json.loads((half / "meta.json").read_text())["tensors"]
@@ -433,29 +408,19 @@ def test_muon_zero1_checkpoint_resumes_exactly_and_under_zero0(data_dir, tmp_pat
     assert sorted(writers) == ["dp0", "dp1"]
     assert "optim/blocks.0.mlp.fc.weight/exp_avg" not in tensors
 
-    for np_, other, exact in [
-        (2, layout, True),
-        (None, {"parallel.dp": 1, "parallel.zero": 0, "train.grad_accum_steps": 4, **muon}, False),
-    ]:
-        got = resumed_losses(data_dir, half, tmp_path, np_, other)
-        for step in got:
-            if exact:
-                assert got[step] == ref[step], (step, got, ref)
-            else:  # dp 1 sums the micro-batches in another order: fp32 rounding, 5 steps
-                assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
+    exact = {"rtol": 0.0, "atol": 0.0}  # the same layout: the same operations
+    resume_elsewhere(ref_dir, 5, tmp_path / "same", 2, job(shards, **layout), loss_tol=exact)
+    dp1 = {"parallel.dp": 1, "parallel.zero": 0, "train.grad_accum_steps": 4, **MUON}
+    resume_elsewhere(ref_dir, 5, tmp_path / "dp1", None, job(shards, **dp1), loss_tol=LOSS_TOL)
 
 
-def test_muon_zero1_under_tp_equals_one_rank(data_dir, tmp_path):
+def test_muon_zero1_under_tp_equals_one_rank(reference_run, shards):
     """dp 2 x tp 2 x zero 1 with Muon: each matrix's owners (one per tp rank, the same dp
     rank) gather their ranges' gradients, assemble the whole matrix over tp, orthogonalise it
     and return each range's slice of the update: one rank's Muon, to fp32 rounding."""
-    muon = {"optim.name": "muon", "optim.muon_lr": 0.02}
-    result = train(None, settings(data_dir, tmp_path / "one", **muon))
-    assert result.returncode == 0, result
-    layout = {"parallel.dp": 2, "parallel.tp": 2, "parallel.zero": 1, "train.grad_accum_steps": 2}
-    result = train(4, settings(data_dir, tmp_path / "dp2-tp2", **layout, **muon), timeout=240)
-    assert result.returncode == 0, result
-    ref, got = losses(tmp_path / "one"), losses(tmp_path / "dp2-tp2")
+    one, _ = reference_run(None, job(shards, **MUON))
+    layout = {**DP2_ZERO1, "parallel.tp": 2}
+    dp2_tp2, _ = reference_run(4, job(shards, **layout, **MUON))
+    ref, got = losses(one), losses(dp2_tp2)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
-    for step in ref:  # other summation orders (dp, tp, micro-batches): fp32 rounding, 10 steps
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
+    assert_close_dicts(got, ref, **LOSS_TOL)
